@@ -1,0 +1,114 @@
+"""`Endpoint` handles and registering a function as a streaming endpoint.
+
+`endpoint()` is the decorator for scripts; `%%stream_endpoint` is a thin wrapper over
+`register_endpoint`. The function is cloudpickled here, in the caller's process, so the
+helpers and globals it uses from the notebook travel with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import inspect
+import pickle
+import shlex
+from typing import Any, Callable
+
+import cloudpickle
+
+from .client import ServerConnection, get_connection
+from .registry import check_name, describe_parameters
+from .responses import SSE
+
+
+class Endpoint:
+    """A registered streaming endpoint. `.url` is its full URL."""
+
+    def __init__(self, name: str, url: str, media_type: str, fn: Callable, connection: ServerConnection):
+        self.name = name
+        self.url = url
+        self.media_type = media_type
+        self.fn = fn
+        self.connection = connection
+
+    @property
+    def curl(self) -> str:
+        """A ready-to-paste command that streams this endpoint in a terminal."""
+        auth = f" -H {shlex.quote('Authorization: token ' + self.connection.token)}" if self.connection.token else ""
+        return f"curl --no-buffer{auth} {shlex.quote(self.url)}"
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.name!r} at {self.url} ({self.media_type})>\n{self.curl}"
+
+    def _repr_html_(self) -> str:
+        url = html.escape(self.url)
+        return (
+            f'<div class="jupyter-stream-endpoint"><b>{html.escape(self.name)}</b> '
+            f'<code>{html.escape(self.media_type)}</code> &rarr; '
+            f'<a href="{url}" target="_blank" rel="noopener">{url}</a>'
+            f"<pre>{html.escape(self.curl)}</pre></div>"
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the underlying function locally (handy for trying it in the notebook)."""
+        return self.fn(*args, **kwargs)
+
+    def delete(self) -> None:
+        """Unregister the endpoint; its URL answers 404 from now on."""
+        self.connection.request("DELETE", f"api/stream/endpoints/{self.name}")
+
+
+def pickle_function(fn: Callable, what: str) -> bytes:
+    """cloudpickle `fn`, turning a failure into an error that says what to change."""
+    try:
+        return cloudpickle.dumps(fn)
+    except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as e:
+        raise pickle.PicklingError(
+            f"cannot send {what} to the worker kernels: cloudpickle failed with {type(e).__name__}: {e}. "
+            "Everything the function uses from the notebook is pickled with it; create objects such as "
+            "locks, open files, sockets, clients or loaded models inside the function (or in a module "
+            "the workers can import) instead of capturing them from the notebook."
+        ) from e
+
+
+def register_endpoint(
+    fn: Callable,
+    name: str | None = None,
+    media_type: str | None = None,
+    connection: ServerConnection | None = None,
+) -> Endpoint:
+    """Register `fn` with the server as endpoint `name` (default: the function's name)."""
+    if not callable(fn):
+        raise TypeError(f"an endpoint must be a function, got {type(fn).__name__}")
+    name = check_name(name or fn.__name__)
+    media_type = media_type or SSE
+    blob = pickle_function(fn, f"endpoint {name!r}")
+    conn = connection or get_connection()
+    reply = conn.request(
+        "POST",
+        "api/stream/endpoints",
+        json={
+            "name": name,
+            "media_type": media_type,
+            "signature": describe_parameters(fn),
+            "doc": inspect.getdoc(fn) or "",
+            "function": base64.b64encode(blob).decode(),
+        },
+    ).json()
+    return Endpoint(name, conn.endpoint_url(name), reply.get("media_type", media_type), fn, conn)
+
+
+def endpoint(
+    fn: Callable | None = None, *, name: str | None = None, media_type: str | None = None
+) -> Any:
+    """Decorator: serve a generator (or any function returning an iterable) as a streaming
+    endpoint. Returns an `Endpoint` handle::
+
+        @jupyter_stream.endpoint(media_type="text/event-stream")
+        def ticks(n: int = 10):
+            for i in range(n):
+                yield f"data: tick {i}\\n\\n"
+    """
+    if fn is not None:
+        return register_endpoint(fn, name, media_type)
+    return lambda f: register_endpoint(f, name, media_type)

@@ -1,0 +1,230 @@
+"""Tornado handlers: the streaming endpoints themselves and the REST API behind them.
+
+Follow one request: `EndpointHandler.get` looks the endpoint up in the registry, binds
+the query/body to keyword arguments, borrows a worker from the pool, starts the call on
+it and then copies the worker's output to the socket, flushing after every batch, until
+the call ends. Every route requires Jupyter's auth (token header, ``?token=`` or the
+login cookie); unauthenticated API requests get 403 rather than a login redirect.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+from tornado.iostream import StreamClosedError
+
+from . import wire
+from .registry import EndpointSpec, ParameterError, check_name
+from .responses import SSE
+
+SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
+
+
+class StreamHandlerBase(APIHandler):
+    @property
+    def stream(self) -> Any:
+        """The extension's state: registry, pool and configuration (the `JupyterStream` extension app)."""
+        return self.settings["jupyter_stream"]
+
+
+@web.stream_request_body
+class EndpointHandler(StreamHandlerBase):
+    """``GET|POST {base_url}stream/<name>``: run the endpoint on a worker, stream its output."""
+
+    call = None
+    closed = False
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        self._body = bytearray()
+        limit = self.stream.max_request_body
+        self.request.connection.set_max_body_size(limit + 1)
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise web.HTTPError(413, f"request body of {length} bytes is larger than the {limit}-byte limit "
+                                "(JupyterStream.max_request_body)")
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body += chunk
+
+    @web.authenticated
+    async def get(self, name: str) -> None:
+        await self.run_endpoint(name)
+
+    @web.authenticated
+    async def post(self, name: str) -> None:
+        await self.run_endpoint(name)
+
+    def parse_body(self) -> dict[str, Any] | None:
+        if not self._body:
+            return None
+        try:
+            body = json.loads(self._body)
+        except ValueError as e:
+            raise ParameterError(f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ParameterError("request body must be a JSON object of parameters")
+        return body
+
+    async def run_endpoint(self, name: str) -> None:
+        spec = self.stream.registry.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.stream.registry.endpoints)) or "none registered yet"
+            raise web.HTTPError(404, f"no endpoint named {name!r} (endpoints: {known})")
+        query = {k: [v.decode() for v in vs] for k, vs in self.request.query_arguments.items()}
+        try:
+            kwargs = spec.bind(query, self.parse_body())
+        except ParameterError as e:
+            raise web.HTTPError(400, str(e)) from None
+        stats = self.stream.registry.stats[name]
+        stats.requests += 1
+        stats.open_streams += 1
+        try:
+            await self.relay(spec, kwargs, stats)
+        finally:
+            stats.open_streams -= 1
+
+    async def relay(self, spec: EndpointSpec, kwargs: dict[str, Any], stats: Any) -> None:
+        """Start the call on a worker and copy its output to the client as it arrives."""
+        worker = await self.stream.pool.acquire()
+        call = self.call = worker.call(spec.fn_hash, spec.fn_blob, mode="http", media_type=spec.media_type, kwargs=kwargs)
+        if self.closed:  # the client left while we waited for a worker
+            call.cancel()
+            return
+        heartbeat = self.stream.sse_heartbeat_interval if spec.media_type.startswith(SSE) else None
+        started = False
+        sse = False
+        try:
+            while True:
+                if not await call.wait(heartbeat if (sse or not started) else None):
+                    if not started:
+                        sse = self.begin({"media_type": spec.media_type})
+                        started = True
+                    self.write(b": keep-alive\n\n")
+                    await self.flush()
+                    continue
+                if not started and (call.chunks or call.start is not None and not call.error):
+                    sse = self.begin(call.start or {"media_type": spec.media_type})
+                    started = True
+                if call.chunks:
+                    data = call.take()
+                    self.write(data)
+                    await self.flush()
+                    stats.bytes_sent += len(data)
+                    call.consumed(len(data))
+                    continue
+                if call.ended:
+                    break
+            if call.error is not None:
+                stats.errors += 1
+                self.failed(call.error, started, sse)
+        except StreamClosedError:
+            call.cancel()
+
+    def begin(self, start: dict[str, Any]) -> bool:
+        """Send the status line and headers; returns whether this is an SSE stream."""
+        media_type = start.get("media_type") or "application/octet-stream"
+        self.set_status(start.get("status", 200))
+        self.set_header("Content-Type", media_type)
+        sse = media_type.startswith(SSE)
+        if sse:
+            for k, v in SSE_HEADERS.items():
+                self.set_header(k, v)
+        for k, v in (start.get("headers") or {}).items():
+            self.set_header(k, v)
+        return sse
+
+    def failed(self, error: dict[str, Any], started: bool, sse: bool) -> None:
+        """Report a failure: a 500 before any output, an SSE error event, or a cut-off body."""
+        self.log.warning("jupyter_stream: endpoint %s failed: %s: %s", self.request.path, error["type"], error["message"])
+        if not started:
+            self.set_status(500)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"error": error}))
+        elif sse:
+            self.write(f"event: error\ndata: {json.dumps(error)}\n\n")
+        else:
+            # Close without the final chunk so the client sees a truncated response.
+            self.request.connection.stream.close()
+            self._finished = True
+
+    def on_connection_close(self) -> None:
+        self.closed = True
+        if self.call is not None:
+            self.call.cancel()
+
+    def finish(self, *args: Any, **kwargs: Any) -> Any:
+        # APIHandler.finish would otherwise force Content-Type: application/json on a stream
+        kwargs.setdefault("set_content_type", self._headers.get("Content-Type", "application/json"))
+        return super().finish(*args, **kwargs)
+
+
+class EndpointsHandler(StreamHandlerBase):
+    """``GET|POST {base_url}api/stream/endpoints``: list endpoints, or register one."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.finish(json.dumps({"endpoints": [self.stream.endpoint_info(s) for s in self.stream.registry.endpoints.values()]}))
+
+    @web.authenticated
+    def post(self) -> None:
+        try:
+            body = json.loads(self.request.body)
+            name = check_name(body["name"])
+            blob = base64.b64decode(body["function"])
+            spec = EndpointSpec(
+                name=name,
+                fn_hash=wire.content_hash(blob),
+                fn_blob=blob,
+                media_type=body.get("media_type") or SSE,
+                signature=body.get("signature") or {"params": [], "var_keyword": True},
+                doc=body.get("doc") or "",
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise web.HTTPError(400, f"bad registration: {e}") from None
+        replaced = self.stream.registry.get(name) is not None
+        self.stream.registry.register(spec)
+        self.log.info("jupyter_stream: %s endpoint %s", "replaced" if replaced else "registered", name)
+        self.set_status(200 if replaced else 201)
+        self.finish(json.dumps({**self.stream.endpoint_info(spec), "replaced": replaced}))
+
+
+class EndpointInfoHandler(StreamHandlerBase):
+    """``GET|DELETE {base_url}api/stream/endpoints/<name>``."""
+
+    @web.authenticated
+    def get(self, name: str) -> None:
+        spec = self.stream.registry.get(name)
+        if spec is None:
+            raise web.HTTPError(404, f"no endpoint named {name!r}")
+        self.finish(json.dumps(self.stream.endpoint_info(spec)))
+
+    @web.authenticated
+    def delete(self, name: str) -> None:
+        if not self.stream.registry.remove(name):
+            raise web.HTTPError(404, f"no endpoint named {name!r}")
+        self.set_status(204)
+        self.finish()
+
+
+class WorkersHandler(StreamHandlerBase):
+    """``GET {base_url}api/stream/workers``: the pool and its kernels."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.finish(json.dumps({**self.stream.pool.info(), "time": time.time()}))
+
+
+def default_handlers() -> list[tuple[str, type]]:
+    name = r"(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)"
+    return [
+        (rf"/stream/{name}/?", EndpointHandler),
+        (r"/api/stream/endpoints/?", EndpointsHandler),
+        (rf"/api/stream/endpoints/{name}/?", EndpointInfoHandler),
+        (r"/api/stream/workers/?", WorkersHandler),
+    ]

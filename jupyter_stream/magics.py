@@ -1,0 +1,68 @@
+"""The notebook's cell magics, thin wrappers over `register_endpoint`.
+
+``%%stream_endpoint [--name NAME] [--media-type TYPE]`` runs the cell like any other,
+takes the last function it defines, registers it, and binds that name to the `Endpoint`
+handle, which is also the cell's output.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .endpoint import register_endpoint
+
+
+def defined_function_name(cell: str, magic: str) -> str:
+    """The name of the last top-level function the cell defines."""
+    try:
+        tree = ast.parse(cell)
+    except SyntaxError:
+        return ""  # let IPython report it when the cell runs (it may use IPython syntax)
+    names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if not names:
+        raise UsageError(
+            f"%%{magic}: the cell defines no function. Put the magic on a cell that defines one, e.g.\n\n"
+            f"%%{magic}\ndef ticks(n: int = 10):\n    for i in range(n):\n        yield f\"data: tick {{i}}\\n\\n\"\n"
+        )
+    return names[-1]
+
+
+@magics_class
+class StreamMagics(Magics):
+    def _run_and_get_function(self, cell: str, magic: str) -> Any:
+        name = defined_function_name(cell, magic)
+        result = self.shell.run_cell(cell, store_history=False)
+        if not result.success:
+            return None  # IPython has shown the traceback
+        if not name:
+            raise UsageError(f"%%{magic}: the cell defines no function")
+        fn = self.shell.user_ns.get(name)
+        if not callable(fn):
+            raise UsageError(f"%%{magic}: {name!r} is not a function after running the cell")
+        return fn
+
+    @magic_arguments()
+    @argument("--name", default=None, help="URL name of the endpoint (default: the function's name).")
+    @argument("--media-type", default=None, help="Response media type (default: text/event-stream).")
+    @cell_magic
+    def stream_endpoint(self, line: str, cell: str) -> Any:
+        """Serve the generator this cell defines as a streaming HTTP endpoint."""
+        args = parse_argstring(self.stream_endpoint, line)
+        fn = self._run_and_get_function(cell, "stream_endpoint")
+        if fn is None:
+            return None
+        try:
+            handle = register_endpoint(fn, args.name, args.media_type)
+        except ValueError as e:  # a bad name
+            raise UsageError(f"%%stream_endpoint: {e}") from None
+        self.shell.user_ns[fn.__name__] = handle
+        return handle
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(StreamMagics)

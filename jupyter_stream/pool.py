@@ -1,0 +1,389 @@
+"""Worker kernels and the pool that starts, lends out, watches and replaces them.
+
+A `WorkerKernel` is one ipykernel started through jupyter_client; the server talks to it
+over one comm (see `wire`). A `RemoteCall` is the server's end of one call running on a
+worker. The `WorkerPool` keeps between `min_workers` and `max_workers` kernels, hands an
+idle one to each call, and replaces kernels that die.
+
+Where kernels come from is one seam: `kernel_manager_class` (any jupyter_client
+`AsyncKernelManager`, so kernel provisioners and gateway kernel managers plug in) and
+`worker_env` (per-worker environment, e.g. ``CUDA_VISIBLE_DEVICES``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import uuid
+from typing import Any, Callable
+
+from jupyter_client.manager import AsyncKernelManager
+
+from . import wire
+
+log = logging.getLogger("jupyter_stream")
+
+
+class WorkerError(RuntimeError):
+    """A worker kernel could not be started or bootstrapped."""
+
+
+class RemoteCall:
+    """The server's end of one call: a queue of output from the worker, and credit back."""
+
+    def __init__(self, worker: "WorkerKernel", call_id: str, window: int):
+        self.worker = worker
+        self.id = call_id
+        self.window = window
+        self.start: dict[str, Any] | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.error: dict[str, Any] | None = None
+        self.ended = False
+        self.cancelled = False
+        self._wakeup: asyncio.Future | None = None
+        self._unacked = 0
+
+    # called by the worker's IOPub reader
+    def feed(self, data: dict[str, Any], body: bytes | None) -> None:
+        if "start" in data:
+            self.start = data["start"]
+        if body:
+            self.chunks.append(body)
+        if data.get("end"):
+            self.error = data.get("error")
+            self._end()
+        self._wake()
+
+    def fail(self, error: dict[str, Any]) -> None:
+        """End the call from the server side (its worker died)."""
+        if not self.ended:
+            self.error = error
+            self._end()
+            self._wake()
+
+    def _end(self) -> None:
+        self.ended = True
+        self.worker.call_ended(self)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until there is output or the call ended; False on timeout."""
+        if self.chunks or self.ended:
+            return True
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._wakeup, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self._wakeup = None
+
+    def take(self) -> bytes:
+        """Everything received so far, joined."""
+        if len(self.chunks) == 1:
+            return self.chunks.popleft()
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+    def consumed(self, nbytes: int) -> None:
+        """The client has taken `nbytes`: return credit to the worker in large steps."""
+        self._unacked += nbytes
+        if self._unacked >= self.window // 4 and not self.ended:
+            self.worker.send({"op": "ack", "id": self.id, "bytes": self._unacked})
+            self._unacked = 0
+
+    def cancel(self) -> None:
+        """Ask the worker to stop this call (its generator's ``finally`` runs)."""
+        if not self.ended and not self.cancelled:
+            self.cancelled = True
+            self.worker.send({"op": "cancel", "id": self.id})
+
+
+class WorkerKernel:
+    """One worker kernel: its kernel manager and client, the comm, and calls in flight."""
+
+    def __init__(self, pool: "WorkerPool", index: int, km: AsyncKernelManager):
+        self.pool = pool
+        self.index = index
+        self.km = km
+        self.kc: Any = None
+        self.comm_id = uuid.uuid4().hex
+        self.calls: dict[str, RemoteCall] = {}
+        self.functions: set[str] = set()
+        self.load = 0
+        self.alive = False
+        self.pid: int | None = None
+        self._ready: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker-{self.index}"
+
+    async def start(self, env: dict[str, str], cwd: str | None, timeout: float) -> None:
+        """Start the kernel, load the worker code into it and open the comm."""
+        await self.km.start_kernel(env=env, cwd=cwd)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        await self.kc.wait_for_ready(timeout=timeout)
+        msg_id = self.kc.execute(wire.BOOTSTRAP, silent=True, store_history=False)
+        while True:
+            reply = await self.kc.get_shell_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        if reply["content"]["status"] != "ok":
+            content = reply["content"]
+            raise WorkerError(
+                f"kernel {self.km.kernel_name!r} could not load jupyter_stream's worker code: "
+                f"{content.get('ename')}: {content.get('evalue')}. Install jupyter-stream into "
+                "that kernel's environment, or set JupyterStream.kernel_name to a kernelspec that has it."
+            )
+        self._ready = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read_iopub())
+        self.kc.shell_channel.send(
+            self.kc.session.msg("comm_open", {"comm_id": self.comm_id, "target_name": wire.COMM_TARGET, "data": {}})
+        )
+        ready = await asyncio.wait_for(self._ready, timeout)
+        self.pid = ready.get("pid")
+        self.alive = True
+
+    async def _read_iopub(self) -> None:
+        get_msg = self.kc.iopub_channel.get_msg
+        while True:
+            try:
+                msg = await get_msg()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a closed socket when the kernel goes away
+                if not self.alive:
+                    return
+                log.debug("%s: error reading IOPub", self.name, exc_info=True)
+                continue
+            msg_type = msg["header"]["msg_type"]
+            if msg_type == "comm_msg":
+                content = msg["content"]
+                if content.get("comm_id") != self.comm_id:
+                    continue
+                data = content["data"]
+                op = data.get("op")
+                if op == "out":
+                    call = self.calls.get(data["id"])
+                    if call is not None:
+                        buffers = msg.get("buffers")
+                        call.feed(data, bytes(buffers[0]) if buffers else None)
+                elif op == "ready" and self._ready is not None and not self._ready.done():
+                    self._ready.set_result(data)
+            elif msg_type == "stream":
+                text = msg["content"].get("text", "").rstrip("\n")
+                if text:
+                    log.info("[%s %s] %s", self.name, msg["content"].get("name"), text)
+            elif msg_type == "error":
+                log.warning("[%s] %s: %s", self.name, msg["content"].get("ename"), msg["content"].get("evalue"))
+
+    def send(self, data: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+        msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
+        if buffers:
+            msg["buffers"] = buffers
+        self.kc.shell_channel.send(msg)
+
+    def call(self, fn_hash: str, fn_blob: bytes, **params: Any) -> RemoteCall:
+        """Start a call of the function `fn_hash`; send its pickle only if this worker lacks it."""
+        call = RemoteCall(self, uuid.uuid4().hex[:16], params.setdefault("window", wire.DEFAULT_WINDOW))
+        self.calls[call.id] = call
+        send_fn = fn_hash not in self.functions
+        buffers = [fn_blob] if send_fn else []
+        self.send({"op": "call", "id": call.id, "fn": fn_hash, "send_fn": send_fn, **params}, buffers)
+        self.functions.add(fn_hash)
+        return call
+
+    def call_ended(self, call: RemoteCall) -> None:
+        if self.calls.pop(call.id, None) is not None:
+            self.pool.release(self)
+
+    def died(self, reason: str) -> None:
+        """Fail every call in flight: the kernel is gone."""
+        self.alive = False
+        error = wire.worker_died_payload(reason)
+        for call in list(self.calls.values()):
+            call.fail(error)
+
+    async def is_alive(self) -> bool:
+        return await self.km.is_alive()
+
+    async def shutdown(self, now: bool = False) -> None:
+        self.alive = False
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.kc is not None:
+            self.kc.stop_channels()
+        try:
+            await self.km.shutdown_kernel(now=now)
+        except Exception:  # already gone
+            log.debug("%s: shutdown failed", self.name, exc_info=True)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "pid": self.pid, "alive": self.alive, "busy": self.load, "kernel": self.km.kernel_name}
+
+
+class WorkerPool:
+    """Lends worker kernels to calls: at most `calls_per_worker` calls on each kernel at once."""
+
+    def __init__(
+        self,
+        *,
+        kernel_name: str = "python3",
+        min_workers: int = 1,
+        max_workers: int = 4,
+        calls_per_worker: int = 1,
+        startup_timeout: float = 60.0,
+        poll_interval: float = 0.5,
+        cwd: str | None = None,
+        kernel_manager_class: type[AsyncKernelManager] = AsyncKernelManager,
+        worker_env: Callable[[int], dict[str, str]] | None = None,
+    ):
+        self.kernel_name = kernel_name
+        self.min_workers = min_workers
+        self.max_workers = max(max_workers, min_workers, 1)
+        self.calls_per_worker = calls_per_worker
+        self.startup_timeout = startup_timeout
+        self.poll_interval = poll_interval
+        self.cwd = cwd
+        self.kernel_manager_class = kernel_manager_class
+        self.worker_env = worker_env
+        self.workers: list[WorkerKernel] = []
+        self.starting = 0
+        self.replaced = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._counter = itertools.count(1)
+        self._watcher: asyncio.Task | None = None
+        self._closed = False
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Start the warm minimum of workers and the watcher that replaces dead ones."""
+        self._watcher = asyncio.create_task(self._watch())
+        await asyncio.gather(*(self._start_worker() for _ in range(self.min_workers)), return_exceptions=True)
+
+    async def acquire(self) -> WorkerKernel:
+        """A worker with room for one more call, starting a new kernel if the pool may grow."""
+        if self._closed:
+            raise WorkerError("the worker pool is shut down")
+        for worker in self.workers:
+            if worker.alive and worker.load < self.calls_per_worker:
+                worker.load += 1
+                return worker
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if len(self.workers) + self.starting < self.max_workers:
+            self._spawn(self._start_worker())
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release(waiter.result())
+            else:
+                self._forget(waiter)
+            raise
+
+    def release(self, worker: WorkerKernel) -> None:
+        worker.load -= 1
+        self._offer(worker)
+
+    def _offer(self, worker: WorkerKernel) -> None:
+        """Hand a worker with spare room to the calls waiting for one."""
+        while worker.alive and worker.load < self.calls_per_worker and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                worker.load += 1
+                waiter.set_result(worker)
+
+    def _forget(self, waiter: asyncio.Future) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _env_for(self, index: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env["JUPYTER_STREAM_WORKER"] = str(index)
+        if self.worker_env is not None:
+            env.update(self.worker_env(index))
+        return env
+
+    async def _start_worker(self) -> WorkerKernel | None:
+        index = next(self._counter)
+        worker = WorkerKernel(self, index, self.kernel_manager_class(kernel_name=self.kernel_name))
+        self.starting += 1
+        try:
+            await worker.start(self._env_for(index), self.cwd, self.startup_timeout)
+        except Exception as exc:
+            log.error("jupyter_stream: could not start %s: %s", worker.name, exc)
+            await worker.shutdown(now=True)
+            if not any(w.alive for w in self.workers):
+                # nothing can serve the waiters: tell them why instead of hanging
+                while self._waiters:
+                    waiter = self._waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_exception(WorkerError(f"could not start a worker kernel: {exc}"))
+            return None
+        finally:
+            self.starting -= 1
+        if self._closed:
+            await worker.shutdown(now=True)
+            return None
+        self.workers.append(worker)
+        log.info("jupyter_stream: %s ready (pid %s)", worker.name, worker.pid)
+        self._offer(worker)
+        return worker
+
+    async def _watch(self) -> None:
+        """Notice dead kernels, fail their calls, and keep the warm minimum."""
+        while not self._closed:
+            await asyncio.sleep(self.poll_interval)
+            for worker in list(self.workers):
+                if not await worker.is_alive():
+                    log.warning("jupyter_stream: %s (pid %s) died; replacing it", worker.name, worker.pid)
+                    self.workers.remove(worker)
+                    worker.died("kernel process exited")
+                    self.replaced += 1
+                    self._spawn(worker.shutdown(now=True))
+            missing = self.min_workers - len(self.workers) - self.starting
+            if self._waiters and not missing and len(self.workers) + self.starting < self.max_workers:
+                missing = 1
+            for _ in range(max(missing, 0)):
+                self._spawn(self._start_worker())
+
+    async def shutdown(self) -> None:
+        """Stop every worker kernel (the server is shutting down)."""
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(WorkerError("the server is shutting down"))
+        workers, self.workers = self.workers, []
+        await asyncio.gather(*(w.shutdown(now=True) for w in workers), return_exceptions=True)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "kernel_name": self.kernel_name,
+            "min_workers": self.min_workers,
+            "max_workers": self.max_workers,
+            "starting": self.starting,
+            "waiting_calls": len(self._waiters),
+            "replaced": self.replaced,
+            "workers": [w.info() for w in self.workers],
+        }

@@ -1,0 +1,244 @@
+"""The worker side: runs inside a worker kernel (ipykernel) and executes calls.
+
+The pool bootstraps each kernel with `wire.BOOTSTRAP`, which calls `register()`. The
+server then opens a comm; every call gets a thread that runs the user's function and
+iterates its output, and one sender thread per kernel ships whatever output has piled up
+since its last send as a single IOPub message. A tight generator therefore goes out in
+large batches while a slow one is flushed the moment it yields. The sender stops a call
+from running more than its credit window ahead of the HTTP client (backpressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import sys
+import threading
+from typing import Any
+
+import cloudpickle
+
+from . import wire
+from .responses import StreamingResponse, encoder_for
+
+_worker: "Worker | None" = None
+
+
+class CallCancelled(BaseException):
+    """Raised inside a call's thread when the server cancels it (a BaseException, so a
+    user's ``except Exception`` does not swallow it)."""
+
+
+class Call:
+    """One running call: its output buffer, credit and state, guarded by the worker lock."""
+
+    def __init__(self, worker: "Worker", call_id: str, window: int):
+        self.worker = worker
+        self.id = call_id
+        self.window = window
+        self.can_put = threading.Condition(worker.lock)
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.unacked = 0
+        self.dirty = False
+        self.start: dict[str, Any] | None = None
+        self.done = False
+        self.error: dict[str, Any] | None = None
+        self.cancelled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task | None = None
+
+    def put(self, data: bytes) -> None:
+        """Queue output bytes for the sender; block while the client is a window behind."""
+        with self.worker.lock:
+            while self.unacked + self.pending_bytes >= self.window and not self.cancelled:
+                self.can_put.wait()
+            if self.cancelled:
+                raise CallCancelled()
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if not self.dirty:
+                self.dirty = True
+                self.worker.dirty.append(self)
+                self.worker.has_output.notify()
+
+    def finish(self, error: dict[str, Any] | None = None) -> None:
+        """Mark the call as ended; the sender ships the end (and error) with the last bytes."""
+        with self.worker.lock:
+            self.done = True
+            self.error = error
+            if not self.dirty:
+                self.dirty = True
+                self.worker.dirty.append(self)
+                self.worker.has_output.notify()
+
+
+class Worker:
+    """Owns the comm to the server, the function cache and the running calls."""
+
+    def __init__(self, comm: Any):
+        self.comm = comm
+        self.functions: dict[str, Any] = {}
+        self.calls: dict[str, Call] = {}
+        self.lock = threading.Lock()
+        self.has_output = threading.Condition(self.lock)
+        self.dirty: list[Call] = []
+        from IPython import get_ipython
+
+        self.kernel = get_ipython().kernel
+        self.session = self.kernel.session
+        self.topic = f"comm-{comm.comm_id}".encode()
+        comm.on_msg(self.on_msg)
+        threading.Thread(target=self.send_loop, name="jupyter-stream-sender", daemon=True).start()
+        self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+
+    # -- messages from the server (kernel main thread) -------------------------------
+
+    def on_msg(self, msg: dict[str, Any]) -> None:
+        data = msg["content"]["data"]
+        op = data.get("op")
+        if op == "ack":
+            call = self.calls.get(data["id"])
+            if call is not None:
+                with self.lock:
+                    call.unacked -= data["bytes"]
+                    call.can_put.notify()
+        elif op == "call":
+            self.start_call(data, msg.get("buffers") or [])
+        elif op == "cancel":
+            self.cancel(data["id"])
+
+    def start_call(self, data: dict[str, Any], buffers: list) -> None:
+        call = Call(self, data["id"], data.get("window", wire.DEFAULT_WINDOW))
+        self.calls[call.id] = call
+        threading.Thread(
+            target=self.run_call, args=(call, data, buffers), name=f"jupyter-stream-call-{call.id}", daemon=True
+        ).start()
+
+    def cancel(self, call_id: str) -> None:
+        call = self.calls.get(call_id)
+        if call is None:
+            return
+        with self.lock:
+            call.cancelled = True
+            call.can_put.notify_all()
+        if call.loop is not None and call.task is not None:
+            call.loop.call_soon_threadsafe(call.task.cancel)
+
+    # -- running a call (its own thread) ----------------------------------------------
+
+    def run_call(self, call: Call, data: dict[str, Any], buffers: list) -> None:
+        error = None
+        try:
+            fn = self.function(data["fn"], buffers[0] if data.get("send_fn") else None)
+            args, kwargs = (), dict(data.get("kwargs") or {})
+            if data.get("pickled_args"):
+                args, more = cloudpickle.loads(buffers[-1])
+                kwargs.update(more)
+            result = fn(*args, **kwargs)
+            self.stream_http(call, result, data.get("media_type"))
+        except CallCancelled:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+            error = wire.error_payload(exc)
+        finally:
+            call.finish(error)
+
+    def function(self, key: str, blob: Any) -> Any:
+        fn = self.functions.get(key)
+        if fn is None:
+            if blob is None:
+                raise RuntimeError(f"function {key} was not sent to this worker")
+            fn = self.functions[key] = cloudpickle.loads(bytes(blob))
+        return fn
+
+    def stream_http(self, call: Call, result: Any, media_type: str | None) -> None:
+        status, headers = 200, {}
+        if isinstance(result, StreamingResponse):
+            status, headers = result.status_code, result.headers
+            media_type = result.media_type or media_type
+            result = result.body_iterator
+        call.start = {"status": status, "headers": headers, "media_type": media_type}
+        encode = encoder_for(media_type)
+        if result is None:
+            return
+        if isinstance(result, (str, bytes, bytearray, memoryview)) or not (
+            hasattr(result, "__iter__") or hasattr(result, "__aiter__")
+        ):
+            call.put(encode(result))
+        elif hasattr(result, "__aiter__"):
+            asyncio.run(self.drain_async(call, result, encode))
+        else:
+            put = call.put
+            try:
+                for chunk in result:
+                    put(encode(chunk))
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None and inspect.isgenerator(result):
+                    close()
+
+    async def drain_async(self, call: Call, result: Any, encode: Any) -> None:
+        call.loop = asyncio.get_running_loop()
+        call.task = asyncio.current_task()
+        if call.cancelled:
+            raise CallCancelled()
+        put = call.put
+        try:
+            async for chunk in result:
+                put(encode(chunk))
+        except asyncio.CancelledError:
+            raise CallCancelled() from None
+        finally:
+            aclose = getattr(result, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    # -- sending (sender thread) ------------------------------------------------------
+
+    def send_loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.dirty:
+                    self.has_output.wait()
+                batch, self.dirty = self.dirty, []
+                messages = []
+                for call in batch:
+                    call.dirty = False
+                    body = b"".join(call.pending) if len(call.pending) != 1 else call.pending[0]
+                    call.pending.clear()
+                    call.unacked += call.pending_bytes
+                    call.pending_bytes = 0
+                    out: dict[str, Any] = {"op": "out", "id": call.id}
+                    if call.start is not None:
+                        out["start"], call.start = call.start, None
+                    if call.done:
+                        out["end"] = True
+                        if call.error is not None:
+                            out["error"] = call.error
+                        self.calls.pop(call.id, None)
+                    messages.append((out, body))
+            for out, body in messages:
+                self.send(out, [body])
+
+    def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
+        self.session.send(
+            self.kernel.iopub_socket,
+            "comm_msg",
+            {"comm_id": self.comm.comm_id, "data": data},
+            ident=self.topic,
+            buffers=buffers,
+        )
+
+
+def register() -> None:
+    """Called once in a fresh worker kernel: accept the server's comm."""
+
+    def on_open(comm: Any, msg: dict[str, Any]) -> None:
+        global _worker
+        _worker = Worker(comm)
+
+    from IPython import get_ipython
+
+    get_ipython().kernel.comm_manager.register_target(wire.COMM_TARGET, on_open)
