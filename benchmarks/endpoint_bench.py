@@ -415,14 +415,15 @@ class Processes:
         self.procs: List[Tuple[str, subprocess.Popen, Path]] = []
 
     def start(self, name: str, cmd: List[str], log: Path, env=None, stdout=None) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=stdout or log.open("ab"),
-            stderr=log.open("ab"), env=env, cwd=str(REPO_ROOT),
-            # Own session: a Ctrl-C in the terminal reaches only us, and we
-            # shut the children down in order (jupyter_server asks "y/n" on
-            # SIGINT when it owns a tty, and must stop its kernels).
-            start_new_session=True,
-        )
+        with log.open("ab") as log_file:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=stdout or log_file,
+                stderr=log_file, env=env, cwd=str(REPO_ROOT),
+                # Own session: a Ctrl-C in the terminal reaches only us, and we
+                # shut the children down in order (jupyter_server asks "y/n" on
+                # SIGINT when it owns a tty, and must stop its kernels).
+                start_new_session=True,
+            )
         self.procs.append((name, proc, log))
         return proc
 
@@ -533,6 +534,8 @@ def start_ours(procs: Processes, tmp: Path, startup_timeout: float = 60.0) -> Se
         f"--ServerApp.root_dir={root}",
         "--ServerApp.jpserver_extensions={'jupyter_stream': True}",
     ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--ServerApp.allow_root=True")  # containers/CI; it refuses otherwise
     log = tmp / "ours.log"
     proc = procs.start("ours", cmd, log, env=env)
     base = f"http://127.0.0.1:{port}/"
@@ -846,6 +849,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\n[bench] interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # a server failed to start or answered wrongly
+        print(f"[bench] error: {exc}", file=sys.stderr)
+        return 1
     finally:
         procs.stop_all()
         if ok:

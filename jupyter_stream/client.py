@@ -144,6 +144,8 @@ def start_embedded_server(timeout: float = 60.0, quiet: bool = False) -> ServerC
         f"--ServerApp.root_dir={os.getcwd()}", "--ServerApp.jpserver_extensions={'jupyter_stream': True}",
         f"--JupyterStream.exit_with_pid={os.getpid()}",
     ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--ServerApp.allow_root=True")  # containers run as root
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     conn = ServerConnection(f"http://127.0.0.1:{port}/", token, process)
     atexit.register(conn.close)

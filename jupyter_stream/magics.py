@@ -1,6 +1,6 @@
 """The notebook's cell magics, thin wrappers over `register_endpoint`.
 
-``%%stream_endpoint [--name NAME] [--media-type TYPE]`` runs the cell like any other,
+``%%stream_endpoint [--name NAME] [--media-type TYPE]`` runs the cell in the notebook,
 takes the last function it defines, registers it, and binds that name to the `Endpoint`
 handle, which is also the cell's output.
 """
@@ -36,9 +36,10 @@ def defined_function_name(cell: str, magic: str) -> str:
 class StreamMagics(Magics):
     def _run_and_get_function(self, cell: str, magic: str) -> Any:
         name = defined_function_name(cell, magic)
-        result = self.shell.run_cell(cell, store_history=False)
-        if not result.success:
-            return None  # IPython has shown the traceback
+        source = self.shell.transform_cell(cell)  # IPython syntax (%magics, !cmd) to Python
+        filename = self.shell.compile.cache(source)  # so tracebacks and inspect show the cell
+        code = self.shell.compile(source, filename, "exec")
+        exec(code, self.shell.user_global_ns, self.shell.user_ns)
         if not name:
             raise UsageError(f"%%{magic}: the cell defines no function")
         fn = self.shell.user_ns.get(name)
@@ -54,8 +55,6 @@ class StreamMagics(Magics):
         """Serve the generator this cell defines as a streaming HTTP endpoint."""
         args = parse_argstring(self.stream_endpoint, line)
         fn = self._run_and_get_function(cell, "stream_endpoint")
-        if fn is None:
-            return None
         try:
             handle = register_endpoint(fn, args.name, args.media_type)
         except ValueError as e:  # a bad name

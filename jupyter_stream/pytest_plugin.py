@@ -1,0 +1,204 @@
+"""Pytest fixtures that start a real Jupyter server with jupyter_stream, for our tests and
+for projects that build on it (loaded through the ``pytest11`` entry point).
+
+`stream_server` is a session-wide server in a subprocess, with real worker kernels;
+`start_stream_server()` starts another one with its own options; `notebook_kernel`
+starts a kernel through the server's REST API, the way JupyterLab does.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from .client import ServerConnection
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StreamServer:
+    """A jupyter-server subprocess with the extension; `.connection` registers endpoints."""
+
+    def __init__(self, options: list[str] | None = None, root_dir: str | None = None, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.token = secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.root_dir = root_dir or tempfile.mkdtemp(prefix="jupyter-stream-root-")
+        self.runtime_dir = tempfile.mkdtemp(prefix="jupyter-stream-runtime-")
+        self.log_path = Path(tempfile.mkdtemp(prefix="jupyter-stream-log-")) / "server.log"
+        self.options = list(options or [])
+        self.env = {**os.environ, "JUPYTER_RUNTIME_DIR": self.runtime_dir, **(env or {})}
+        for var in ("JUPYTER_STREAM_URL", "JUPYTER_STREAM_TOKEN"):
+            self.env.pop(var, None)
+        self.process: subprocess.Popen | None = None
+        self.connection: ServerConnection | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.token}"}
+
+    def start(self, timeout: float = 90.0) -> "StreamServer":
+        cmd = [
+            sys.executable, "-m", "jupyter_server",
+            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}", "--ServerApp.open_browser=False",
+            f"--ServerApp.root_dir={self.root_dir}", "--ServerApp.allow_root=True",
+            "--ServerApp.jpserver_extensions={'jupyter_stream': True}",
+            *self.options,
+        ]
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, stdin=subprocess.DEVNULL)
+        self.connection = ServerConnection(self.url, self.token)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"jupyter server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if self.workers()["workers"] or "--JupyterStream.min_workers=0" in self.options:
+                    return self
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"jupyter server did not become ready in {timeout} s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(self.url + path, headers=self.headers, timeout=30, **kwargs)
+
+    def workers(self) -> dict[str, Any]:
+        return httpx.get(self.url + "api/stream/workers", headers=self.headers, timeout=5).raise_for_status().json()
+
+    def wait_for_workers(self, count: int = 1, timeout: float = 60.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = [w for w in self.workers()["workers"] if w["alive"]]
+            if len(workers) >= count:
+                return workers
+            time.sleep(0.1)
+        raise TimeoutError(f"fewer than {count} live workers after {timeout} s: {self.workers()}")
+
+    def register(self, fn: Callable, name: str | None = None, media_type: str | None = None) -> Any:
+        from .endpoint import register_endpoint
+
+        return register_endpoint(fn, name, media_type, connection=self.connection)
+
+    def start_kernel(self) -> "NotebookKernel":
+        """A kernel started by this server, as JupyterLab would start it."""
+        reply = httpx.post(self.url + "api/kernels", headers=self.headers, json={"name": "python3"}, timeout=60)
+        reply.raise_for_status()
+        return NotebookKernel(self, reply.json()["id"])
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.connection is not None:
+            self.connection.http.close()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+class NotebookKernel:
+    """A kernel of the server's, driven over ZMQ from its connection file."""
+
+    def __init__(self, server: StreamServer, kernel_id: str):
+        from jupyter_client import BlockingKernelClient
+
+        self.server = server
+        self.id = kernel_id
+        path = Path(server.runtime_dir) / f"kernel-{kernel_id}.json"
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.client = BlockingKernelClient(connection_file=str(path))
+        self.client.load_connection_file()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+
+    def execute(self, code: str, timeout: float = 120) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Run `code`; return its IOPub outputs and the execute_reply content."""
+        outputs: list[dict[str, Any]] = []
+
+        def hook(msg: dict[str, Any]) -> None:
+            if msg["header"]["msg_type"] in ("stream", "execute_result", "display_data", "error"):
+                outputs.append({"type": msg["header"]["msg_type"], **msg["content"]})
+
+        reply = self.client.execute_interactive(code, timeout=timeout, output_hook=hook)
+        return outputs, reply["content"]
+
+    @staticmethod
+    def text(outputs: list[dict[str, Any]]) -> str:
+        parts = []
+        for out in outputs:
+            if out["type"] == "stream":
+                parts.append(out["text"])
+            elif out["type"] in ("execute_result", "display_data"):
+                parts.append(out["data"].get("text/plain", ""))
+                parts.append(out["data"].get("text/html", ""))
+            elif out["type"] == "error":
+                parts.append(f"{out['ename']}: {out['evalue']}\n" + "\n".join(out["traceback"]))
+        return "\n".join(parts)
+
+    def shutdown(self) -> None:
+        self.client.stop_channels()
+        httpx.delete(self.server.url + f"api/kernels/{self.id}", headers=self.server.headers, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def start_stream_server() -> Iterator[Callable[..., StreamServer]]:
+    """Factory: start a server with extra ``--Class.trait=value`` options; all are stopped at the end."""
+    servers: list[StreamServer] = []
+
+    def start(options: list[str] | None = None, **kwargs: Any) -> StreamServer:
+        server = StreamServer(options, **kwargs).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def stream_server(start_stream_server: Callable[..., StreamServer]) -> StreamServer:
+    """The shared server: two warm workers, a 1 s SSE heartbeat, fast death detection."""
+    return start_stream_server(
+        [
+            "--JupyterStream.min_workers=2",
+            "--JupyterStream.max_workers=3",
+            "--JupyterStream.sse_heartbeat_interval=1.0",
+            "--JupyterStream.worker_poll_interval=0.2",
+            "--JupyterStream.max_request_body=65536",
+        ]
+    )
+
+
+@pytest.fixture()
+def notebook_kernel(stream_server: StreamServer) -> Iterator[NotebookKernel]:
+    kernel = stream_server.start_kernel()
+    yield kernel
+    kernel.shutdown()
+

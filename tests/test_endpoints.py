@@ -1,0 +1,363 @@
+"""Streaming endpoints end to end: a real jupyter-server, real worker kernels, real clients."""
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+
+import httpx
+import pytest
+
+from jupyter_stream import StreamingResponse, sse
+
+
+def read_events(response):
+    """(arrival time, event text) for each SSE event of a streaming httpx response."""
+    events, buf = [], ""
+    for text in response.iter_text():
+        buf += text
+        while "\n\n" in buf:
+            event, buf = buf.split("\n\n", 1)
+            if not event.startswith(":"):  # skip heartbeat comments
+                events.append((time.monotonic(), event))
+    return events
+
+
+def test_reference_example_streams_with_curl(start_stream_server):
+    """Modal's first example through `curl --no-buffer`, on a server whose worker starts cold."""
+    server = start_stream_server(["--JupyterStream.min_workers=0"])
+
+    def fake_event_streamer():
+        for i in range(10):
+            yield f"data: some data {i}\n\n".encode()
+            time.sleep(0.5)
+
+    def stream_me():
+        return StreamingResponse(fake_event_streamer(), media_type="text/event-stream")
+
+    endpoint = server.register(stream_me)
+    assert server.workers()["workers"] == []  # nothing warm: the first request starts a kernel
+    start = time.monotonic()
+    curl = subprocess.Popen(
+        ["curl", "--no-buffer", "-sS", "-H", f"Authorization: token {server.token}", endpoint.url],
+        stdout=subprocess.PIPE,
+    )
+    arrivals = []
+    for line in curl.stdout:
+        if line.startswith(b"data: "):
+            arrivals.append((time.monotonic() - start, line.decode().strip()))
+    assert curl.wait() == 0
+    assert [text for _, text in arrivals] == [f"data: some data {i}" for i in range(10)]
+    assert arrivals[0][0] <= 1.5, f"first event after {arrivals[0][0]:.2f} s"
+    assert arrivals[-1][0] - arrivals[0][0] >= 4.0
+
+
+def test_generator_forms_and_chunk_encoding(stream_server):
+    def gen(n: int = 3):
+        for i in range(n):
+            yield f"data: {i}\n\n"
+
+    async def agen(n: int = 2):
+        import asyncio
+
+        for i in range(n):
+            await asyncio.sleep(0.01)
+            yield {"i": i}
+
+    def returns_list():
+        return ["a\n", b"b\n"]
+
+    def returns_response():
+        return StreamingResponse(iter([b"x", "y"]), media_type="text/plain", headers={"X-Demo": "1"}, status_code=202)
+
+    def objects():
+        yield {"k": "v"}
+        yield [1, 2]
+
+    def named():
+        yield sse("two\nlines", event="note", id=7)
+
+    s = stream_server
+    assert s.get(s.register(gen).url.removeprefix(s.url) + "?n=2").text == "data: 0\n\ndata: 1\n\n"
+    assert s.get("stream/agen").status_code == 404  # not registered yet
+    s.register(agen)
+    assert s.get("stream/agen").text == 'data: {"i":0}\n\ndata: {"i":1}\n\n'
+    s.register(returns_list, media_type="text/plain")
+    assert s.get("stream/returns_list").text == "a\nb\n"
+    s.register(returns_response)
+    r = s.get("stream/returns_response")
+    assert (r.status_code, r.text, r.headers["x-demo"], r.headers["content-type"]) == (202, "xy", "1", "text/plain")
+    s.register(objects, media_type="application/x-ndjson")
+    r = s.get("stream/objects")
+    assert r.headers["content-type"] == "application/x-ndjson"
+    assert [json.loads(line) for line in r.text.splitlines()] == [{"k": "v"}, [1, 2]]
+    s.register(named)
+    r = s.get("stream/named")
+    assert r.text == "event: note\nid: 7\ndata: two\ndata: lines\n\n"
+    assert r.headers["cache-control"] == "no-cache, no-transform"
+    assert r.headers["x-accel-buffering"] == "no"
+
+
+def test_each_chunk_reaches_the_client_at_once(stream_server):
+    def slow_second():
+        yield "data: first\n\n"
+        time.sleep(1.5)
+        yield "data: second\n\n"
+
+    endpoint = stream_server.register(slow_second)
+    start = time.monotonic()
+    with httpx.stream("GET", endpoint.url, headers=stream_server.headers, timeout=30) as r:
+        events = read_events(r)
+    assert [e for _, e in events] == ["data: first", "data: second"]
+    assert events[0][0] - start < 0.5
+    assert events[1][0] - events[0][0] >= 1.4
+
+
+def test_parameters_from_query_and_json_body(stream_server):
+    def typed(n: int, scale: float = 1.0, loud: bool = False, tags: list[str] = []):
+        for i in range(n):
+            yield {"v": i * scale, "loud": loud, "tags": tags}
+
+    endpoint = stream_server.register(typed, media_type="application/x-ndjson")
+    r = stream_server.get("stream/typed?n=2&scale=0.5&loud=yes&tags=a&tags=b")
+    assert [json.loads(x) for x in r.text.splitlines()] == [
+        {"v": 0.0, "loud": True, "tags": ["a", "b"]},
+        {"v": 0.5, "loud": True, "tags": ["a", "b"]},
+    ]
+    r = httpx.post(endpoint.url, headers=stream_server.headers, json={"n": 1, "scale": 2}, timeout=30)
+    assert r.status_code == 200 and json.loads(r.text) == {"v": 0.0, "loud": False, "tags": []}
+
+    bad = stream_server.get("stream/typed?n=two")
+    assert bad.status_code == 400 and "parameter 'n' must be int, got 'two'" in bad.json()["message"]
+    bad = stream_server.get("stream/typed?n=1&colour=red")
+    assert bad.status_code == 400 and "unknown parameter 'colour'" in bad.json()["message"]
+    bad = stream_server.get("stream/typed")
+    assert bad.status_code == 400 and "missing required parameter 'n'" in bad.json()["message"]
+    bad = httpx.post(endpoint.url, headers=stream_server.headers, content=b"[1]", timeout=30)
+    assert bad.status_code == 400 and "JSON object" in bad.json()["message"]
+
+
+def test_http_errors_unknown_auth_and_size(stream_server):
+    def small():
+        yield "ok"
+
+    endpoint = stream_server.register(small, media_type="text/plain")
+    missing = stream_server.get("stream/no_such_endpoint")
+    assert missing.status_code == 404 and "no endpoint named 'no_such_endpoint'" in missing.json()["message"]
+    assert httpx.get(endpoint.url, timeout=10).status_code in (401, 403)
+    assert httpx.get(endpoint.url, headers={"Authorization": "token wrong"}, timeout=10).status_code in (401, 403)
+    assert httpx.get(stream_server.url + "api/stream/endpoints", timeout=10).status_code in (401, 403)
+    assert httpx.post(stream_server.url + "api/stream/endpoints", json={}, timeout=10).status_code in (401, 403)
+    assert httpx.get(endpoint.url + f"?token={stream_server.token}", timeout=10).text == "ok"
+    big = httpx.post(endpoint.url, headers=stream_server.headers, content=b"x" * 70000, timeout=10)
+    assert big.status_code == 413 and "limit" in big.json()["message"]
+    # nothing of ours is left without an auth decorator
+    assert "Extension endpoints without" not in stream_server.log()
+
+
+def test_error_before_first_chunk_is_a_500_with_the_worker_traceback(stream_server):
+    def broken(n: int = 1):
+        raise ValueError(f"bad input {n}")
+        yield "never"
+
+    stream_server.register(broken)
+    r = stream_server.get("stream/broken?n=3")
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "ValueError" and error["message"] == "bad input 3"
+    assert "in broken" in error["traceback"] and 'raise ValueError(f"bad input {n}")' in error["traceback"]
+
+
+def test_error_after_streaming_began(stream_server):
+    def fails_later():
+        yield "data: one\n\n"
+        raise KeyError("later")
+
+    def fails_later_ndjson():
+        yield {"one": 1}
+        raise KeyError("later")
+
+    stream_server.register(fails_later)
+    with httpx.stream("GET", stream_server.url + "stream/fails_later", headers=stream_server.headers, timeout=30) as r:
+        events = [e for _, e in read_events(r)]
+    assert events[0] == "data: one"
+    assert events[1].startswith("event: error\ndata: ")
+    error = json.loads(events[1].split("data: ", 1)[1])
+    assert error["type"] == "KeyError" and "later" in error["message"] and "in fails_later" in error["traceback"]
+
+    stream_server.register(fails_later_ndjson, media_type="application/x-ndjson")
+    received = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        with httpx.stream("GET", stream_server.url + "stream/fails_later_ndjson", headers=stream_server.headers, timeout=30) as r:
+            for chunk in r.iter_bytes():
+                received += chunk
+    assert received == b'{"one":1}\n'  # the client saw a truncated body, not a clean end
+
+
+def test_client_disconnect_closes_the_generator(stream_server):
+    marker = tempfile.mktemp(prefix="jupyter-stream-finally-")
+
+    def endless(marker: str):
+        try:
+            i = 0
+            while True:
+                yield f"data: {i}\n\n"
+                i += 1
+                time.sleep(0.05)
+        finally:
+            with open(marker, "w") as f:
+                f.write("closed")
+
+    endpoint = stream_server.register(endless)
+    with httpx.stream("GET", endpoint.url, params={"marker": marker}, headers=stream_server.headers, timeout=30) as r:
+        for _ in r.iter_bytes():
+            break
+    closed_at = time.monotonic()
+    while not os.path.exists(marker) and time.monotonic() - closed_at < 5:
+        time.sleep(0.02)
+    assert os.path.exists(marker), "the generator's finally did not run"
+    assert time.monotonic() - closed_at <= 1.0
+    # every worker is free again: as many concurrent requests as workers are served
+    workers = stream_server.wait_for_workers(2)
+    deadline = time.monotonic() + 5
+    while any(w["busy"] for w in stream_server.workers()["workers"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(w["busy"] for w in stream_server.workers()["workers"]), workers
+
+
+def test_async_generator_is_cancelled_on_disconnect(stream_server):
+    marker = tempfile.mktemp(prefix="jupyter-stream-afinally-")
+
+    async def waits(marker: str):
+        import asyncio
+
+        try:
+            yield "data: hello\n\n"
+            await asyncio.sleep(3600)
+        finally:
+            with open(marker, "w") as f:
+                f.write("closed")
+
+    endpoint = stream_server.register(waits)
+    with httpx.stream("GET", endpoint.url, params={"marker": marker}, headers=stream_server.headers, timeout=30) as r:
+        for _ in r.iter_bytes():
+            break
+    closed_at = time.monotonic()
+    while not os.path.exists(marker) and time.monotonic() - closed_at < 5:
+        time.sleep(0.02)
+    assert os.path.exists(marker) and time.monotonic() - closed_at <= 1.0
+
+
+def test_backpressure_pauses_the_generator(stream_server):
+    counter = tempfile.mktemp(prefix="jupyter-stream-count-")
+
+    def firehose(path: str):
+        chunk = b"x" * (1 << 20)
+        import os
+
+        for i in range(10_000):
+            with open(path + ".tmp", "w") as f:
+                f.write(str(i))
+            os.replace(path + ".tmp", path)  # readers never see a half-written count
+            yield chunk
+
+    endpoint = stream_server.register(firehose, media_type="application/octet-stream")
+    with httpx.stream("GET", endpoint.url, params={"path": counter}, headers=stream_server.headers, timeout=30) as r:
+        stream = r.iter_raw(1 << 16)
+        next(stream)  # read one piece, then stall
+        time.sleep(2.0)
+        produced = int(open(counter).read())
+        assert produced < 200, f"the generator ran {produced} MiB ahead of a stalled client"
+        got = 0
+        for piece in stream:  # drain: the generator resumes
+            got += len(piece)
+            if got > 300 << 20:
+                break
+    assert int(open(counter).read()) > 300
+
+
+def test_killed_worker_ends_the_stream_and_is_replaced(stream_server):
+    def forever():
+        import os
+
+        yield f"data: {os.getpid()}\n\n"
+        while True:
+            time.sleep(0.1)
+            yield "data: tick\n\n"
+
+    def quick():
+        yield "data: ok\n\n"
+
+    stream_server.register(forever)
+    stream_server.register(quick)
+    stream_server.wait_for_workers(2)
+    with httpx.stream("GET", stream_server.url + "stream/forever", headers=stream_server.headers, timeout=30) as r:
+        lines = r.iter_lines()
+        pid = int(next(lines).split("data: ")[1])
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        rest = list(lines)
+    assert time.monotonic() - killed_at <= 2.0
+    assert "event: error" in rest
+    error = json.loads(rest[rest.index("event: error") + 1].split("data: ", 1)[1])
+    assert error["type"] == "WorkerDied" and "retry" in error["message"]
+    assert stream_server.get("stream/quick").text == "data: ok\n\n"
+    workers = stream_server.wait_for_workers(2)
+    assert pid not in [w["pid"] for w in workers]
+    assert stream_server.workers()["replaced"] >= 1
+
+
+def test_reregistering_replaces_without_breaking_streams_in_flight(stream_server):
+    def versioned():
+        for i in range(6):
+            yield f"data: v1 {i}\n\n"
+            time.sleep(0.1)
+
+    stream_server.register(versioned)
+    results = {}
+
+    def consume():
+        results["old"] = stream_server.get("stream/versioned").text
+
+    t = threading.Thread(target=consume)
+    t.start()
+    time.sleep(0.2)
+
+    def versioned():  # noqa: F811 - the notebook re-runs the cell with new code
+        yield "data: v2\n\n"
+
+    reply = stream_server.register(versioned)
+    assert stream_server.get("stream/versioned").text == "data: v2\n\n"
+    t.join(10)
+    assert results["old"] == "".join(f"data: v1 {i}\n\n" for i in range(6))
+    listed = stream_server.get("api/stream/endpoints").json()["endpoints"]
+    assert reply.url in [e["url"] for e in listed]
+
+
+def test_idle_sse_stream_gets_a_heartbeat(stream_server):
+    def quiet():
+        yield "data: start\n\n"
+        time.sleep(2.5)
+        yield "data: end\n\n"
+
+    stream_server.register(quiet)
+    text = stream_server.get("stream/quiet").text
+    assert text.startswith("data: start\n\n: keep-alive\n\n") and text.endswith("data: end\n\n")
+
+
+def test_unpicklable_functions_get_a_clear_error(stream_server):
+    import pickle
+
+    lock = threading.Lock()
+
+    def uses_lock():
+        with lock:
+            yield "x"
+
+    with pytest.raises(pickle.PicklingError, match="cannot send endpoint 'uses_lock' to the worker kernels"):
+        stream_server.register(uses_lock)
+    with pytest.raises(ValueError, match="invalid endpoint name"):
+        stream_server.register(lambda: iter(()), name="not a name")

@@ -1,0 +1,135 @@
+"""The notebook side: magics in a kernel started by the server, `jupyter stream serve`,
+and the embedded server for plain scripts."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_magic_in_a_kernel_started_by_the_server(stream_server, notebook_kernel):
+    outputs, reply = notebook_kernel.execute("%load_ext jupyter_stream")
+    assert reply["status"] == "ok", notebook_kernel.text(outputs)
+    cell = textwrap.dedent(
+        '''
+        %%stream_endpoint --name greet --media-type text/event-stream
+        GREETING = "hello"
+
+        def shout(text):
+            return text.upper()
+
+        def greeter(who: str = "world", times: int = 2):
+            for i in range(times):
+                yield f"data: {shout(GREETING)} {who} {i}\\n\\n"
+        '''
+    ).lstrip()
+    outputs, reply = notebook_kernel.execute(cell)
+    text = notebook_kernel.text(outputs)
+    assert reply["status"] == "ok", text
+    url = stream_server.url + "stream/greet"
+    assert f'href="{url}"' in text and "curl --no-buffer" in text
+    outputs, _ = notebook_kernel.execute("print(greeter.url); print(type(greeter).__name__)")
+    assert notebook_kernel.text(outputs).split() == [url, "Endpoint"]
+    r = stream_server.get("stream/greet?who=jupyter&times=3")
+    assert r.text == "".join(f"data: HELLO jupyter {i}\n\n" for i in range(3))
+
+    # re-running the cell with new code replaces the endpoint
+    outputs, reply = notebook_kernel.execute(cell.replace('"hello"', '"bye"'))
+    assert reply["status"] == "ok"
+    assert stream_server.get("stream/greet?times=1").text == "data: BYE world 0\n\n"
+
+
+def test_magic_errors_are_clear(stream_server, notebook_kernel):
+    notebook_kernel.execute("%load_ext jupyter_stream")
+    outputs, reply = notebook_kernel.execute("%%stream_endpoint\nx = 1\n")
+    assert reply["status"] == "error" and "the cell defines no function" in notebook_kernel.text(outputs)
+
+    outputs, reply = notebook_kernel.execute(
+        "%%stream_endpoint\nimport threading\nLOCK = threading.Lock()\ndef locked():\n    with LOCK:\n        yield 'x'\n"
+    )
+    text = notebook_kernel.text(outputs)
+    assert reply["status"] == "error" and "PicklingError" in text and "cannot send endpoint 'locked'" in text
+
+    outputs, reply = notebook_kernel.execute("%%stream_endpoint --name 'bad name'\ndef f():\n    yield 'x'\n")
+    assert reply["status"] == "error" and "invalid endpoint name" in notebook_kernel.text(outputs)
+
+    outputs, reply = notebook_kernel.execute("%%stream_endpoint\ndef broken(:\n    pass\n")
+    assert reply["status"] == "error" and "SyntaxError" in notebook_kernel.text(outputs)
+
+
+def test_serve_quickstart_notebook(tmp_path):
+    from jupyter_stream.pytest_plugin import free_port
+
+    port, token = free_port(), "servetoken"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_stream.cli", "serve", str(REPO / "notebooks" / "quickstart.ipynb"),
+         "--port", str(port), "--token", token],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)},
+    )
+    printed = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            printed.append(line)
+            if "Press Ctrl-C to stop." in line or time.monotonic() > deadline:
+                break
+        out = "".join(printed)
+        base = f"http://127.0.0.1:{port}/stream/"
+        for name in ("stream_me", "squares", "download", "progress"):
+            assert f"curl --no-buffer -H 'Authorization: token {token}' {base}{name}" in out, out
+        headers = {"Authorization": f"token {token}"}
+        r = httpx.get(base + "squares?n=3&scale=2", headers=headers, timeout=30)
+        assert r.headers["content-type"] == "application/x-ndjson" and len(r.text.splitlines()) == 3
+        r = httpx.get(base + "download?mib=8", headers=headers, timeout=30)
+        assert len(r.content) == 8 << 20 and "attachment" in r.headers["content-disposition"]
+        events = [l for l in httpx.get(base + "stream_me", headers=headers, timeout=30).text.split("\n\n") if l]
+        assert events == [f"data: some data {i}" for i in range(10)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_script_without_a_server_starts_an_embedded_one(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(
+        '''
+        import httpx
+        import jupyter_stream
+
+        @jupyter_stream.endpoint(media_type="text/plain")
+        def count(n: int = 3):
+            for i in range(n):
+                yield f"{i}\\n"
+
+        conn = jupyter_stream.get_connection()
+        print("URL", count.url)
+        print("BODY", repr(httpx.get(count.url + "?n=4", headers={"Authorization": f"token {conn.token}"}, timeout=60).text))
+        print("PID", conn.process.pid)
+        '''
+    ))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_STREAM_")}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "started an embedded Jupyter server at http://127.0.0.1:" in done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines["URL"].startswith("http://127.0.0.1:") and lines["URL"].endswith("/stream/count")
+    assert lines["BODY"] == repr("0\n1\n2\n3\n")
+    pid = int(lines["PID"])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the embedded server outlived its script")

@@ -1,0 +1,75 @@
+"""Unit tests of the pure parts: SSE framing, chunk encoding, parameter binding."""
+
+import json
+
+import pytest
+
+from jupyter_stream import sse
+from jupyter_stream.registry import EndpointSpec, ParameterError, check_name, describe_parameters
+from jupyter_stream.responses import encoder_for
+
+
+def test_sse_frames_fields_and_multiline_data():
+    assert sse("hi") == "data: hi\n\n"
+    assert sse("a\nb", event="up", id=3, retry=100) == "event: up\nid: 3\nretry: 100\ndata: a\ndata: b\n\n"
+    assert sse({"x": 1}) == 'data: {"x":1}\n\n'
+    with pytest.raises(ValueError, match="single line"):
+        sse("x", event="a\nb")
+
+
+def test_encoder_by_media_type():
+    sse_enc = encoder_for("text/event-stream")
+    assert sse_enc("data: x\n\n") == b"data: x\n\n"
+    assert sse_enc(b"\x00raw") == b"\x00raw"
+    assert sse_enc({"a": [1, 2]}) == b'data: {"a":[1,2]}\n\n'
+    assert encoder_for("application/x-ndjson")({"a": "é"}) == '{"a":"é"}\n'.encode()
+    with pytest.raises(TypeError, match="cannot send a chunk of type object"):
+        sse_enc(object())
+
+
+def spec_for(fn):
+    return EndpointSpec("ep", "h", b"", "text/plain", json.loads(json.dumps(describe_parameters(fn))))
+
+
+def test_bind_converts_query_strings_by_annotation():
+    def f(n: int, x: float = 1.0, flag: bool = False, name: str = "a", ids: list[int] = []):
+        pass
+
+    spec = spec_for(f)
+    got = spec.bind({"n": ["5"], "x": ["2.5"], "flag": ["true"], "ids": ["1,2,3"], "token": ["secret"]}, None)
+    assert got == {"n": 5, "x": 2.5, "flag": True, "ids": [1, 2, 3]}
+    assert spec.bind({"n": ["1"], "ids": ["4", "5"]}, None)["ids"] == [4, 5]
+    assert spec.bind({}, {"n": 3, "x": 1, "name": "b"}) == {"n": 3, "x": 1.0, "name": "b"}
+
+
+@pytest.mark.parametrize(
+    "query, body, message",
+    [
+        ({"n": ["abc"]}, None, "parameter 'n' must be int, got 'abc'"),
+        ({"n": ["1"], "zz": ["1"]}, None, "unknown parameter 'zz'"),
+        ({}, None, "missing required parameter 'n'"),
+        ({}, {"n": "3"}, "parameter 'n' must be int, got str"),
+        ({}, {"n": True}, "parameter 'n' must be int"),
+        ({"n": ["1"], "flag": ["maybe"]}, None, "parameter 'flag' must be bool"),
+    ],
+)
+def test_bind_rejects_bad_parameters_by_name(query, body, message):
+    def f(n: int, flag: bool = False):
+        pass
+
+    with pytest.raises(ParameterError, match=message):
+        spec_for(f).bind(query, body)
+
+
+def test_unannotated_defaults_and_kwargs():
+    def f(a, b=2, **rest):
+        pass
+
+    spec = spec_for(f)
+    assert spec.bind({"a": ["x"], "b": ["3"], "other": ["y"]}, None) == {"a": "x", "b": 3, "other": "y"}
+
+
+@pytest.mark.parametrize("name", ["", "1abc", "a b", "a/b", "x" * 65])
+def test_bad_names(name):
+    with pytest.raises(ValueError, match="invalid endpoint name"):
+        check_name(name)
