@@ -19,6 +19,7 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from . import wire
+from .pool import WorkerError
 from .registry import EndpointSpec, ParameterError, check_name
 from .responses import SSE
 
@@ -91,7 +92,10 @@ class EndpointHandler(StreamHandlerBase):
 
     async def relay(self, spec: EndpointSpec, kwargs: dict[str, Any], stats: Any) -> None:
         """Start the call on a worker and copy its output to the client as it arrives."""
-        worker = await self.stream.pool.acquire()
+        try:
+            worker = await self.stream.pool.acquire()
+        except WorkerError as e:
+            raise web.HTTPError(503, f"no worker kernel is available: {e}") from None
         call = self.call = worker.call(spec.fn_hash, spec.fn_blob, mode="http", media_type=spec.media_type, kwargs=kwargs)
         if self.closed:  # the client left while we waited for a worker
             call.cancel()

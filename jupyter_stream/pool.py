@@ -148,28 +148,40 @@ class WorkerKernel:
             )
         self._ready = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read_iopub())
+        self._channel = self.kc.shell_channel
         self.kc.shell_channel.send(
             self.kc.session.msg("comm_open", {"comm_id": self.comm_id, "target_name": wire.COMM_TARGET, "data": {}})
         )
         ready = await asyncio.wait_for(self._ready, timeout)
         self.pid = ready.get("pid")
+        if ready.get("control"):  # the worker takes our messages on the faster control channel
+            self._channel = self.kc.control_channel
         self.alive = True
 
     async def _read_iopub(self) -> None:
-        get_msg = self.kc.iopub_channel.get_msg
+        """Route the worker's IOPub messages: call output to its `RemoteCall`, prints to the log.
+        Reads the socket directly and parses content only for the messages we use (every
+        message the kernel handles also produces two status messages)."""
+        socket = self.kc.iopub_channel.socket
+        session = self.kc.session
         while True:
             try:
-                msg = await get_msg()
+                frames = await socket.recv_multipart(copy=False)
+                _, frames = session.feed_identities(frames, copy=False)
+                msg = session.deserialize(frames, content=False, copy=False)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a closed socket when the kernel goes away
-                if not self.alive:
+            except Exception:  # a closed socket when the kernel goes away, or a bad signature
+                if not self.alive and self._ready is not None and self._ready.done():
                     return
                 log.debug("%s: error reading IOPub", self.name, exc_info=True)
+                await asyncio.sleep(0)
                 continue
             msg_type = msg["header"]["msg_type"]
+            if msg_type == "status":
+                continue
+            content = session.unpack(msg["content"])
             if msg_type == "comm_msg":
-                content = msg["content"]
                 if content.get("comm_id") != self.comm_id:
                     continue
                 data = content["data"]
@@ -177,22 +189,22 @@ class WorkerKernel:
                 if op == "out":
                     call = self.calls.get(data["id"])
                     if call is not None:
-                        buffers = msg.get("buffers")
-                        call.feed(data, bytes(buffers[0]) if buffers else None)
+                        buffers = msg["buffers"]
+                        call.feed(data, buffers[0].tobytes() if buffers else None)
                 elif op == "ready" and self._ready is not None and not self._ready.done():
                     self._ready.set_result(data)
             elif msg_type == "stream":
-                text = msg["content"].get("text", "").rstrip("\n")
+                text = content.get("text", "").rstrip("\n")
                 if text:
-                    log.info("[%s %s] %s", self.name, msg["content"].get("name"), text)
+                    log.info("[%s %s] %s", self.name, content.get("name"), text)
             elif msg_type == "error":
-                log.warning("[%s] %s: %s", self.name, msg["content"].get("ename"), msg["content"].get("evalue"))
+                log.warning("[%s] %s: %s", self.name, content.get("ename"), content.get("evalue"))
 
     def send(self, data: dict[str, Any], buffers: list[bytes] | None = None) -> None:
         msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
         if buffers:
             msg["buffers"] = buffers
-        self.kc.shell_channel.send(msg)
+        self._channel.send(msg)
 
     def call(self, fn_hash: str, fn_blob: bytes, **params: Any) -> RemoteCall:
         """Start a call of the function `fn_hash`; send its pickle only if this worker lacks it."""
@@ -330,6 +342,7 @@ class WorkerPool:
         try:
             await worker.start(self._env_for(index), self.cwd, self.startup_timeout)
         except Exception as exc:
+            exc = WorkerError(f"{type(exc).__name__}: {exc}") if not str(exc) else exc
             log.error("jupyter_stream: could not start %s: %s", worker.name, exc)
             await worker.shutdown(now=True)
             if not any(w.alive for w in self.workers):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import queue
 import sys
 import threading
 from typing import Any
@@ -50,18 +51,26 @@ class Call:
         self.task: asyncio.Task | None = None
 
     def put(self, data: bytes) -> None:
-        """Queue output bytes for the sender; block while the client is a window behind."""
-        with self.worker.lock:
+        """Queue output bytes for the sender; block while the client is a window behind.
+        The first output of a call is sent right here, saving a thread hop on the time to
+        first byte."""
+        worker = self.worker
+        with worker.lock:
             while self.unacked + self.pending_bytes >= self.window and not self.cancelled:
                 self.can_put.wait()
             if self.cancelled:
                 raise CallCancelled()
             self.pending.append(data)
             self.pending_bytes += len(data)
-            if not self.dirty:
-                self.dirty = True
-                self.worker.dirty.append(self)
-                self.worker.has_output.notify()
+            if self.dirty:
+                return
+            self.dirty = True
+            if self.start is None:
+                worker.dirty.append(self)
+                worker.has_output.notify()
+                return
+            message = worker.take_output(self)  # first output: send it ourselves
+        worker.send(*message)
 
     def finish(self, error: dict[str, Any] | None = None) -> None:
         """Mark the call as ended; the sender ships the end (and error) with the last bytes."""
@@ -74,6 +83,34 @@ class Call:
                 self.worker.has_output.notify()
 
 
+class CallThreads:
+    """Threads that run calls, kept alive between calls: each call gets a thread of its own
+    (it may block for as long as it streams), without paying a thread start per call."""
+
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.idle = 0
+        self.lock = threading.Lock()
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        with self.lock:
+            spawn = self.idle == 0
+            if not spawn:
+                self.idle -= 1
+        if spawn:
+            threading.Thread(target=self.run, args=((fn, args),), name="jupyter-stream-call", daemon=True).start()
+        else:
+            self.tasks.put((fn, args))
+
+    def run(self, task: Any) -> None:
+        while True:
+            fn, args = task
+            fn(*args)
+            with self.lock:
+                self.idle += 1
+            task = self.tasks.get()
+
+
 class Worker:
     """Owns the comm to the server, the function cache and the running calls."""
 
@@ -84,16 +121,26 @@ class Worker:
         self.lock = threading.Lock()
         self.has_output = threading.Condition(self.lock)
         self.dirty: list[Call] = []
+        self.threads = CallThreads()
         from IPython import get_ipython
 
         self.kernel = get_ipython().kernel
         self.session = self.kernel.session
         self.topic = f"comm-{comm.comm_id}".encode()
         comm.on_msg(self.on_msg)
+        # Also take this comm's messages on the control channel: ipykernel handles those on
+        # its control thread, skipping the shell thread -> main thread hop (lower latency).
+        handlers = getattr(self.kernel, "control_handlers", None)
+        if isinstance(handlers, dict):
+            handlers["comm_msg"] = self.on_control_msg
         threading.Thread(target=self.send_loop, name="jupyter-stream-sender", daemon=True).start()
-        self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0]})
+        self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0], "control": isinstance(handlers, dict)})
 
     # -- messages from the server (kernel main thread) -------------------------------
+
+    def on_control_msg(self, stream: Any, ident: Any, msg: dict[str, Any]) -> None:
+        if msg["content"].get("comm_id") == self.comm.comm_id:
+            self.on_msg(msg)
 
     def on_msg(self, msg: dict[str, Any]) -> None:
         data = msg["content"]["data"]
@@ -112,9 +159,7 @@ class Worker:
     def start_call(self, data: dict[str, Any], buffers: list) -> None:
         call = Call(self, data["id"], data.get("window", wire.DEFAULT_WINDOW))
         self.calls[call.id] = call
-        threading.Thread(
-            target=self.run_call, args=(call, data, buffers), name=f"jupyter-stream-call-{call.id}", daemon=True
-        ).start()
+        self.threads.submit(self.run_call, call, data, buffers)
 
     def cancel(self, call_id: str) -> None:
         call = self.calls.get(call_id)
@@ -203,24 +248,26 @@ class Worker:
                 while not self.dirty:
                     self.has_output.wait()
                 batch, self.dirty = self.dirty, []
-                messages = []
-                for call in batch:
-                    call.dirty = False
-                    body = b"".join(call.pending) if len(call.pending) != 1 else call.pending[0]
-                    call.pending.clear()
-                    call.unacked += call.pending_bytes
-                    call.pending_bytes = 0
-                    out: dict[str, Any] = {"op": "out", "id": call.id}
-                    if call.start is not None:
-                        out["start"], call.start = call.start, None
-                    if call.done:
-                        out["end"] = True
-                        if call.error is not None:
-                            out["error"] = call.error
-                        self.calls.pop(call.id, None)
-                    messages.append((out, body))
-            for out, body in messages:
-                self.send(out, [body])
+                messages = [self.take_output(call) for call in batch]
+            for out, buffers in messages:
+                self.send(out, buffers)
+
+    def take_output(self, call: Call) -> tuple[dict[str, Any], list[bytes]]:
+        """The next message for `call`: its pending bytes joined, and its start/end. Holds the lock."""
+        call.dirty = False
+        body = b"".join(call.pending) if len(call.pending) != 1 else call.pending[0]
+        call.pending.clear()
+        call.unacked += call.pending_bytes
+        call.pending_bytes = 0
+        out: dict[str, Any] = {"op": "out", "id": call.id}
+        if call.start is not None:
+            out["start"], call.start = call.start, None
+        if call.done:
+            out["end"] = True
+            if call.error is not None:
+                out["error"] = call.error
+            self.calls.pop(call.id, None)
+        return out, [body]
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
         self.session.send(
