@@ -45,6 +45,7 @@ class JupyterStream(ExtensionApp):
         config=True,
         help="jupyter_client kernel manager for workers (e.g. a gateway or provisioner-backed one).",
     )
+    worker_transport = Unicode("ipc", config=True, help="ZMQ transport to local worker kernels: 'ipc' (unix sockets, faster) or 'tcp'.")
     worker_cwd = Unicode("", config=True, help="Working directory of worker kernels (default: the server's root_dir).")
     sse_heartbeat_interval = Float(15.0, config=True, help="Seconds of silence after which an SSE stream gets a comment heartbeat.")
     max_request_body = Int(10 * 1024 * 1024, config=True, help="Largest request body an endpoint accepts, in bytes (413 above).")
@@ -67,6 +68,7 @@ class JupyterStream(ExtensionApp):
             poll_interval=self.worker_poll_interval,
             cwd=self.worker_cwd or None,
             kernel_manager_class=self.kernel_manager_class,
+            transport=self.worker_transport,
         )
         self.settings["jupyter_stream"] = self
 

@@ -117,10 +117,14 @@ class EndpointHandler(StreamHandlerBase):
                     started = True
                 if call.chunks:
                     data = call.take()
-                    self.write(data)
-                    await self.flush()
-                    stats.bytes_sent += len(data)
-                    call.consumed(len(data))
+                    if self._headers_written:
+                        # straight to the connection: no copy into the handler's buffer
+                        await self.request.connection.write(data)
+                    else:
+                        self.write(data.tobytes())
+                        await self.flush()
+                    stats.bytes_sent += data.nbytes
+                    call.consumed(data.nbytes)
                     continue
                 if call.ended:
                     break

@@ -39,7 +39,7 @@ class RemoteCall:
         self.id = call_id
         self.window = window
         self.start: dict[str, Any] | None = None
-        self.chunks: collections.deque[bytes] = collections.deque()
+        self.chunks: collections.deque[memoryview] = collections.deque()
         self.error: dict[str, Any] | None = None
         self.ended = False
         self.cancelled = False
@@ -47,11 +47,12 @@ class RemoteCall:
         self._unacked = 0
 
     # called by the worker's IOPub reader
-    def feed(self, data: dict[str, Any], body: bytes | None) -> None:
+    def feed(self, data: dict[str, Any], buffers: list[memoryview]) -> None:
         if "start" in data:
             self.start = data["start"]
-        if body:
-            self.chunks.append(body)
+        for buffer in buffers:
+            if buffer.nbytes:
+                self.chunks.append(buffer)
         if data.get("end"):
             self.error = data.get("error")
             self._end()
@@ -85,13 +86,9 @@ class RemoteCall:
         finally:
             self._wakeup = None
 
-    def take(self) -> bytes:
-        """Everything received so far, joined."""
-        if len(self.chunks) == 1:
-            return self.chunks.popleft()
-        data = b"".join(self.chunks)
-        self.chunks.clear()
-        return data
+    def take(self) -> memoryview:
+        """The oldest buffer of output received (a view of the IOPub frame, not a copy)."""
+        return self.chunks.popleft()
 
     def consumed(self, nbytes: int) -> None:
         """The client has taken `nbytes`: return credit to the worker in large steps."""
@@ -189,8 +186,7 @@ class WorkerKernel:
                 if op == "out":
                     call = self.calls.get(data["id"])
                     if call is not None:
-                        buffers = msg["buffers"]
-                        call.feed(data, buffers[0].tobytes() if buffers else None)
+                        call.feed(data, msg["buffers"])
                 elif op == "ready" and self._ready is not None and not self._ready.done():
                     self._ready.set_result(data)
             elif msg_type == "stream":
@@ -259,6 +255,7 @@ class WorkerPool:
         poll_interval: float = 0.5,
         cwd: str | None = None,
         kernel_manager_class: type[AsyncKernelManager] = AsyncKernelManager,
+        transport: str = "tcp",
         worker_env: Callable[[int], dict[str, str]] | None = None,
     ):
         self.kernel_name = kernel_name
@@ -269,6 +266,7 @@ class WorkerPool:
         self.poll_interval = poll_interval
         self.cwd = cwd
         self.kernel_manager_class = kernel_manager_class
+        self.transport = transport
         self.worker_env = worker_env
         self.workers: list[WorkerKernel] = []
         self.starting = 0
@@ -335,9 +333,18 @@ class WorkerPool:
             env.update(self.worker_env(index))
         return env
 
+    def _kernel_manager(self, index: int) -> AsyncKernelManager:
+        if self.transport != "ipc":
+            return self.kernel_manager_class(kernel_name=self.kernel_name)
+        # unix sockets in the runtime dir: faster than loopback TCP for local kernels
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        prefix = os.path.join(jupyter_runtime_dir(), f"jupyter-stream-{os.getpid()}-{index}")
+        return self.kernel_manager_class(kernel_name=self.kernel_name, transport="ipc", ip=prefix)
+
     async def _start_worker(self) -> WorkerKernel | None:
         index = next(self._counter)
-        worker = WorkerKernel(self, index, self.kernel_manager_class(kernel_name=self.kernel_name))
+        worker = WorkerKernel(self, index, self._kernel_manager(index))
         self.starting += 1
         try:
             await worker.start(self._env_for(index), self.cwd, self.startup_timeout)

@@ -26,6 +26,27 @@ from .responses import StreamingResponse, encoder_for
 _worker: "Worker | None" = None
 
 
+#: Chunks this large travel as buffers of their own instead of being copied into a join.
+LARGE_CHUNK = 64 * 1024
+
+
+def pack(chunks: list[bytes]) -> list[bytes]:
+    """Join runs of small chunks into one buffer each; keep large chunks as they are."""
+    buffers: list[bytes] = []
+    small: list[bytes] = []
+    for chunk in chunks:
+        if len(chunk) >= LARGE_CHUNK:
+            if small:
+                buffers.append(b"".join(small))
+                small = []
+            buffers.append(chunk)
+        else:
+            small.append(chunk)
+    if small:
+        buffers.append(b"".join(small))
+    return buffers
+
+
 class CallCancelled(BaseException):
     """Raised inside a call's thread when the server cancels it (a BaseException, so a
     user's ``except Exception`` does not swallow it)."""
@@ -41,6 +62,7 @@ class Call:
         self.can_put = threading.Condition(worker.lock)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
+        self.has_large = False
         self.unacked = 0
         self.dirty = False
         self.start: dict[str, Any] | None = None
@@ -62,6 +84,8 @@ class Call:
                 raise CallCancelled()
             self.pending.append(data)
             self.pending_bytes += len(data)
+            if len(data) >= LARGE_CHUNK:
+                self.has_large = True
             if self.dirty:
                 return
             self.dirty = True
@@ -255,8 +279,9 @@ class Worker:
     def take_output(self, call: Call) -> tuple[dict[str, Any], list[bytes]]:
         """The next message for `call`: its pending bytes joined, and its start/end. Holds the lock."""
         call.dirty = False
-        body = b"".join(call.pending) if len(call.pending) != 1 else call.pending[0]
+        buffers = pack(call.pending) if call.has_large else [b"".join(call.pending)]
         call.pending.clear()
+        call.has_large = False
         call.unacked += call.pending_bytes
         call.pending_bytes = 0
         out: dict[str, Any] = {"op": "out", "id": call.id}
@@ -267,7 +292,7 @@ class Worker:
             if call.error is not None:
                 out["error"] = call.error
             self.calls.pop(call.id, None)
-        return out, [body]
+        return out, buffers
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
         self.session.send(
