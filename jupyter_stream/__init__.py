@@ -18,10 +18,15 @@ from typing import Any
 
 from .client import ServerConnection, connect, get_connection
 from .endpoint import Endpoint, endpoint
+from .errors import FunctionTimeoutError, RemoteError, WorkerDied
+from .functions import Function, FunctionCall, function
 from .responses import StreamingResponse, sse
 
 __version__ = "0.1.0"
-__all__ = ["Endpoint", "ServerConnection", "StreamingResponse", "connect", "endpoint", "get_connection", "sse", "serve_forever"]
+__all__ = [
+    "Endpoint", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "ServerConnection",
+    "StreamingResponse", "WorkerDied", "connect", "endpoint", "function", "get_connection", "serve_forever", "sse",
+]
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
@@ -31,7 +36,7 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext jupyter_stream``: the ``%%stream_endpoint`` magic."""
+    """``%load_ext jupyter_stream``: the ``%%stream_endpoint`` and ``%%stream_function`` magics."""
     from .magics import load_ipython_extension as load
 
     load(ipython)

@@ -22,6 +22,7 @@ from traitlets import Bool, Float, Int, List, Type, Unicode, default
 from . import handlers
 from .pool import WorkerPool
 from .registry import EndpointRegistry, EndpointSpec
+from .scheduler import FunctionSpec
 
 #: Environment variables through which kernels started by this server find it.
 URL_ENV = "JUPYTER_STREAM_URL"
@@ -59,6 +60,7 @@ class JupyterStream(ExtensionApp):
 
     def initialize_settings(self) -> None:
         self.registry = EndpointRegistry()
+        self.functions: dict[str, FunctionSpec] = {}
         self.pool = WorkerPool(
             kernel_name=self.kernel_name,
             min_workers=self.min_workers,
@@ -115,6 +117,16 @@ class JupyterStream(ExtensionApp):
 
     def endpoint_url(self, name: str) -> str:
         return f"{self.server_url}stream/{name}"
+
+    def function_info(self, spec: FunctionSpec) -> dict[str, Any]:
+        return {
+            "name": spec.name,
+            "generator": spec.is_generator,
+            "retries": spec.retries,
+            "timeout": spec.timeout,
+            "doc": spec.doc,
+            "stats": dict(spec.stats),
+        }
 
     def endpoint_info(self, spec: EndpointSpec) -> dict[str, Any]:
         stats = self.registry.stats.get(spec.name)

@@ -14,13 +14,17 @@ import json
 import time
 from typing import Any
 
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.auth.decorator import ws_authenticated
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
 from tornado import web
 from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from . import wire
 from .pool import WorkerError
 from .registry import EndpointSpec, ParameterError, check_name
+from .scheduler import ClientSession, FunctionSpec
 from .responses import SSE
 
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
@@ -220,6 +224,69 @@ class EndpointInfoHandler(StreamHandlerBase):
         self.finish()
 
 
+class FunctionsHandler(StreamHandlerBase):
+    """``GET|POST {base_url}api/stream/functions``: list functions, or register one."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.finish(json.dumps({"functions": [self.stream.function_info(f) for f in self.stream.functions.values()]}))
+
+    @web.authenticated
+    def post(self) -> None:
+        try:
+            body = json.loads(self.request.body)
+            name = check_name(body["name"])
+            blob = base64.b64decode(body["function"])
+            timeout = body.get("timeout")
+            spec = FunctionSpec(
+                name=name,
+                fn_hash=wire.content_hash(blob),
+                fn_blob=blob,
+                is_generator=bool(body.get("generator")),
+                retries=int(body.get("retries") or 0),
+                timeout=float(timeout) if timeout else None,
+                doc=body.get("doc") or "",
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise web.HTTPError(400, f"bad registration: {e}") from None
+        replaced = name in self.stream.functions
+        self.stream.functions[name] = spec
+        self.log.info("jupyter_stream: %s function %s", "replaced" if replaced else "registered", name)
+        self.set_status(200 if replaced else 201)
+        self.finish(json.dumps({**self.stream.function_info(spec), "replaced": replaced}))
+
+
+class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
+    """``WS {base_url}api/stream/calls``: one client's remote calls and maps, multiplexed
+    (frames described in `wire`). Only authenticated callers may send pickled code."""
+
+    @ws_authenticated
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        state = self.settings["jupyter_stream"]
+        self.session = ClientSession(state.pool, state.functions, self.send_frame)
+        await super().get(*args, **kwargs)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        self.set_nodelay(True)  # small frames (a .remote() result) must not wait for Nagle
+
+    def send_frame(self, frame: bytes) -> None:
+        try:
+            self.write_message(frame, binary=True)
+        except WebSocketClosedError:
+            self.session.close()
+
+    def on_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            self.close(1003, "binary frames only")
+            return
+        header, payload = wire.decode_frame(message)
+        self.session.on_frame(header, payload)
+
+    def on_close(self) -> None:
+        if getattr(self, "session", None) is not None:
+            self.session.close()
+
+
 class WorkersHandler(StreamHandlerBase):
     """``GET {base_url}api/stream/workers``: the pool and its kernels."""
 
@@ -235,4 +302,6 @@ def default_handlers() -> list[tuple[str, type]]:
         (r"/api/stream/endpoints/?", EndpointsHandler),
         (rf"/api/stream/endpoints/{name}/?", EndpointInfoHandler),
         (r"/api/stream/workers/?", WorkersHandler),
+        (r"/api/stream/functions/?", FunctionsHandler),
+        (r"/api/stream/calls", CallsHandler),
     ]

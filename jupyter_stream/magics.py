@@ -1,8 +1,9 @@
-"""The notebook's cell magics, thin wrappers over `register_endpoint`.
+"""The notebook's cell magics, thin wrappers over `register_endpoint` and `register_function`.
 
 ``%%stream_endpoint [--name NAME] [--media-type TYPE]`` runs the cell in the notebook,
 takes the last function it defines, registers it, and binds that name to the `Endpoint`
-handle, which is also the cell's output.
+handle, which is also the cell's output. ``%%stream_function [--name NAME] [--retries N]
+[--timeout S]`` does the same with a `Function` handle.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from IPython.core.magic import Magics, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from .endpoint import register_endpoint
+from .functions import register_function
 
 
 def defined_function_name(cell: str, magic: str) -> str:
@@ -61,6 +63,22 @@ class StreamMagics(Magics):
             raise UsageError(f"%%stream_endpoint: {e}") from None
         self.shell.user_ns[fn.__name__] = handle
         return handle
+
+    @magic_arguments()
+    @argument("--name", default=None, help="Name of the function on the server (default: its own name).")
+    @argument("--retries", type=int, default=0, help="Times an input that raised is run again.")
+    @argument("--timeout", type=float, default=None, help="Seconds one attempt may run.")
+    @cell_magic
+    def stream_function(self, line: str, cell: str) -> Any:
+        """Run the function this cell defines on worker kernels: .remote(), .map(), ..."""
+        args = parse_argstring(self.stream_function, line)
+        fn = self._run_and_get_function(cell, "stream_function")
+        try:
+            handle = register_function(fn, args.name, args.retries, args.timeout)
+        except ValueError as e:
+            raise UsageError(f"%%stream_function: {e}") from None
+        self.shell.user_ns[fn.__name__] = handle
+        return None
 
 
 def load_ipython_extension(ipython: Any) -> None:

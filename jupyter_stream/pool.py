@@ -45,9 +45,17 @@ class RemoteCall:
         self.cancelled = False
         self._wakeup: asyncio.Future | None = None
         self._unacked = 0
+        #: set by the scheduler to take output as it arrives instead of through `wait`/`take`
+        self.on_output: Callable[[dict[str, Any], list[memoryview]], None] | None = None
 
     # called by the worker's IOPub reader
     def feed(self, data: dict[str, Any], buffers: list[memoryview]) -> None:
+        if self.on_output is not None:
+            if data.get("end"):
+                self.error = data.get("error")
+                self._end()
+            self.on_output(data, buffers)
+            return
         if "start" in data:
             self.start = data["start"]
         for buffer in buffers:
@@ -61,6 +69,9 @@ class RemoteCall:
     def fail(self, error: dict[str, Any]) -> None:
         """End the call from the server side (its worker died)."""
         if not self.ended:
+            if self.on_output is not None:
+                self.feed({"end": True, "error": error}, [])
+                return
             self.error = error
             self._end()
             self._wake()
@@ -202,12 +213,12 @@ class WorkerKernel:
             msg["buffers"] = buffers
         self._channel.send(msg)
 
-    def call(self, fn_hash: str, fn_blob: bytes, **params: Any) -> RemoteCall:
+    def call(self, fn_hash: str, fn_blob: bytes, extra_buffers: list[bytes] = (), **params: Any) -> RemoteCall:
         """Start a call of the function `fn_hash`; send its pickle only if this worker lacks it."""
         call = RemoteCall(self, uuid.uuid4().hex[:16], params.setdefault("window", wire.DEFAULT_WINDOW))
         self.calls[call.id] = call
         send_fn = fn_hash not in self.functions
-        buffers = [fn_blob] if send_fn else []
+        buffers = ([fn_blob] if send_fn else []) + list(extra_buffers)
         self.send({"op": "call", "id": call.id, "fn": fn_hash, "send_fn": send_fn, **params}, buffers)
         self.functions.add(fn_hash)
         return call
@@ -222,6 +233,13 @@ class WorkerKernel:
         error = wire.worker_died_payload(reason)
         for call in list(self.calls.values()):
             call.fail(error)
+
+    def retire(self) -> None:
+        """Stop this kernel (a call timed out and its thread may be stuck); the pool's
+        watcher then fails what it still runs and starts a replacement."""
+        if self.alive:
+            log.warning("jupyter_stream: %s (pid %s) ran a call past its timeout; restarting it", self.name, self.pid)
+            asyncio.ensure_future(self.km.shutdown_kernel(now=True))
 
     async def is_alive(self) -> bool:
         return await self.km.is_alive()

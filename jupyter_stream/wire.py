@@ -22,14 +22,39 @@ Worker -> server:
 ``out``     output of call ``id``: buffer 0 holds zero or more bytes (many chunks joined);
             optional ``start`` (``status``, ``headers``, ``media_type``) comes with the
             first message, ``end`` is true on the last one, and ``error`` (a dict from
-            `error_payload`) ends the call with a failure.
+            `error_payload`) ends the call with a failure. For ``values`` and ``map`` calls
+            the buffer holds pickled objects back to back and ``sizes`` gives their
+            lengths; a map lane adds ``items``, one ``[index, ok]`` per object (a failed
+            item's object is its pickled `error_payload`). ``fatal`` means the call timed
+            out and its thread may be stuck: the server replaces the kernel.
+
+Map calls (``mode: "map"``) open a lane on a worker; the server feeds it with
+
+``batch``   items for lane ``id``: ``indices`` and ``sizes`` of pickled argument tuples
+            joined in buffer 0.
+``close``   no more items: the lane ends once it has run what it has.
+
+Between clients (notebook kernels, scripts, workers) and the server, calls of
+``%%stream_function`` functions travel over one WebSocket per client as binary frames
+made by `encode_frame`: a JSON header and a payload. Client -> server ops: ``call``
+(``fn``, ``kind`` "remote" or "map", a pickled ``(args, kwargs)`` payload for remote
+calls, pickled common kwargs for maps), ``items`` (map inputs: ``indices``, ``sizes``),
+``inputs_done``, ``ack`` (``bytes`` of a generator's output consumed), ``cancel``.
+Server -> client ops: ``out`` (as above, with ``items`` for maps; ``end`` and ``error``
+end the call) and ``credit`` (``n`` more map inputs may be sent).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import pickle
+import struct
 import traceback
 from typing import Any
+
+import cloudpickle
 
 COMM_TARGET = "jupyter_stream.worker"
 
@@ -45,14 +70,68 @@ def content_hash(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
-def error_payload(exc: BaseException) -> dict[str, Any]:
-    """Describe an exception for the other side: type, message and the formatted traceback."""
-    return {
+def dumps(obj: Any) -> bytes:
+    """Pickle a value for the other side: plain pickle when it can, cloudpickle for what
+    only cloudpickle can (functions and classes defined in a notebook, lambdas)."""
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        return cloudpickle.dumps(obj, protocol=5)
+
+
+def _user_frames(tb: Any) -> Any:
+    """Skip the leading frames that belong to jupyter_stream itself."""
+    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("jupyter_stream."):
+        tb = tb.tb_next
+    return tb
+
+
+def error_payload(exc: BaseException, pickled: bool = False) -> dict[str, Any]:
+    """Describe an exception for the other side: type, message and the worker's traceback,
+    and (for remote calls) the pickled exception so the caller can raise the same type."""
+    tb = _user_frames(exc.__traceback__)
+    payload = {
         "type": type(exc).__name__,
         "module": type(exc).__module__,
         "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
     }
+    if pickled:
+        try:
+            payload["pickle"] = base64.b64encode(cloudpickle.dumps(exc.with_traceback(None))).decode()
+        except Exception:
+            pass  # the caller gets a RemoteError naming the type instead
+    return payload
+
+
+def timeout_payload() -> dict[str, Any]:
+    return {
+        "type": "FunctionTimeoutError",
+        "module": "jupyter_stream",
+        "message": "the call ran past its timeout; raise `timeout` if it needs longer",
+        "traceback": "",
+    }
+
+
+def encode_frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
+    """One WebSocket message: 4-byte header length, JSON header, payload."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join((struct.pack("!I", len(head)), head, payload))
+
+
+def decode_frame(message: bytes) -> tuple[dict[str, Any], memoryview]:
+    (length,) = struct.unpack_from("!I", message)
+    view = memoryview(message)
+    return json.loads(view[4 : 4 + length].tobytes()), view[4 + length :]
+
+
+def split(payload: memoryview, sizes: list[int]) -> list[memoryview]:
+    """Cut back-to-back pickles (or any blobs) apart by their sizes."""
+    out, offset = [], 0
+    for size in sizes:
+        out.append(payload[offset : offset + size])
+        offset += size
+    return out
 
 
 def worker_died_payload(reason: str) -> dict[str, Any]:

@@ -11,11 +11,14 @@ from running more than its credit window ahead of the HTTP client (backpressure)
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import os
+import pickle
 import queue
 import sys
 import threading
+import time
 from typing import Any
 
 import cloudpickle
@@ -71,8 +74,17 @@ class Call:
         self.cancelled = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task | None = None
+        self.framed = False  # values: each put() is one pickled object; sizes are sent along
+        self.meta: list[list] = []  # map lanes: [index, ok] for each pickled result
+        self.fatal = False  # the call timed out: its thread may be stuck, restart the kernel
+        # map lanes only: batches of (index, pickled args) waiting to run
+        self.batches: collections.deque = collections.deque()
+        self.has_batch = threading.Condition(worker.lock)
+        self.closed = False
+        self.deadline: float | None = None
+        self.running_index: int | None = None
 
-    def put(self, data: bytes) -> None:
+    def put(self, data: bytes, meta: list | None = None) -> None:
         """Queue output bytes for the sender; block while the client is a window behind.
         The first output of a call is sent right here, saving a thread hop on the time to
         first byte."""
@@ -80,9 +92,11 @@ class Call:
         with worker.lock:
             while self.unacked + self.pending_bytes >= self.window and not self.cancelled:
                 self.can_put.wait()
-            if self.cancelled:
+            if self.cancelled or self.done:
                 raise CallCancelled()
             self.pending.append(data)
+            if meta is not None:
+                self.meta.append(meta)
             self.pending_bytes += len(data)
             if len(data) >= LARGE_CHUNK:
                 self.has_large = True
@@ -99,6 +113,8 @@ class Call:
     def finish(self, error: dict[str, Any] | None = None) -> None:
         """Mark the call as ended; the sender ships the end (and error) with the last bytes."""
         with self.worker.lock:
+            if self.done:
+                return
             self.done = True
             self.error = error
             if not self.dirty:
@@ -146,6 +162,8 @@ class Worker:
         self.has_output = threading.Condition(self.lock)
         self.dirty: list[Call] = []
         self.threads = CallThreads()
+        self.watched: set[Call] = set()
+        self.watchdog: threading.Thread | None = None
         from IPython import get_ipython
 
         self.kernel = get_ipython().kernel
@@ -177,6 +195,14 @@ class Worker:
                     call.can_put.notify()
         elif op == "call":
             self.start_call(data, msg.get("buffers") or [])
+        elif op == "batch":
+            self.add_batch(data, msg["buffers"][0])
+        elif op == "close":
+            call = self.calls.get(data["id"])
+            if call is not None:
+                with self.lock:
+                    call.closed = True
+                    call.has_batch.notify()
         elif op == "cancel":
             self.cancel(data["id"])
 
@@ -185,13 +211,28 @@ class Worker:
         self.calls[call.id] = call
         self.threads.submit(self.run_call, call, data, buffers)
 
+    def add_batch(self, data: dict[str, Any], payload: Any) -> None:
+        """More map items for a lane: (index, pickled args) pairs cut from one buffer."""
+        call = self.calls.get(data["id"])
+        if call is None:
+            return
+        view, items, offset = memoryview(payload), [], 0
+        for index, size in zip(data["indices"], data["sizes"]):
+            items.append((index, view[offset : offset + size]))
+            offset += size
+        with self.lock:
+            call.batches.extend(items)
+            call.has_batch.notify()
+
     def cancel(self, call_id: str) -> None:
         call = self.calls.get(call_id)
         if call is None:
             return
         with self.lock:
             call.cancelled = True
+            call.batches.clear()
             call.can_put.notify_all()
+            call.has_batch.notify_all()
         if call.loop is not None and call.task is not None:
             call.loop.call_soon_threadsafe(call.task.cancel)
 
@@ -199,20 +240,97 @@ class Worker:
 
     def run_call(self, call: Call, data: dict[str, Any], buffers: list) -> None:
         error = None
+        mode = data.get("mode", "http")
         try:
             fn = self.function(data["fn"], buffers[0] if data.get("send_fn") else None)
             args, kwargs = (), dict(data.get("kwargs") or {})
             if data.get("pickled_args"):
                 args, more = cloudpickle.loads(buffers[-1])
                 kwargs.update(more)
+            if mode == "map":
+                self.run_lane(call, fn, kwargs, data.get("timeout"))
+                return
+            if data.get("timeout"):
+                call.deadline = time.monotonic() + data["timeout"]
+                self.watch(call)
             result = fn(*args, **kwargs)
-            self.stream_http(call, result, data.get("media_type"))
+            if inspect.isawaitable(result):  # an async def function
+                asyncio.run(self.await_then_emit(call, result, mode, data.get("media_type")))
+            else:
+                pending = self.emit(call, result, mode, data.get("media_type"))
+                if pending is not None:
+                    asyncio.run(pending)
         except CallCancelled:
             pass
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-            error = wire.error_payload(exc)
+            error = wire.error_payload(exc, pickled=mode != "http")
         finally:
             call.finish(error)
+
+    def run_lane(self, call: Call, fn: Any, kwargs: dict[str, Any], timeout: float | None) -> None:
+        """A map lane: run the items the server sends, one after another, until closed."""
+        call.framed = True
+        call.start = {}
+        loads, dumps = pickle.loads, wire.dumps
+        lock, batches = self.lock, call.batches
+        if timeout:
+            self.watch(call)
+        while True:
+            with lock:
+                while not batches and not call.closed and not call.cancelled:
+                    call.has_batch.wait()
+                if call.cancelled or (call.closed and not batches):
+                    return
+                index, blob = batches.popleft()
+                if timeout:
+                    call.running_index = index
+                    call.deadline = time.monotonic() + timeout
+            try:
+                result, ok = dumps(fn(*loads(blob), **kwargs)), True
+            except CallCancelled:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the item fails, the lane goes on
+                result, ok = dumps(wire.error_payload(exc, pickled=True)), False
+            if timeout:
+                with lock:
+                    call.deadline = None
+                    if call.running_index != index:  # the watchdog already failed this item
+                        continue
+            call.put(result, [index, ok])
+
+    # -- timeouts (watchdog thread) ---------------------------------------------------
+
+    def watch(self, call: Call) -> None:
+        with self.lock:
+            self.watched.add(call)
+            if self.watchdog is None:
+                self.watchdog = threading.Thread(target=self.watch_loop, name="jupyter-stream-watchdog", daemon=True)
+                self.watchdog.start()
+
+    def watch_loop(self) -> None:
+        """Fail calls (or map items) that run past their timeout. Their thread cannot be
+        stopped from outside, so the call is marked fatal and the server replaces this kernel."""
+        while True:
+            time.sleep(0.02)
+            now = time.monotonic()
+            expired = []
+            with self.lock:
+                for call in list(self.watched):
+                    if call.done:
+                        self.watched.discard(call)
+                    elif call.deadline is not None and now > call.deadline:
+                        expired.append((call, call.running_index))
+                        call.deadline = None
+                        call.running_index = None
+                        call.fatal = True
+            for call, index in expired:
+                error = wire.timeout_payload()
+                if index is not None:
+                    try:
+                        call.put(wire.dumps(error), [index, False])
+                    except CallCancelled:
+                        pass
+                call.finish(error)
 
     def function(self, key: str, blob: Any) -> Any:
         fn = self.functions.get(key)
@@ -222,31 +340,53 @@ class Worker:
             fn = self.functions[key] = cloudpickle.loads(bytes(blob))
         return fn
 
-    def stream_http(self, call: Call, result: Any, media_type: str | None) -> None:
-        status, headers = 200, {}
-        if isinstance(result, StreamingResponse):
-            status, headers = result.status_code, result.headers
-            media_type = result.media_type or media_type
-            result = result.body_iterator
-        call.start = {"status": status, "headers": headers, "media_type": media_type}
-        encode = encoder_for(media_type)
-        if result is None:
-            return
-        if isinstance(result, (str, bytes, bytearray, memoryview)) or not (
-            hasattr(result, "__iter__") or hasattr(result, "__aiter__")
-        ):
-            call.put(encode(result))
-        elif hasattr(result, "__aiter__"):
-            asyncio.run(self.drain_async(call, result, encode))
+    async def await_then_emit(self, call: Call, awaitable: Any, mode: str, media_type: str | None) -> None:
+        call.loop = asyncio.get_running_loop()
+        call.task = asyncio.current_task()
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            raise CallCancelled() from None
+        pending = self.emit(call, result, mode, media_type)
+        if pending is not None:
+            await pending
+
+    def emit(self, call: Call, result: Any, mode: str, media_type: str | None) -> Any:
+        """Send what the function returned: HTTP chunks encoded for the media type, or
+        pickled values. Sync iterables are drained here; for async ones the coroutine
+        that drains them is returned, to run in an event loop."""
+        if mode == "http":
+            status, headers = 200, {}
+            if isinstance(result, StreamingResponse):
+                status, headers = result.status_code, result.headers
+                media_type = result.media_type or media_type
+                result = result.body_iterator
+            call.start = {"status": status, "headers": headers, "media_type": media_type}
+            encode = encoder_for(media_type)
+            if result is None:
+                return None
+            single = isinstance(result, (str, bytes, bytearray, memoryview)) or not (
+                hasattr(result, "__iter__") or hasattr(result, "__aiter__")
+            )
         else:
-            put = call.put
-            try:
-                for chunk in result:
-                    put(encode(chunk))
-            finally:
-                close = getattr(result, "close", None)
-                if close is not None and inspect.isgenerator(result):
-                    close()
+            call.framed = True
+            streaming = inspect.isgenerator(result) or inspect.isasyncgen(result)
+            call.start = {"stream": streaming}
+            encode = wire.dumps
+            single = not streaming
+        if single:
+            call.put(encode(result))
+            return None
+        if hasattr(result, "__aiter__"):
+            return self.drain_async(call, result, encode)
+        put = call.put
+        try:
+            for chunk in result:
+                put(encode(chunk))
+        finally:
+            if inspect.isgenerator(result):
+                result.close()
+        return None
 
     async def drain_async(self, call: Call, result: Any, encode: Any) -> None:
         call.loop = asyncio.get_running_loop()
@@ -279,18 +419,24 @@ class Worker:
     def take_output(self, call: Call) -> tuple[dict[str, Any], list[bytes]]:
         """The next message for `call`: its pending bytes joined, and its start/end. Holds the lock."""
         call.dirty = False
-        buffers = pack(call.pending) if call.has_large else [b"".join(call.pending)]
+        out: dict[str, Any] = {"op": "out", "id": call.id}
+        if call.framed:
+            out["sizes"] = [len(b) for b in call.pending]
+            if call.meta:
+                out["items"], call.meta = call.meta, []
+        buffers = pack(call.pending) if call.has_large and not call.framed else [b"".join(call.pending)]
         call.pending.clear()
         call.has_large = False
         call.unacked += call.pending_bytes
         call.pending_bytes = 0
-        out: dict[str, Any] = {"op": "out", "id": call.id}
         if call.start is not None:
             out["start"], call.start = call.start, None
         if call.done:
             out["end"] = True
             if call.error is not None:
                 out["error"] = call.error
+            if call.fatal:
+                out["fatal"] = True
             self.calls.pop(call.id, None)
         return out, buffers
 

@@ -1,0 +1,414 @@
+"""`Function` handles: Modal's call forms for `%%stream_function` functions.
+
+``.remote()``, ``.map()``, ``.starmap()``, ``.for_each()`` and ``.spawn()`` each have an
+``.aio`` form. Calls go to the server over this process's WebSocket (`remote.CallClient`);
+the server runs them on worker kernels. Inputs are pickled here, results unpickled here;
+a map pulls its inputs lazily, keeping at most `MAX_IN_FLIGHT` of them outstanding.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import itertools
+import pickle
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+
+import cloudpickle
+
+from . import wire
+from .client import ServerConnection, get_connection
+from .endpoint import pickle_function
+from .errors import rebuild
+from .registry import check_name
+from .remote import CallStream, call_client
+
+#: Map inputs sent but not yet answered, at most (bounds memory for huge inputs).
+MAX_IN_FLIGHT = 20_000
+#: Map inputs sent before the first result is back.
+FIRST_IN_FLIGHT = 64
+#: Map inputs per message: the first batches are small so the first results come fast.
+FIRST_BATCH, MAX_BATCH = 4, 2048
+#: A generator's output the caller may be behind by before the worker pauses.
+ACK_EVERY = wire.DEFAULT_WINDOW // 4
+
+
+class Method:
+    """A call form with its ``.aio`` twin, as in Modal: ``f.remote(...)``, ``await f.remote.aio(...)``."""
+
+    def __init__(self, sync: Callable, aio: Callable, doc: str = ""):
+        self._sync = sync
+        self.aio = aio
+        self.__doc__ = doc or sync.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._sync(*args, **kwargs)
+
+
+def _pack_items(items: list[tuple]) -> tuple[list[int], bytes]:
+    """Pickle argument tuples back to back with one reused pickler; returns sizes and bytes."""
+    buf = io.BytesIO()
+    pickler = cloudpickle.Pickler(buf, protocol=5)
+    sizes, last = [], 0
+    for item in items:
+        pickler.dump(item)
+        pickler.clear_memo()
+        end = buf.tell()
+        sizes.append(end - last)
+        last = end
+    return sizes, buf.getvalue()
+
+
+def _values(header: dict[str, Any], payload: memoryview) -> list[Any]:
+    sizes = header.get("sizes")
+    if not sizes:
+        return []
+    return [pickle.loads(blob) for blob in wire.split(payload, sizes)]
+
+
+def _raise_if_error(header: dict[str, Any]) -> None:
+    if header.get("error"):
+        raise rebuild(header["error"])
+
+
+class FunctionCall:
+    """A call started with ``.spawn()``: ``.get()`` its result later, or ``.cancel()`` it."""
+
+    def __init__(self, stream: CallStream):
+        self._stream = stream
+        self._done = False
+        self._value: Any = None
+        self.get = Method(self._get, self._get_aio)
+
+    def _consume(self, frames: list) -> None:
+        for header, payload in frames:
+            values = _values(header, payload)
+            if values:
+                self._value = values[-1]
+            if header.get("end"):
+                self._done = True
+                _raise_if_error(header)
+
+    def _get(self, timeout: float | None = None) -> Any:
+        """The call's return value (raising its exception); `TimeoutError` after `timeout` s."""
+        while not self._done:
+            frames = self._stream.take(timeout=timeout)
+            if not frames:
+                raise TimeoutError(f"the call did not finish within {timeout} s")
+            self._consume(frames)
+        return self._value
+
+    async def _get_aio(self) -> Any:
+        while not self._done:
+            self._consume(await self._stream.atake())
+        return self._value
+
+    def cancel(self) -> None:
+        """Stop the call; its worker is freed."""
+        self._stream.cancel()
+
+
+class _MapState:
+    """Bookkeeping shared by the sync and async map drivers: what was sent, what came
+    back, and the reordering buffer."""
+
+    def __init__(self, stream: CallStream, order_outputs: bool, return_exceptions: bool):
+        self.stream = stream
+        self.order = order_outputs
+        self.return_exceptions = return_exceptions
+        self.sent = 0
+        self.received = 0
+        self.next_index = 0
+        self.buffered: dict[int, Any] = {}
+        self.inputs_done = False
+        self.finished = False
+        self.batch = FIRST_BATCH
+
+    @property
+    def room(self) -> int:
+        """How many inputs to send now. Until the first result is back only a few are sent,
+        so the workers (and this process) are not busy with a flood of inputs meanwhile."""
+        if self.inputs_done:
+            return 0
+        limit = MAX_IN_FLIGHT if self.received else FIRST_IN_FLIGHT
+        return max(0, min(self.batch, limit - (self.sent - self.received)))
+
+    def send_items(self, items: list[tuple], exhausted: bool) -> None:
+        if items:
+            sizes, payload = _pack_items(items)
+            self.stream.send({"op": "items", "indices": list(range(self.sent, self.sent + len(items))), "sizes": sizes}, payload)
+            self.sent += len(items)
+            self.batch = min(self.batch * 2, MAX_BATCH)
+        if exhausted:
+            self.inputs_done = True
+            self.stream.send({"op": "inputs_done"})
+
+    def results(self, frames: list) -> list[Any]:
+        """Values ready to hand to the caller, in order when ordered."""
+        ready = []
+        for header, payload in frames:
+            items = header.get("items")
+            if items:
+                for (index, ok), blob in zip(items, wire.split(payload, header["sizes"])):
+                    if ok is None:  # the item failed and is being retried
+                        continue
+                    self.received += 1
+                    value = pickle.loads(blob)
+                    if not ok:
+                        exc = rebuild(value)
+                        if not self.return_exceptions:
+                            raise exc
+                        value = exc
+                    if self.order:
+                        self.buffered[index] = value
+                    else:
+                        ready.append(value)
+            if header.get("end"):
+                self.finished = True
+                _raise_if_error(header)
+        if self.order:
+            while self.next_index in self.buffered:
+                ready.append(self.buffered.pop(self.next_index))
+                self.next_index += 1
+        return ready
+
+    def close(self) -> None:
+        if not self.finished:
+            self.stream.cancel()
+
+
+class Function:
+    """A registered `%%stream_function`. Call it with Modal's call forms; pickles as a
+    small reference (its name), so workers can call it too."""
+
+    def __init__(
+        self,
+        name: str,
+        is_generator: bool = False,
+        fn: Callable | None = None,
+        connection: ServerConnection | None = None,
+    ):
+        self.name = name
+        self.is_generator = is_generator
+        self.fn = fn
+        self._connection = connection
+        self.remote = Method(self._remote, self._remote_aio, "Run on a worker; a generator function returns a streaming iterator.")
+        self.remote_gen = self.remote
+        self.map = Method(self._map, self._map_aio, "Run once per input over the worker pool; yields results as they complete.")
+        self.starmap = Method(self._starmap, self._starmap_aio, "Like map, with each input an argument tuple.")
+        self.for_each = Method(self._for_each, self._for_each_aio, "Run once per input for side effects.")
+        self.spawn = Method(self._spawn, self._spawn_aio, "Start a call now; returns a FunctionCall to .get() later.")
+
+    def __repr__(self) -> str:
+        kind = "generator function" if self.is_generator else "function"
+        return f"<Function {self.name!r} ({kind}); call .remote(), .map(), .starmap(), .for_each(), .spawn()>"
+
+    def __reduce__(self) -> Any:
+        return (Function, (self.name, self.is_generator))
+
+    @property
+    def connection(self) -> ServerConnection:
+        if self._connection is None:
+            self._connection = get_connection()
+        return self._connection
+
+    def local(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the function here, in this process."""
+        if self.fn is None:
+            raise RuntimeError(f"function {self.name!r} has no local code here; use .remote()")
+        return self.fn(*args, **kwargs)
+
+    __call__ = local
+
+    # -- .remote ------------------------------------------------------------------------
+
+    def _start(self, args: tuple, kwargs: dict) -> CallStream:
+        return call_client(self.connection).start({"fn": self.name, "kind": "remote"}, wire.dumps((args, kwargs)))
+
+    def _remote(self, *args: Any, **kwargs: Any) -> Any:
+        stream = self._start(args, kwargs)
+        if self.is_generator:
+            return self._iterate(stream)
+        return FunctionCall(stream)._get()
+
+    def _remote_aio(self, *args: Any, **kwargs: Any) -> Any:
+        stream = self._start(args, kwargs)
+        if self.is_generator:
+            return self._aiterate(stream)
+        return FunctionCall(stream)._get_aio()
+
+    def _iterate(self, stream: CallStream) -> Iterator[Any]:
+        consumed = 0
+        try:
+            while True:
+                for header, payload in stream.take():
+                    for value in _values(header, payload):
+                        yield value
+                    consumed += payload.nbytes
+                    if header.get("end"):
+                        _raise_if_error(header)
+                        return
+                if consumed >= ACK_EVERY:
+                    stream.send({"op": "ack", "bytes": consumed})
+                    consumed = 0
+        finally:
+            stream.cancel()
+
+    async def _aiterate(self, stream: CallStream) -> AsyncIterator[Any]:
+        consumed = 0
+        try:
+            while True:
+                for header, payload in await stream.atake():
+                    for value in _values(header, payload):
+                        yield value
+                    consumed += payload.nbytes
+                    if header.get("end"):
+                        _raise_if_error(header)
+                        return
+                if consumed >= ACK_EVERY:
+                    stream.send({"op": "ack", "bytes": consumed})
+                    consumed = 0
+        finally:
+            stream.cancel()
+
+    def _spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
+        if self.is_generator:
+            raise TypeError(f"{self.name!r} is a generator function: iterate {self.name}.remote(...) instead of spawning it")
+        return FunctionCall(self._start(args, kwargs))
+
+    async def _spawn_aio(self, *args: Any, **kwargs: Any) -> FunctionCall:
+        return self._spawn(*args, **kwargs)
+
+    # -- .map and friends ---------------------------------------------------------------
+
+    def _start_map(self, order_outputs: bool, return_exceptions: bool, kwargs: dict | None) -> _MapState:
+        if self.is_generator:
+            raise TypeError(
+                f"{self.name!r} is a generator function and cannot be mapped: call "
+                f"{self.name}.remote(...) for each input and iterate what it yields"
+            )
+        stream = call_client(self.connection).start({"fn": self.name, "kind": "map"}, wire.dumps(((), kwargs or {})))
+        return _MapState(stream, order_outputs, return_exceptions)
+
+    def _map(self, *iterables: Iterable, kwargs: dict | None = None, order_outputs: bool = True,
+             return_exceptions: bool = False) -> Iterator[Any]:
+        return self._run_map(zip(*iterables), kwargs, order_outputs, return_exceptions)
+
+    def _starmap(self, iterable: Iterable, kwargs: dict | None = None, order_outputs: bool = True,
+                 return_exceptions: bool = False) -> Iterator[Any]:
+        return self._run_map((tuple(args) for args in iterable), kwargs, order_outputs, return_exceptions)
+
+    def _run_map(self, inputs: Iterator[tuple], kwargs: dict | None, order_outputs: bool, return_exceptions: bool) -> Iterator[Any]:
+        state = self._start_map(order_outputs, return_exceptions, kwargs)
+        inputs = iter(inputs)
+        try:
+            while not state.finished:
+                if state.room:
+                    items = list(itertools.islice(inputs, state.room))
+                    state.send_items(items, exhausted=len(items) < state.room or not items)
+                    frames = state.stream.take(block=False)
+                else:
+                    frames = state.stream.take()
+                yield from state.results(frames)
+        finally:
+            state.close()
+
+    def _map_aio(self, *iterables: Any, kwargs: dict | None = None, order_outputs: bool = True,
+                 return_exceptions: bool = False) -> AsyncIterator[Any]:
+        if all(hasattr(it, "__iter__") for it in iterables):
+            return self._run_map_aio(zip(*iterables), kwargs, order_outputs, return_exceptions)
+        return self._run_map_aio(_azip(*iterables), kwargs, order_outputs, return_exceptions)
+
+    def _starmap_aio(self, iterable: Any, kwargs: dict | None = None, order_outputs: bool = True,
+                     return_exceptions: bool = False) -> AsyncIterator[Any]:
+        return self._run_map_aio(iterable, kwargs, order_outputs, return_exceptions)
+
+    async def _run_map_aio(self, inputs: Any, kwargs: dict | None, order_outputs: bool, return_exceptions: bool) -> AsyncIterator[Any]:
+        state = self._start_map(order_outputs, return_exceptions, kwargs)
+        source = inputs.__aiter__() if hasattr(inputs, "__aiter__") else iter(inputs)
+        try:
+            while not state.finished:
+                if state.room:
+                    items, want = [], state.room
+                    while len(items) < want:
+                        try:
+                            item = await source.__anext__() if hasattr(source, "__anext__") else next(source)
+                        except (StopIteration, StopAsyncIteration):
+                            break
+                        items.append(tuple(item))
+                    state.send_items(items, exhausted=len(items) < want)
+                    frames = state.stream.take(block=False)
+                else:
+                    frames = await state.stream.atake()
+                for value in state.results(frames):
+                    yield value
+        finally:
+            state.close()
+
+    def _for_each(self, *iterables: Iterable, kwargs: dict | None = None, ignore_exceptions: bool = False) -> None:
+        for _ in self._map(*iterables, kwargs=kwargs, order_outputs=False, return_exceptions=ignore_exceptions):
+            pass
+
+    async def _for_each_aio(self, *iterables: Any, kwargs: dict | None = None, ignore_exceptions: bool = False) -> None:
+        async for _ in self._map_aio(*iterables, kwargs=kwargs, order_outputs=False, return_exceptions=ignore_exceptions):
+            pass
+
+
+async def _azip(*iterables: Any) -> AsyncIterator[tuple]:
+    iterators = [it.__aiter__() if hasattr(it, "__aiter__") else iter(it) for it in iterables]
+    while True:
+        item = []
+        for it in iterators:
+            try:
+                item.append(await it.__anext__() if hasattr(it, "__anext__") else next(it))
+            except (StopIteration, StopAsyncIteration):
+                return
+        yield tuple(item)
+
+
+def register_function(
+    fn: Callable,
+    name: str | None = None,
+    retries: int = 0,
+    timeout: float | None = None,
+    connection: ServerConnection | None = None,
+) -> Function:
+    """Register `fn` with the server so workers can run it; returns its `Function` handle."""
+    if not callable(fn):
+        raise TypeError(f"a stream function must be a function, got {type(fn).__name__}")
+    name = check_name(name or fn.__name__)
+    if retries < 0:
+        raise ValueError("retries must be 0 or more")
+    if timeout is not None and timeout <= 0:
+        raise ValueError("timeout must be a positive number of seconds")
+    blob = pickle_function(fn, f"function {name!r}")
+    is_generator = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+    conn = connection or get_connection()
+    conn.request(
+        "POST",
+        "api/stream/functions",
+        json={
+            "name": name,
+            "function": base64.b64encode(blob).decode(),
+            "generator": is_generator,
+            "retries": retries,
+            "timeout": timeout,
+            "doc": inspect.getdoc(fn) or "",
+        },
+    )
+    return Function(name, is_generator, fn, conn)
+
+
+def function(fn: Callable | None = None, *, name: str | None = None, retries: int = 0, timeout: float | None = None) -> Any:
+    """Decorator: run this function on worker kernels, with Modal's call forms::
+
+        @jupyter_stream.function(retries=2)
+        def square(x):
+            return x * x
+
+        list(square.map(range(10)))
+    """
+    if fn is not None:
+        return register_function(fn, name, retries, timeout)
+    return lambda f: register_function(f, name, retries, timeout)

@@ -1,0 +1,148 @@
+"""The client end of remote calls: one WebSocket to the server per process, driven by a
+private event-loop thread.
+
+The private loop is what lets synchronous calls (``f.remote()``, ``for x in f.map(...)``)
+work inside a notebook cell, where ipykernel's own loop is already running: the caller's
+thread only waits on a `CallStream`, never on an event loop. ``.aio`` forms wait on the
+same stream from the caller's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import uuid
+from typing import Any
+
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+from . import wire
+from .client import ServerConnection, ServerNotFound
+
+
+class CallStream:
+    """Frames of one call as they arrive (from the loop thread), read from any thread or loop."""
+
+    def __init__(self, client: "CallClient", call_id: str):
+        self.client = client
+        self.id = call_id
+        self.frames: collections.deque = collections.deque()
+        self.ended = False
+        self.cond = threading.Condition()
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
+
+    def feed(self, header: dict[str, Any], payload: memoryview) -> None:
+        with self.cond:
+            self.frames.append((header, payload))
+            if header.get("end"):
+                self.ended = True
+            self.cond.notify()
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, future = waiter
+            loop.call_soon_threadsafe(_resolve, future)
+
+    def take(self, block: bool = True, timeout: float | None = None) -> list:
+        """The frames received so far; with `block`, wait for at least one."""
+        with self.cond:
+            if block and not self.frames:
+                self.cond.wait_for(lambda: self.frames, timeout)
+            frames = list(self.frames)
+            self.frames.clear()
+        return frames
+
+    async def atake(self) -> list:
+        while True:
+            with self.cond:
+                if self.frames:
+                    frames = list(self.frames)
+                    self.frames.clear()
+                    return frames
+                loop = asyncio.get_running_loop()
+                future = loop.create_future()
+                self._waiter = (loop, future)
+            await future
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        self.client.send({**header, "id": self.id}, payload)
+
+    def cancel(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.send({"op": "cancel"})
+            self.client.calls.pop(self.id, None)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class CallClient:
+    """This process's WebSocket to the server's ``api/stream/calls``, shared by all calls."""
+
+    def __init__(self, connection: ServerConnection):
+        self.connection = connection
+        self.calls: dict[str, CallStream] = {}
+        self.loop = asyncio.new_event_loop()
+        self.ws: Any = None
+        self._lock = threading.Lock()
+        threading.Thread(target=self.loop.run_forever, name="jupyter-stream-client", daemon=True).start()
+
+    def _ensure_connected(self) -> None:
+        with self._lock:
+            if self.ws is None:
+                asyncio.run_coroutine_threadsafe(self._connect(), self.loop).result(30)
+
+    async def _connect(self) -> None:
+        url = "ws" + self.connection.url[len("http"):] + "api/stream/calls"
+        headers = {"Authorization": f"token {self.connection.token}"} if self.connection.token else {}
+        try:
+            self.ws = await websocket_connect(HTTPRequest(url, headers=headers), max_message_size=1 << 31)
+        except Exception as e:
+            raise ServerNotFound(f"cannot open {url}: {e}") from None
+        self.ws.stream.set_nodelay(True)
+        self.loop.create_task(self._read(self.ws))
+
+    async def _read(self, ws: Any) -> None:
+        while True:
+            message = await ws.read_message()
+            if message is None:
+                break
+            header, payload = wire.decode_frame(message)
+            stream = self.calls.get(header.get("id"))
+            if stream is not None:
+                if header.get("end"):
+                    self.calls.pop(stream.id, None)
+                stream.feed(header, payload)
+        self.ws = None
+        lost = {"type": "ConnectionError", "module": "builtins", "traceback": "",
+                "message": f"lost the connection to the Jupyter server at {self.connection.url}"}
+        for stream in list(self.calls.values()):
+            stream.feed({"op": "out", "id": stream.id, "end": True, "error": lost}, memoryview(b""))
+        self.calls.clear()
+
+    def start(self, header: dict[str, Any], payload: bytes = b"") -> CallStream:
+        """Start a call; its output arrives on the returned stream."""
+        self._ensure_connected()
+        stream = CallStream(self, uuid.uuid4().hex[:16])
+        self.calls[stream.id] = stream
+        self.send({**header, "op": "call", "id": stream.id}, payload)
+        return stream
+
+    def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+        self.loop.call_soon_threadsafe(self._write, wire.encode_frame(header, payload))
+
+    def _write(self, frame: bytes) -> None:
+        if self.ws is not None:
+            self.ws.write_message(frame, binary=True)
+
+
+def call_client(connection: ServerConnection) -> CallClient:
+    """The shared `CallClient` of `connection`, made on first use."""
+    client = getattr(connection, "_call_client", None)
+    if client is None:
+        client = connection._call_client = CallClient(connection)
+    return client

@@ -1,0 +1,322 @@
+"""Running `%%stream_function` calls for clients: one `.remote()` on one worker, or a map
+fanned out over lanes on several workers, with retries, timeouts and nothing lost when a
+worker dies.
+
+A client (notebook kernel, script, or a worker calling another function) holds one
+WebSocket (`handlers.CallsHandler`); its `ClientSession` turns frames into runs and runs'
+output back into frames. The server never unpickles user data: arguments and results
+travel as opaque pickles, the scheduler only reads the JSON headers around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import wire
+from .pool import RemoteCall, WorkerError, WorkerKernel, WorkerPool
+
+log = logging.getLogger("jupyter_stream")
+
+#: Largest batch of map items sent to a lane at once; batches start at 1 item and double.
+MAX_BATCH = 1024
+
+
+@dataclass
+class FunctionSpec:
+    """A registered `%%stream_function`; replaced whole when re-registered."""
+
+    name: str
+    fn_hash: str
+    fn_blob: bytes
+    is_generator: bool = False
+    retries: int = 0
+    timeout: float | None = None
+    doc: str = ""
+    stats: dict[str, int] = field(default_factory=lambda: {"calls": 0, "items": 0, "failed": 0, "retried": 0})
+
+
+def worker_died_error() -> dict[str, Any]:
+    return wire.worker_died_payload("kernel process exited")
+
+
+class RemoteRun:
+    """One `.remote()` call. Retried on another worker if its worker dies before it has
+    sent anything, or if it raises and `retries` allow."""
+
+    def __init__(self, session: "ClientSession", call_id: str, spec: FunctionSpec, args: bytes):
+        self.session, self.id, self.spec, self.args = session, call_id, spec, args
+        self.attempts = 0
+        self.sent_any = False
+        self.call: RemoteCall | None = None
+        self.cancelled = False
+        self.task = asyncio.create_task(self.run())
+
+    async def run(self) -> None:
+        while not self.cancelled:
+            try:
+                worker = await self.session.pool.acquire()
+            except WorkerError as e:
+                self.session.end(self.id, {"type": "WorkerError", "module": "jupyter_stream", "message": str(e), "traceback": ""})
+                return
+            if self.cancelled:
+                self.session.pool.release(worker)
+                return
+            self.attempts += 1
+            self.done = asyncio.get_running_loop().create_future()
+            self.call = worker.call(
+                self.spec.fn_hash, self.spec.fn_blob, extra_buffers=[self.args],
+                mode="values", pickled_args=True, timeout=self.spec.timeout,
+            )
+            self.call.on_output = self.on_output
+            retry = await self.done
+            if not retry:
+                return
+            self.spec.stats["retried"] += 1
+
+    def on_output(self, data: dict[str, Any], buffers: list) -> None:
+        if data.get("fatal"):
+            self.call.worker.retire()
+        if data.get("end") and data.get("error") and not self.sent_any and not self.cancelled:
+            died = data["error"].get("type") == "WorkerDied"
+            if died or self.attempts <= self.spec.retries:
+                self.done.set_result(True)  # run it again
+                return
+        out = {k: data[k] for k in ("start", "sizes", "end", "error") if k in data}
+        payload = buffers[0] if buffers else b""
+        if payload:
+            self.sent_any = True
+        if data.get("end"):
+            if data.get("error"):
+                self.spec.stats["failed"] += 1
+            self.session.runs.pop(self.id, None)
+            self.done.set_result(False)
+        self.session.send({"op": "out", "id": self.id, **out}, payload)
+
+    def ack(self, nbytes: int) -> None:
+        if self.call is not None and not self.call.ended:
+            self.call.worker.send({"op": "ack", "id": self.call.id, "bytes": nbytes})
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.call is not None:
+            self.call.cancel()
+        if not self.task.done() and self.call is None:
+            self.task.cancel()
+
+
+class Lane:
+    """A map's share of one worker: a long-running call that runs the items it is fed."""
+
+    def __init__(self, worker: WorkerKernel, call: RemoteCall):
+        self.worker = worker
+        self.call = call
+        self.inflight: dict[int, tuple[bytes, int]] = {}
+        self.batch_size = 1
+
+    @property
+    def room(self) -> int:
+        return 2 * self.batch_size - len(self.inflight)
+
+
+class MapRun:
+    """A `.map()`: inputs arrive from the client in batches, go out to lanes in adaptive
+    batches, and results go back as they complete (the client restores input order)."""
+
+    def __init__(self, session: "ClientSession", call_id: str, spec: FunctionSpec, kwargs: bytes):
+        self.session, self.id, self.spec, self.kwargs = session, call_id, spec, kwargs
+        self.pending: collections.deque[tuple[int, bytes, int]] = collections.deque()
+        self.lanes: list[Lane] = []
+        self.lane_tasks: set[asyncio.Task] = set()
+        self.inputs_done = False
+        self.outstanding = 0  # items received and not yet answered
+        self.cancelled = False
+        self.finished = False
+
+    # -- from the client --------------------------------------------------------------
+
+    def add_items(self, indices: list[int], sizes: list[int], payload: memoryview) -> None:
+        for index, blob in zip(indices, wire.split(payload, sizes)):
+            self.pending.append((index, blob.tobytes(), 0))
+        self.outstanding += len(indices)
+        self.spec.stats["items"] += len(indices)
+        self.dispatch()
+
+    def end_of_inputs(self) -> None:
+        self.inputs_done = True
+        self.maybe_finish()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.pending.clear()
+        for task in self.lane_tasks:
+            task.cancel()
+        for lane in self.lanes:
+            lane.call.cancel()
+        self.session.runs.pop(self.id, None)
+
+    # -- lanes --------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Top up every lane, and ask for more lanes while there is more work than lanes."""
+        for lane in self.lanes:
+            self.feed(lane)
+        wanted = min(self.session.pool.max_workers, self.outstanding)
+        while len(self.lanes) + len(self.lane_tasks) < wanted and self.pending:
+            task = asyncio.create_task(self.open_lane())
+            self.lane_tasks.add(task)
+            task.add_done_callback(self.lane_tasks.discard)
+
+    async def open_lane(self) -> None:
+        try:
+            worker = await self.session.pool.acquire()
+        except WorkerError as e:
+            if not self.lanes:
+                self.fail_all({"type": "WorkerError", "module": "jupyter_stream", "message": str(e), "traceback": ""})
+            return
+        if self.cancelled or self.finished or not self.pending:
+            self.session.pool.release(worker)
+            return
+        call = worker.call(
+            self.spec.fn_hash, self.spec.fn_blob, extra_buffers=[self.kwargs],
+            mode="map", pickled_args=True, timeout=self.spec.timeout,
+        )
+        lane = Lane(worker, call)
+        call.on_output = lambda data, buffers: self.on_output(lane, data, buffers)
+        self.lanes.append(lane)
+        self.feed(lane)
+
+    def feed(self, lane: Lane) -> None:
+        room = lane.room
+        if room <= 0 or not self.pending or lane.call.ended:
+            return
+        indices, sizes, blobs = [], [], []
+        while self.pending and len(indices) < min(room, lane.batch_size):
+            index, blob, attempts = self.pending.popleft()
+            lane.inflight[index] = (blob, attempts)
+            indices.append(index)
+            sizes.append(len(blob))
+            blobs.append(blob)
+        lane.worker.send({"op": "batch", "id": lane.call.id, "indices": indices, "sizes": sizes}, [b"".join(blobs)])
+
+    def on_output(self, lane: Lane, data: dict[str, Any], buffers: list) -> None:
+        items = data.get("items")
+        if items:
+            self.on_results(lane, items, data["sizes"], buffers[0])
+        if data.get("end"):
+            self.lane_ended(lane, data)
+        elif not self.cancelled:
+            lane.batch_size = min(lane.batch_size * 2, MAX_BATCH)
+            self.feed(lane)
+        self.maybe_finish()
+
+    def on_results(self, lane: Lane, items: list, sizes: list[int], payload: memoryview) -> None:
+        forward_items, forward_blobs = [], []
+        changed = False  # forward the payload as it came unless an item was dropped or retried
+        blobs = wire.split(payload, sizes)
+        for (index, ok), blob in zip(items, blobs):
+            entry = lane.inflight.pop(index, None)
+            if entry is None:
+                changed = True
+                continue
+            args, attempts = entry
+            if not ok and attempts < self.spec.retries and not self.cancelled:
+                self.pending.appendleft((index, args, attempts + 1))
+                self.spec.stats["retried"] += 1
+                forward_items.append([index, None])  # tell the client: retried
+                forward_blobs.append(b"")
+                changed = True
+                continue
+            if not ok:
+                self.spec.stats["failed"] += 1
+            self.outstanding -= 1
+            forward_items.append([index, ok])
+            forward_blobs.append(blob)
+        if forward_items and not self.cancelled:
+            self.session.send(
+                {"op": "out", "id": self.id, "items": forward_items, "sizes": [len(b) for b in forward_blobs]},
+                b"".join(forward_blobs) if changed else payload,
+            )
+
+    def lane_ended(self, lane: Lane, data: dict[str, Any]) -> None:
+        """A lane's call ended: closed by us, cancelled, timed out or its worker died.
+        Whatever it still had in flight runs again elsewhere."""
+        if lane in self.lanes:
+            self.lanes.remove(lane)
+        if data.get("fatal"):
+            lane.worker.retire()
+        for index, (blob, attempts) in sorted(lane.inflight.items(), reverse=True):
+            self.pending.appendleft((index, blob, attempts))
+        lane.inflight.clear()
+        if not self.cancelled and not self.finished:
+            self.dispatch()
+
+    def maybe_finish(self) -> None:
+        if self.finished or self.cancelled or not self.inputs_done or self.outstanding:
+            return
+        self.finished = True
+        for task in self.lane_tasks:
+            task.cancel()
+        for lane in self.lanes:
+            lane.worker.send({"op": "close", "id": lane.call.id})
+        self.session.end(self.id)
+
+    def fail_all(self, error: dict[str, Any]) -> None:
+        self.finished = True
+        self.session.end(self.id, error)
+
+
+class ClientSession:
+    """The runs of one client connection, keyed by the client's call ids."""
+
+    def __init__(self, pool: WorkerPool, functions: dict[str, FunctionSpec], send: Callable[[bytes], None]):
+        self.pool = pool
+        self.functions = functions
+        self._send = send
+        self.runs: dict[str, Any] = {}
+
+    def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+        self._send(wire.encode_frame(header, payload))
+
+    def end(self, call_id: str, error: dict[str, Any] | None = None) -> None:
+        self.runs.pop(call_id, None)
+        header: dict[str, Any] = {"op": "out", "id": call_id, "end": True}
+        if error is not None:
+            header["error"] = error
+        self.send(header)
+
+    def on_frame(self, header: dict[str, Any], payload: memoryview) -> None:
+        op, call_id = header.get("op"), header.get("id")
+        if op == "call":
+            spec = self.functions.get(header.get("fn"))
+            if spec is None:
+                known = ", ".join(sorted(self.functions)) or "none registered yet"
+                self.end(call_id, {"type": "LookupError", "module": "builtins", "message": f"no function named {header.get('fn')!r} (functions: {known})", "traceback": ""})
+                return
+            spec.stats["calls"] += 1
+            if header.get("kind") == "map":
+                self.runs[call_id] = MapRun(self, call_id, spec, payload.tobytes())
+            else:
+                self.runs[call_id] = RemoteRun(self, call_id, spec, payload.tobytes())
+            return
+        run = self.runs.get(call_id)
+        if run is None:
+            return
+        if op == "items":
+            run.add_items(header["indices"], header["sizes"], payload)
+        elif op == "inputs_done":
+            run.end_of_inputs()
+        elif op == "ack":
+            run.ack(header["bytes"])
+        elif op == "cancel":
+            run.cancel()
+            self.runs.pop(call_id, None)
+
+    def close(self) -> None:
+        """The client went away: stop everything it started."""
+        for run in list(self.runs.values()):
+            run.cancel()
+        self.runs.clear()

@@ -1,0 +1,355 @@
+"""Remote functions: every call form, sync and .aio, against a real server and worker kernels."""
+
+import asyncio
+import os
+import pickle
+import signal
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+
+import jupyter_stream
+from jupyter_stream import FunctionTimeoutError, StreamingResponse
+from jupyter_stream.functions import MAX_BATCH, MAX_IN_FLIGHT, register_function
+
+
+class CustomError(Exception):
+    pass
+
+
+@pytest.fixture()
+def register(stream_server):
+    return lambda fn, **kw: register_function(fn, connection=stream_server.connection, **kw)
+
+
+def test_remote_returns_values_and_streams_generators(register):
+    def add(a, b=1):
+        return {"sum": a + b}
+
+    def count(n):
+        for i in range(n):
+            yield i * 10
+
+    add_f, count_f = register(add), register(count)
+    assert add_f.remote(2, b=5) == {"sum": 7}
+    assert list(count_f.remote(4)) == [0, 10, 20, 30]
+    assert list(count_f.remote_gen(2)) == [0, 10]
+    assert add_f.local(1) == {"sum": 2}
+    call = add_f.spawn(40, 2)
+    assert call.get(timeout=30) == {"sum": 42}
+
+    async def aio():
+        value = await add_f.remote.aio(1, 1)
+        streamed = [x async for x in count_f.remote.aio(3)]
+        spawned = await add_f.spawn.aio(5)
+        return value, streamed, await spawned.get.aio()
+
+    assert asyncio.run(aio()) == ({"sum": 2}, [0, 10, 20], {"sum": 6})
+
+
+def test_sync_forms_work_inside_a_running_event_loop(register):
+    """A notebook cell runs inside ipykernel's loop: the sync forms must not need .aio."""
+
+    def double(x):
+        return 2 * x
+
+    f = register(double)
+
+    async def cell():
+        return f.remote(21), list(f.map([1, 2, 3]))
+
+    assert asyncio.run(cell()) == (42, [2, 4, 6])
+
+
+def test_map_orders_both_ways(register):
+    def slow_for_small(x):
+        import time
+
+        time.sleep(0.3 if x < 2 else 0.0)
+        return x
+
+    f = register(slow_for_small)
+    assert list(f.map(range(20))) == list(range(20))
+    unordered = list(f.map(range(20), order_outputs=False))
+    assert sorted(unordered) == list(range(20)) and unordered != list(range(20))
+    assert list(f.starmap([(3,), (4,)])) == [3, 4]
+
+    def power(x, p, scale=1):
+        return scale * x**p
+
+    g = register(power)
+    assert list(g.map([1, 2, 3], [2, 2, 3], kwargs={"scale": 10})) == [10, 40, 270]
+    assert list(g.starmap([(2, 3), (3, 2)])) == [8, 9]
+
+    async def aio():
+        ordered = [x async for x in f.map.aio(range(6))]
+        star = [x async for x in g.starmap.aio([(2, 2)])]
+
+        async def agen():
+            for i in range(3):
+                yield i
+
+        from_async = [x async for x in f.map.aio(agen())]
+        await f.for_each.aio(range(3))
+        return ordered, star, from_async
+
+    assert asyncio.run(aio()) == (list(range(6)), [4], [0, 1, 2])
+    assert f.for_each(range(5)) is None
+
+
+def test_errors_keep_their_type_and_traceback(register):
+    def fails(x):
+        if x == 3:
+            raise CustomError(f"item {x} is bad")
+        return x
+
+    f = register(fails)
+    with pytest.raises(CustomError, match="item 3 is bad") as info:
+        f.remote(3)
+    assert "in fails" in str(info.value.__cause__) and 'raise CustomError(f"item {x} is bad")' in str(info.value.__cause__)
+    with pytest.raises(CustomError):
+        list(f.map(range(10)))
+    results = list(f.map(range(6), return_exceptions=True))
+    assert results[:3] == [0, 1, 2] and results[4:] == [4, 5]
+    assert isinstance(results[3], CustomError)
+
+    def unpicklable_error():
+        import threading
+
+        class Odd(Exception):
+            def __init__(self):
+                super().__init__("odd")
+                self.lock = threading.Lock()
+
+        raise Odd()
+
+    with pytest.raises(jupyter_stream.RemoteError, match="Odd: odd"):
+        register(unpicklable_error).remote()
+
+
+def test_map_of_a_generator_function_is_refused(register):
+    def gen():
+        yield 1
+
+    with pytest.raises(TypeError, match=r"cannot be mapped: call gen.remote\(...\)"):
+        list(register(gen).map(range(3)))
+
+
+def test_retries_rerun_failed_items(register):
+    marks = tempfile.mkdtemp(prefix="jupyter-stream-retries-")
+
+    def flaky(x, marks=marks):
+        import os
+
+        mark = os.path.join(marks, str(x))
+        if x % 2 and not os.path.exists(mark):
+            open(mark, "w").close()
+            raise RuntimeError(f"first try of {x} fails")
+        return x
+
+    assert list(register(flaky, retries=1).map(range(10))) == list(range(10))
+    with pytest.raises(RuntimeError, match="first try of 11 fails"):
+        register(flaky, name="flaky_no_retry").remote(11)
+    assert register(flaky, name="flaky_retry", retries=2).remote(13) == 13
+
+
+def test_timeout_limits_one_attempt(register, stream_server):
+    def sleepy(seconds):
+        import time
+
+        time.sleep(seconds)
+        return seconds
+
+    f = register(sleepy, timeout=1.0)
+    start = time.monotonic()
+    with pytest.raises(FunctionTimeoutError):
+        f.remote(30)
+    assert time.monotonic() - start < 5
+    assert f.remote(0.1) == 0.1  # the stuck worker was replaced; calls go on
+    results = list(f.map([0.0, 30, 0.0], return_exceptions=True))
+    assert results[0] == 0.0 and results[2] == 0.0 and isinstance(results[1], FunctionTimeoutError)
+    stream_server.wait_for_workers(2)
+
+
+def test_killed_worker_loses_no_map_item(register, stream_server):
+    def tag(x):
+        import os
+        import time
+
+        time.sleep(0.001)
+        return x, os.getpid()
+
+    f = register(tag)
+    stream_server.wait_for_workers(2)
+    results, killed = [], None
+    for value in f.map(range(3000)):
+        results.append(value)
+        if len(results) == 500:
+            killed = value[1]
+            os.kill(killed, signal.SIGKILL)
+    assert [x for x, _ in results] == list(range(3000))  # each exactly once, in order
+    late_pids = {pid for _, pid in results[1500:]}
+    assert killed not in late_pids
+    stream_server.wait_for_workers(2)
+
+
+def test_break_cancels_the_rest_and_frees_workers(register, stream_server):
+    ran = tempfile.mkdtemp(prefix="jupyter-stream-ran-")
+
+    def slow(x, ran=ran):
+        import os
+        import time
+
+        open(os.path.join(ran, str(x)), "w").close()
+        time.sleep(0.1)
+        return x
+
+    f = register(slow)
+    for value in f.map(range(1000)):
+        if value == 2:
+            break
+    time.sleep(1.0)
+    count = len(os.listdir(ran))
+    assert count < 100, f"{count} items ran after the consumer stopped"
+    deadline = time.monotonic() + 5
+    while any(w["busy"] for w in stream_server.workers()["workers"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(w["busy"] for w in stream_server.workers()["workers"])
+    assert len(os.listdir(ran)) == count  # nothing more ran
+
+
+def test_inputs_are_consumed_lazily(register):
+    pulled = []
+
+    def inputs():
+        for i in range(10_000_000):
+            pulled.append(i)
+            yield i
+
+    f = register(lambda x: x, name="identity")
+    it = f.map(inputs())
+    assert next(it) == 0
+    assert len(pulled) <= MAX_IN_FLIGHT + MAX_BATCH
+    for value in it:
+        if value == 50_000:
+            break
+    assert len(pulled) <= 50_001 + MAX_IN_FLIGHT + MAX_BATCH  # never the ten million
+
+
+def test_function_handles_pickle_as_references_and_work_inside_workers(register):
+    def big(x):
+        return x
+
+    f = register(big)
+    assert len(pickle.dumps(f)) < 200
+
+    def caller(fn, x):
+        return fn.remote(x), list(fn.map(range(x)))
+
+    # the handle travels to a worker as a reference; the worker calls back through the server
+    assert register(caller).remote(f, 4) == (4, [0, 1, 2, 3])
+
+
+def test_reference_examples_through_curl(stream_server, register):
+    """The reference page's examples with our names, served and read with curl --no-buffer."""
+
+    def fake_video_render():
+        import time
+
+        for i in range(5):
+            yield f"data: finished processing some data from GPU {i}\n\n".encode()
+            time.sleep(0.2)
+
+    render = register(fake_video_render)
+
+    def hook():
+        return StreamingResponse(render.remote(), media_type="text/event-stream")
+
+    def map_me(i):
+        return f"segment {i}\n"
+
+    map_me_f = register(map_me)
+
+    def mapped():
+        return StreamingResponse(map_me_f.map(range(10)), media_type="text/plain")
+
+    def transcribe_segment(segment):
+        return segment.upper()
+
+    transcribe = register(transcribe_segment, name="transcribe")
+
+    async def transcribe_video(text: str = "a b c"):
+        import asyncio
+
+        segments = await asyncio.to_thread(str.split, text)
+
+        async def wrapper(segments):
+            async for partial_result in transcribe.map.aio(segments):
+                yield "data: " + partial_result + "\n\n"
+
+        return StreamingResponse(wrapper(segments), media_type="text/event-stream")
+
+    for fn in (hook, mapped, transcribe_video):
+        stream_server.register(fn)
+
+    def curl(path):
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            ["curl", "--no-buffer", "-sS", "-H", f"Authorization: token {stream_server.token}", stream_server.url + path],
+            stdout=subprocess.PIPE,
+        )
+        lines = [(time.monotonic() - start, line.decode()) for line in proc.stdout if line.strip()]
+        assert proc.wait() == 0
+        return lines
+
+    hook_lines = curl("stream/hook")
+    assert [l for _, l in hook_lines] == [f"data: finished processing some data from GPU {i}\n" for i in range(5)]
+    assert hook_lines[-1][0] - hook_lines[0][0] >= 0.7  # streamed as produced, not at the end
+    assert "".join(l for _, l in curl("stream/mapped")) == "".join(f"segment {i}\n" for i in range(10))
+    assert [l for _, l in curl("stream/transcribe_video?text=one%20two")] == ["data: ONE\n", "data: TWO\n"]
+
+
+def test_stream_function_magic(stream_server, notebook_kernel):
+    notebook_kernel.execute("%load_ext jupyter_stream")
+    outputs, reply = notebook_kernel.execute(textwrap.dedent(
+        '''
+        %%stream_function --retries 1 --timeout 30
+        OFFSET = 100
+
+        def shifted(x):
+            return x + OFFSET
+        '''
+    ).lstrip())
+    assert reply["status"] == "ok", notebook_kernel.text(outputs)
+    outputs, reply = notebook_kernel.execute("print(shifted.remote(1), list(shifted.map(range(3))), type(shifted).__name__)")
+    assert notebook_kernel.text(outputs).split() == ["101", "[100,", "101,", "102]", "Function"]
+    outputs, reply = notebook_kernel.execute("%%stream_function --timeout -1\ndef f(x):\n    return x\n")
+    assert reply["status"] == "error" and "timeout must be a positive number" in notebook_kernel.text(outputs)
+
+
+def test_unknown_function_is_a_clear_error(stream_server):
+    f = jupyter_stream.Function("never_registered", connection=stream_server.connection)
+    with pytest.raises(LookupError, match="no function named 'never_registered'"):
+        f.remote()
+
+
+def test_concurrent_callers_share_the_pool(register):
+    def square(x):
+        return x * x
+
+    f = register(square)
+    results = {}
+
+    def caller(k):
+        results[k] = list(f.map(range(k * 100, k * 100 + 50)))
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(results[k] == [x * x for x in range(k * 100, k * 100 + 50)] for k in range(4))
