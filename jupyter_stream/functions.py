@@ -24,7 +24,7 @@ from .errors import rebuild
 from .registry import check_name
 from .remote import CallStream, call_client
 
-#: Map inputs sent but not yet answered, at most (bounds memory for huge inputs).
+#: Map inputs sent but not yet handed to the caller, at most (bounds memory for huge inputs).
 MAX_IN_FLIGHT = 20_000
 #: Map inputs sent before the first result is back.
 FIRST_IN_FLIGHT = 64
@@ -109,6 +109,29 @@ class FunctionCall:
         self._stream.cancel()
 
 
+class _StreamedValues:
+    """What a remote generator yields, frame by frame; returns credit to the worker as the
+    caller consumes, so a slow caller pauses the generator."""
+
+    def __init__(self, stream: CallStream):
+        self.stream = stream
+        self.ended = False
+        self.consumed = 0
+
+    def accept(self, frames: list) -> list[Any]:
+        values = []
+        for header, payload in frames:
+            values.extend(_values(header, payload))
+            self.consumed += payload.nbytes
+            if header.get("end"):
+                self.ended = True
+                _raise_if_error(header)
+        if self.consumed >= ACK_EVERY and not self.ended:
+            self.stream.send({"op": "ack", "bytes": self.consumed})
+            self.consumed = 0
+        return values
+
+
 class _MapState:
     """Bookkeeping shared by the sync and async map drivers: what was sent, what came
     back, and the reordering buffer."""
@@ -119,6 +142,7 @@ class _MapState:
         self.return_exceptions = return_exceptions
         self.sent = 0
         self.received = 0
+        self.delivered = 0  # handed to the caller (received and buffered ones are still held here)
         self.next_index = 0
         self.buffered: dict[int, Any] = {}
         self.inputs_done = False
@@ -132,7 +156,7 @@ class _MapState:
         if self.inputs_done:
             return 0
         limit = MAX_IN_FLIGHT if self.received else FIRST_IN_FLIGHT
-        return max(0, min(self.batch, limit - (self.sent - self.received)))
+        return max(0, min(self.batch, limit - (self.sent - self.delivered)))
 
     def send_items(self, items: list[tuple], exhausted: bool) -> None:
         if items:
@@ -171,6 +195,7 @@ class _MapState:
             while self.next_index in self.buffered:
                 ready.append(self.buffered.pop(self.next_index))
                 self.next_index += 1
+        self.delivered += len(ready)
         return ready
 
     def close(self) -> None:
@@ -239,36 +264,19 @@ class Function:
         return FunctionCall(stream)._get_aio()
 
     def _iterate(self, stream: CallStream) -> Iterator[Any]:
-        consumed = 0
+        values = _StreamedValues(stream)
         try:
-            while True:
-                for header, payload in stream.take():
-                    for value in _values(header, payload):
-                        yield value
-                    consumed += payload.nbytes
-                    if header.get("end"):
-                        _raise_if_error(header)
-                        return
-                if consumed >= ACK_EVERY:
-                    stream.send({"op": "ack", "bytes": consumed})
-                    consumed = 0
+            while not values.ended:
+                yield from values.accept(stream.take())
         finally:
             stream.cancel()
 
     async def _aiterate(self, stream: CallStream) -> AsyncIterator[Any]:
-        consumed = 0
+        values = _StreamedValues(stream)
         try:
-            while True:
-                for header, payload in await stream.atake():
-                    for value in _values(header, payload):
-                        yield value
-                    consumed += payload.nbytes
-                    if header.get("end"):
-                        _raise_if_error(header)
-                        return
-                if consumed >= ACK_EVERY:
-                    stream.send({"op": "ack", "bytes": consumed})
-                    consumed = 0
+            while not values.ended:
+                for value in values.accept(await stream.atake()):
+                    yield value
         finally:
             stream.cancel()
 

@@ -17,6 +17,7 @@ import collections
 import itertools
 import logging
 import os
+import signal
 import uuid
 from typing import Any, Callable
 
@@ -239,7 +240,7 @@ class WorkerKernel:
         watcher then fails what it still runs and starts a replacement."""
         if self.alive:
             log.warning("jupyter_stream: %s (pid %s) ran a call past its timeout; restarting it", self.name, self.pid)
-            asyncio.ensure_future(self.km.shutdown_kernel(now=True))
+            asyncio.ensure_future(self.km.signal_kernel(signal.SIGKILL))
 
     async def is_alive(self) -> bool:
         return await self.km.is_alive()

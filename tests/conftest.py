@@ -13,3 +13,13 @@ def _pickle_test_module_by_value(request):
     cloudpickle.register_pickle_by_value(module)
     yield
     cloudpickle.unregister_pickle_by_value(module)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure, attach the tail of the shared server's log (worker errors show there)."""
+    outcome = yield
+    report = outcome.get_result()
+    server = item.funcargs.get("stream_server") if hasattr(item, "funcargs") else None
+    if report.failed and server is not None:
+        report.sections.append(("jupyter server log (tail)", "".join(server.log().splitlines(True)[-60:])))

@@ -65,17 +65,18 @@ def test_sync_forms_work_inside_a_running_event_loop(register):
     assert asyncio.run(cell()) == (42, [2, 4, 6])
 
 
-def test_map_orders_both_ways(register):
+def test_map_orders_both_ways(register, stream_server):
     def slow_for_small(x):
         import time
 
-        time.sleep(0.3 if x < 2 else 0.0)
+        time.sleep(0.5 if x == 0 else 0.0)
         return x
 
     f = register(slow_for_small)
+    stream_server.wait_for_workers(2)
     assert list(f.map(range(20))) == list(range(20))
     unordered = list(f.map(range(20), order_outputs=False))
-    assert sorted(unordered) == list(range(20)) and unordered != list(range(20))
+    assert sorted(unordered) == list(range(20)) and unordered[0] != 0  # item 0 is the slow one
     assert list(f.starmap([(3,), (4,)])) == [3, 4]
 
     def power(x, p, scale=1):
@@ -185,16 +186,15 @@ def test_killed_worker_loses_no_map_item(register, stream_server):
 
     f = register(tag)
     stream_server.wait_for_workers(2)
-    results, killed = [], None
+    replaced = stream_server.workers()["replaced"]
+    results = []
     for value in f.map(range(3000)):
         results.append(value)
         if len(results) == 500:
-            killed = value[1]
-            os.kill(killed, signal.SIGKILL)
+            os.kill(value[1], signal.SIGKILL)
     assert [x for x, _ in results] == list(range(3000))  # each exactly once, in order
-    late_pids = {pid for _, pid in results[1500:]}
-    assert killed not in late_pids
     stream_server.wait_for_workers(2)
+    assert stream_server.workers()["replaced"] == replaced + 1
 
 
 def test_break_cancels_the_rest_and_frees_workers(register, stream_server):
