@@ -49,6 +49,19 @@ class Endpoint:
             f"<pre>{html.escape(self.curl)}</pre></div>"
         )
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any] | None:
+        """In a notebook, the endpoint card widget (see `cards`); elsewhere text and HTML."""
+        if not _in_notebook_kernel():
+            return None
+        try:
+            from .cards import EndpointCard
+        except ImportError:
+            return None
+        card = getattr(self, "_card", None)
+        if card is None:
+            card = self._card = EndpointCard(self)
+        return card.mimebundle()
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the underlying function locally (handy for trying it in the notebook)."""
         return self.fn(*args, **kwargs)
@@ -56,6 +69,14 @@ class Endpoint:
     def delete(self) -> None:
         """Unregister the endpoint; its URL answers 404 from now on."""
         self.connection.request("DELETE", f"api/stream/endpoints/{self.name}")
+
+
+def _in_notebook_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return type(get_ipython()).__name__ == "ZMQInteractiveShell"
 
 
 def pickle_function(fn: Callable, what: str) -> bytes:

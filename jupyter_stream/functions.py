@@ -21,6 +21,8 @@ from . import wire
 from .client import ServerConnection, get_connection
 from .endpoint import pickle_function
 from .errors import rebuild
+from .progress import MapProgress
+from .progress import start as start_progress
 from .registry import check_name
 from .remote import CallStream, call_client
 
@@ -136,8 +138,9 @@ class _MapState:
     """Bookkeeping shared by the sync and async map drivers: what was sent, what came
     back, and the reordering buffer."""
 
-    def __init__(self, stream: CallStream, order_outputs: bool, return_exceptions: bool):
+    def __init__(self, stream: CallStream, order_outputs: bool, return_exceptions: bool, progress: MapProgress):
         self.stream = stream
+        self.progress = progress
         self.order = order_outputs
         self.return_exceptions = return_exceptions
         self.sent = 0
@@ -163,6 +166,7 @@ class _MapState:
             sizes, payload = _pack_items(items)
             self.stream.send({"op": "items", "indices": list(range(self.sent, self.sent + len(items))), "sizes": sizes}, payload)
             self.sent += len(items)
+            self.progress.on_sent(len(items))
             self.batch = min(self.batch * 2, MAX_BATCH)
         if exhausted:
             self.inputs_done = True
@@ -176,8 +180,10 @@ class _MapState:
             if items:
                 for (index, ok), blob in zip(items, wire.split(payload, header["sizes"])):
                     if ok is None:  # the item failed and is being retried
+                        self.progress.on_retry()
                         continue
                     self.received += 1
+                    self.progress.on_result(ok)
                     value = pickle.loads(blob)
                     if not ok:
                         exc = rebuild(value)
@@ -196,11 +202,17 @@ class _MapState:
                 ready.append(self.buffered.pop(self.next_index))
                 self.next_index += 1
         self.delivered += len(ready)
+        self.progress.render()
         return ready
 
-    def close(self) -> None:
+    def close(self, failed: bool) -> None:
+        """The caller is done with the map: cancel what is left, and show the final state."""
         if not self.finished:
             self.stream.cancel()
+            state = "failed" if failed else "cancelled"
+        else:
+            state = "failed" if failed or self.progress.failed else "success"
+        self.progress.finish(state)
 
 
 class Function:
@@ -290,26 +302,30 @@ class Function:
 
     # -- .map and friends ---------------------------------------------------------------
 
-    def _start_map(self, order_outputs: bool, return_exceptions: bool, kwargs: dict | None) -> _MapState:
+    def _start_map(self, order_outputs: bool, return_exceptions: bool, kwargs: dict | None,
+                   total: int | None, progress: bool, form: str = "map") -> _MapState:
         if self.is_generator:
             raise TypeError(
                 f"{self.name!r} is a generator function and cannot be mapped: call "
                 f"{self.name}.remote(...) for each input and iterate what it yields"
             )
         stream = call_client(self.connection).start({"fn": self.name, "kind": "map"}, wire.dumps(((), kwargs or {})))
-        return _MapState(stream, order_outputs, return_exceptions)
+        return _MapState(stream, order_outputs, return_exceptions, start_progress(f"{self.name}.{form}", total, progress))
 
     def _map(self, *iterables: Iterable, kwargs: dict | None = None, order_outputs: bool = True,
-             return_exceptions: bool = False) -> Iterator[Any]:
-        return self._run_map(zip(*iterables), kwargs, order_outputs, return_exceptions)
+             return_exceptions: bool = False, progress: bool = True) -> Iterator[Any]:
+        return self._run_map(zip(*iterables), _total(*iterables), kwargs, order_outputs, return_exceptions, progress)
 
     def _starmap(self, iterable: Iterable, kwargs: dict | None = None, order_outputs: bool = True,
-                 return_exceptions: bool = False) -> Iterator[Any]:
-        return self._run_map((tuple(args) for args in iterable), kwargs, order_outputs, return_exceptions)
+                 return_exceptions: bool = False, progress: bool = True) -> Iterator[Any]:
+        return self._run_map((tuple(args) for args in iterable), _total(iterable), kwargs, order_outputs,
+                             return_exceptions, progress, "starmap")
 
-    def _run_map(self, inputs: Iterator[tuple], kwargs: dict | None, order_outputs: bool, return_exceptions: bool) -> Iterator[Any]:
-        state = self._start_map(order_outputs, return_exceptions, kwargs)
+    def _run_map(self, inputs: Iterator[tuple], total: int | None, kwargs: dict | None, order_outputs: bool,
+                 return_exceptions: bool, progress: bool, form: str = "map") -> Iterator[Any]:
+        state = self._start_map(order_outputs, return_exceptions, kwargs, total, progress, form)
         inputs = iter(inputs)
+        failed = True
         try:
             while not state.finished:
                 if state.room:
@@ -319,22 +335,27 @@ class Function:
                 else:
                     frames = state.stream.take()
                 yield from state.results(frames)
+            failed = False
+        except GeneratorExit:
+            failed = False
+            raise
         finally:
-            state.close()
+            state.close(failed)
 
     def _map_aio(self, *iterables: Any, kwargs: dict | None = None, order_outputs: bool = True,
-                 return_exceptions: bool = False) -> AsyncIterator[Any]:
-        if all(hasattr(it, "__iter__") for it in iterables):
-            return self._run_map_aio(zip(*iterables), kwargs, order_outputs, return_exceptions)
-        return self._run_map_aio(_azip(*iterables), kwargs, order_outputs, return_exceptions)
+                 return_exceptions: bool = False, progress: bool = True) -> AsyncIterator[Any]:
+        inputs = zip(*iterables) if all(hasattr(it, "__iter__") for it in iterables) else _azip(*iterables)
+        return self._run_map_aio(inputs, _total(*iterables), kwargs, order_outputs, return_exceptions, progress)
 
     def _starmap_aio(self, iterable: Any, kwargs: dict | None = None, order_outputs: bool = True,
-                     return_exceptions: bool = False) -> AsyncIterator[Any]:
-        return self._run_map_aio(iterable, kwargs, order_outputs, return_exceptions)
+                     return_exceptions: bool = False, progress: bool = True) -> AsyncIterator[Any]:
+        return self._run_map_aio(iterable, _total(iterable), kwargs, order_outputs, return_exceptions, progress, "starmap")
 
-    async def _run_map_aio(self, inputs: Any, kwargs: dict | None, order_outputs: bool, return_exceptions: bool) -> AsyncIterator[Any]:
-        state = self._start_map(order_outputs, return_exceptions, kwargs)
+    async def _run_map_aio(self, inputs: Any, total: int | None, kwargs: dict | None, order_outputs: bool,
+                           return_exceptions: bool, progress: bool, form: str = "map") -> AsyncIterator[Any]:
+        state = self._start_map(order_outputs, return_exceptions, kwargs, total, progress, form)
         source = inputs.__aiter__() if hasattr(inputs, "__aiter__") else iter(inputs)
+        failed = True
         try:
             while not state.finished:
                 if state.room:
@@ -351,16 +372,31 @@ class Function:
                     frames = await state.stream.atake()
                 for value in state.results(frames):
                     yield value
+            failed = False
+        except GeneratorExit:
+            failed = False
+            raise
         finally:
-            state.close()
+            state.close(failed)
 
-    def _for_each(self, *iterables: Iterable, kwargs: dict | None = None, ignore_exceptions: bool = False) -> None:
-        for _ in self._map(*iterables, kwargs=kwargs, order_outputs=False, return_exceptions=ignore_exceptions):
+    def _for_each(self, *iterables: Iterable, kwargs: dict | None = None, ignore_exceptions: bool = False,
+                  progress: bool = True) -> None:
+        for _ in self._run_map(zip(*iterables), _total(*iterables), kwargs, False, ignore_exceptions, progress, "for_each"):
             pass
 
-    async def _for_each_aio(self, *iterables: Any, kwargs: dict | None = None, ignore_exceptions: bool = False) -> None:
-        async for _ in self._map_aio(*iterables, kwargs=kwargs, order_outputs=False, return_exceptions=ignore_exceptions):
+    async def _for_each_aio(self, *iterables: Any, kwargs: dict | None = None, ignore_exceptions: bool = False,
+                            progress: bool = True) -> None:
+        inputs = zip(*iterables) if all(hasattr(it, "__iter__") for it in iterables) else _azip(*iterables)
+        async for _ in self._run_map_aio(inputs, _total(*iterables), kwargs, False, ignore_exceptions, progress, "for_each"):
             pass
+
+
+def _total(*iterables: Any) -> int | None:
+    """The number of inputs when every iterable knows its length (lists, ranges), else None."""
+    try:
+        return min(len(it) for it in iterables) if iterables else None
+    except TypeError:
+        return None
 
 
 async def _azip(*iterables: Any) -> AsyncIterator[tuple]:

@@ -1,0 +1,120 @@
+"""The endpoint card: what a `%%stream_endpoint` cell shows in a notebook.
+
+Name, media type, the URL as a link that opens in a new tab, a curl line to copy, live
+counters (streams open, requests served, errors) refreshed every `REFRESH` seconds, and
+a "Try it" button that opens the stream from the kernel and shows its events as they
+arrive. The widget's text/plain and text/html fallbacks carry the URL and curl line.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from typing import Any
+
+import httpx
+
+#: Seconds between two refreshes of a card's counters.
+REFRESH = 1.0
+#: Lines of a tried stream kept on the card.
+MAX_LINES = 40
+
+
+class EndpointCard:
+    """An ipywidgets card for one `Endpoint`."""
+
+    def __init__(self, endpoint: Any):
+        import ipywidgets as widgets
+
+        self.endpoint = endpoint
+        url = html.escape(endpoint.url)
+        self.header = widgets.HTML(
+            f'<div class="jupyter-stream-card-title"><b>{html.escape(endpoint.name)}</b> '
+            f"<code>{html.escape(endpoint.media_type)}</code> &rarr; "
+            f'<a class="jupyter-stream-url" href="{url}" target="_blank" rel="noopener">{url}</a></div>'
+            f'<pre class="jupyter-stream-curl">{html.escape(endpoint.curl)}</pre>'
+        )
+        self.counters = widgets.HTML(self._counters_html({}))
+        self.try_button = widgets.Button(description="Try it", icon="play", tooltip="Open the stream and show its events here")
+        self.try_button.add_class("jupyter-stream-try")
+        self.events = widgets.HTML("")
+        self.events.add_class("jupyter-stream-events")
+        self.try_button.on_click(self._toggle_try)
+        self.widget = widgets.VBox([self.header, widgets.HBox([self.try_button, self.counters]), self.events])
+        self.widget.add_class("jupyter-stream-card")
+        self._trying: threading.Event | None = None
+        self._closed = threading.Event()
+        threading.Thread(target=self._refresh_loop, name=f"jupyter-stream-card-{endpoint.name}", daemon=True).start()
+
+    def mimebundle(self) -> dict[str, Any]:
+        return {
+            "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0, "model_id": self.widget.model_id},
+            "text/html": self.endpoint._repr_html_(),
+            "text/plain": repr(self.endpoint),
+        }
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._trying is not None:
+            self._trying.set()
+
+    # -- live counters -------------------------------------------------------------------
+
+    @staticmethod
+    def _counters_html(stats: dict[str, Any]) -> str:
+        parts = [
+            f'<span class="jupyter-stream-{key}">{label}: <b>{stats.get(key, 0):,}</b></span>'
+            for key, label in (("open_streams", "streams open"), ("requests", "requests"), ("errors", "errors"))
+        ]
+        return '<span class="jupyter-stream-counters">' + " &middot; ".join(parts) + "</span>"
+
+    def _refresh_loop(self) -> None:
+        conn = self.endpoint.connection
+        while not self._closed.wait(REFRESH):
+            try:
+                info = conn.request("GET", f"api/stream/endpoints/{self.endpoint.name}").json()
+            except Exception:
+                continue  # the server may be restarting; try again later
+            value = self._counters_html(info.get("stats", {}))
+            if value != self.counters.value:
+                self.counters.value = value
+
+    # -- "Try it" ------------------------------------------------------------------------
+
+    def _toggle_try(self, _button: Any = None) -> None:
+        if self._trying is not None:
+            self._trying.set()
+            return
+        self._trying = threading.Event()
+        self.try_button.description = "Stop"
+        self.try_button.icon = "stop"
+        threading.Thread(target=self._try, args=(self._trying,), daemon=True).start()
+
+    def _show(self, lines: list[str], note: str = "") -> None:
+        body = html.escape("\n".join(lines[-MAX_LINES:]))
+        note_html = f'<div class="jupyter-stream-note"><i>{html.escape(note)}</i></div>' if note else ""
+        self.events.value = f'<pre class="jupyter-stream-output">{body}</pre>{note_html}'
+
+    def _try(self, stop: threading.Event) -> None:
+        conn = self.endpoint.connection
+        lines: list[str] = []
+        note = "stream ended"
+        try:
+            with conn.http.stream("GET", f"stream/{self.endpoint.name}", timeout=httpx.Timeout(None, connect=10)) as r:
+                if r.status_code >= 400:
+                    note = f"HTTP {r.status_code}: {r.read().decode(errors='replace')[:500]}"
+                else:
+                    self._show(lines, "connected, waiting for events…")
+                    for line in r.iter_lines():
+                        if stop.is_set():
+                            note = "stopped"
+                            break
+                        if line:
+                            lines.append(line)
+                            self._show(lines, "streaming…")
+        except Exception as e:  # show what went wrong instead of failing silently
+            note = f"{type(e).__name__}: {e}"
+        self._show(lines, note)
+        self._trying = None
+        self.try_button.description = "Try it"
+        self.try_button.icon = "play"

@@ -1,0 +1,85 @@
+"""The map progress display's state machine: counts, rate, ETA, throttling, final state."""
+
+from jupyter_stream.progress import MIN_INTERVAL, MapProgress
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class Recorder:
+    def __init__(self):
+        self.seen = []
+
+    def update(self, progress):
+        self.seen.append(progress.snapshot())
+
+
+def test_counts_rate_and_eta():
+    clock = Clock()
+    p = MapProgress("f.map", total=100, clock=clock)
+    p.on_sent(40)
+    for _ in range(20):
+        p.on_result(True)
+    p.on_result(False)
+    p.on_retry()
+    clock.now += 10.5
+    snap = p.snapshot()
+    assert (snap["done"], snap["running"], snap["failed"], snap["retried"]) == (21, 19, 1, 1)
+    assert snap["rate"] == 2.0 and snap["eta"] == (100 - 21) / 2.0
+    assert "f.map: 21/100 done · 19 in flight · 1 failed · 1 retried · 2.0/s · 10.5s elapsed · ETA 39.5s" == p.summary()
+
+
+def test_unknown_total_shows_count_and_rate_without_eta():
+    clock = Clock()
+    p = MapProgress("g.map", total=None, clock=clock)
+    p.on_sent(5)
+    p.on_result(True)
+    clock.now += 2
+    assert p.eta is None and p.summary().startswith("g.map: 1 done · 4 in flight")
+
+
+def test_renders_are_throttled_and_the_final_state_is_always_shown():
+    clock = Clock()
+    recorder = Recorder()
+    p = MapProgress("f.map", total=1000, display=recorder, clock=clock)
+    for i in range(1000):
+        p.on_sent(1)
+        p.on_result(i % 100 != 0)
+        p.render()
+        clock.now += 0.001  # a fast map: 1000 results in one second
+    assert 1 <= p.renders <= 1 / MIN_INTERVAL + 1
+    p.finish("failed")
+    assert recorder.seen[-1]["state"] == "failed" and recorder.seen[-1]["done"] == 1000
+    assert recorder.seen[-1]["failed"] == 10 and recorder.seen[-1]["eta"] is None
+    assert p.summary().endswith("✘ failed")
+    frozen = p.elapsed
+    clock.now += 60
+    assert p.elapsed == frozen  # the final state stays as it was
+    p.finish("success")  # a second finish changes nothing
+    assert p.state == "failed"
+
+
+def test_success_and_cancelled_states():
+    clock = Clock()
+    ok = MapProgress("a.map", total=2, clock=clock)
+    ok.on_sent(2)
+    ok.on_result(True)
+    ok.on_result(True)
+    ok.finish("success")
+    assert ok.summary().endswith("✔ done") and "in flight" not in ok.summary()
+    stopped = MapProgress("b.map", total=10, clock=clock)
+    stopped.finish("cancelled")
+    assert stopped.summary().endswith("■ cancelled")
+
+
+def test_no_display_outside_a_notebook_or_terminal():
+    from jupyter_stream.progress import display_for, start
+
+    p = start("f.map", 3)  # pytest captures stderr: not a terminal, and no kernel here
+    assert p.display is None and display_for(p) is None
+    assert start("f.map", 3, enabled=False).display is None

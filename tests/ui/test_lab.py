@@ -1,0 +1,134 @@
+"""In a real JupyterLab, in headless Chromium: the map progress bar advances and ends with
+the failure count, the endpoint card links to the endpoint, and "Try it" streams events
+into the page. Screenshots of each step are kept in test-artifacts/ui/."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from jupyter_stream.pytest_plugin import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts" / "ui"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+
+
+@pytest.fixture()
+def lab(tmp_path):
+    """JupyterLab with jupyter_stream, serving a copy of notebooks/progress.ipynb."""
+    shutil.copy(REPO / "notebooks" / "progress.ipynb", tmp_path / "progress.ipynb")
+    port, token = free_port(), "labtoken"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_STREAM_")}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    log = open(tmp_path / "lab.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--ServerApp.allow_root=True",
+         "--JupyterStream.min_workers=2", "--JupyterStream.max_workers=2",
+         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(url + "api/stream/workers", headers={"Authorization": f"token {token}"}, timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((tmp_path / "lab.log").read_text())
+        time.sleep(0.2)
+    yield url, token
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def bar_percent(page):
+    """The progress bar's fill, in percent, read from the page."""
+    return page.evaluate(
+        """() => {
+            const bar = document.querySelector('.jupyter-stream-progress .progress-bar');
+            return bar ? parseFloat(bar.style.width || '0') : -1;
+        }"""
+    )
+
+
+def test_progress_and_endpoint_card_in_jupyterlab(lab):
+    from playwright.sync_api import sync_playwright
+
+    url, token = lab
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{url}lab/tree/progress.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+            page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "1-opened.png"))
+
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+
+            page.wait_for_selector(".jupyter-stream-progress", timeout=60_000)
+            samples = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                samples.append(bar_percent(page))
+                if len(samples) == 8:
+                    page.screenshot(path=str(ARTIFACTS / "2-map-running.png"))
+                if samples[-1] >= 100:
+                    break
+                time.sleep(0.5)
+            running = [s for s in samples if 0 < s < 100]
+            assert len(set(running)) >= 3, f"the bar did not advance while the map ran: {samples}"
+            assert running == sorted(running)
+
+            summary = page.locator(".jupyter-stream-summary").first
+            summary.wait_for(timeout=30_000)
+            page.wait_for_function(
+                "() => /failed$/.test(document.querySelector('.jupyter-stream-summary')?.textContent || '')", timeout=30_000
+            )
+            text = summary.text_content()
+            assert "render_frame.map: 200/200 done" in text and "2 failed" in text and "7 retried" in text, text
+            assert bar_percent(page) == 100
+            page.screenshot(path=str(ARTIFACTS / "3-map-done.png"))
+
+            link = page.locator("a.jupyter-stream-url").first
+            link.wait_for(timeout=60_000)
+            href = link.get_attribute("href")
+            assert href == f"{url}stream/ticker" and link.get_attribute("target") == "_blank"
+            assert "curl --no-buffer" in page.locator(".jupyter-stream-curl").first.text_content()
+
+            page.click(".jupyter-stream-try")
+            page.wait_for_function(
+                "() => /data: tick 2/.test(document.querySelector('.jupyter-stream-output')?.textContent || '')", timeout=30_000
+            )
+            page.screenshot(path=str(ARTIFACTS / "4-try-it.png"))
+            counters = page.locator(".jupyter-stream-counters").first
+            page.wait_for_function(
+                "() => /streams open: 1/.test(document.querySelector('.jupyter-stream-counters')?.textContent || '')", timeout=10_000
+            )
+            assert re.search(r"requests: [1-9]", counters.text_content())
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "failure.png"))
+            raise
+        finally:
+            browser.close()
