@@ -176,6 +176,12 @@ class EndpointHandler(StreamHandlerBase):
         return super().finish(*args, **kwargs)
 
 
+def parse_registration(raw: bytes) -> tuple[dict[str, Any], str, bytes]:
+    """A registration's JSON body, its checked name and the pickled function's bytes."""
+    body = json.loads(raw)
+    return body, check_name(body["name"]), base64.b64decode(body["function"], validate=True)
+
+
 class EndpointsHandler(StreamHandlerBase):
     """``GET|POST {base_url}api/stream/endpoints``: list endpoints, or register one."""
 
@@ -186,9 +192,7 @@ class EndpointsHandler(StreamHandlerBase):
     @web.authenticated
     def post(self) -> None:
         try:
-            body = json.loads(self.request.body)
-            name = check_name(body["name"])
-            blob = base64.b64decode(body["function"])
+            body, name, blob = parse_registration(self.request.body)
             spec = EndpointSpec(
                 name=name,
                 fn_hash=wire.content_hash(blob),
@@ -234,9 +238,7 @@ class FunctionsHandler(StreamHandlerBase):
     @web.authenticated
     def post(self) -> None:
         try:
-            body = json.loads(self.request.body)
-            name = check_name(body["name"])
-            blob = base64.b64decode(body["function"])
+            body, name, blob = parse_registration(self.request.body)
             timeout = body.get("timeout")
             spec = FunctionSpec(
                 name=name,

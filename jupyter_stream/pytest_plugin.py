@@ -184,7 +184,8 @@ def start_stream_server() -> Iterator[Callable[..., StreamServer]]:
 
 @pytest.fixture(scope="session")
 def stream_server(start_stream_server: Callable[..., StreamServer]) -> StreamServer:
-    """The shared server: two warm workers, a 1 s SSE heartbeat, fast death detection."""
+    """The shared server: two warm workers, a 1 s SSE heartbeat, fast death detection, and
+    no unauthenticated access (so jupyter-server warns about any handler lacking auth)."""
     return start_stream_server(
         [
             "--JupyterStream.min_workers=2",
@@ -192,6 +193,7 @@ def stream_server(start_stream_server: Callable[..., StreamServer]) -> StreamSer
             "--JupyterStream.sse_heartbeat_interval=1.0",
             "--JupyterStream.worker_poll_interval=0.2",
             "--JupyterStream.max_request_body=65536",
+            "--ServerApp.allow_unauthenticated_access=False",
         ]
     )
 
