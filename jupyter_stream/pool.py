@@ -301,14 +301,22 @@ class WorkerPool:
         self._watcher = asyncio.create_task(self._watch())
         await asyncio.gather(*(self._start_worker() for _ in range(self.min_workers)), return_exceptions=True)
 
+    def try_acquire(self) -> WorkerKernel | None:
+        """A worker with room for one more call right now, or None."""
+        if not self._waiters:  # never jump the queue
+            for worker in self.workers:
+                if worker.alive and worker.load < self.calls_per_worker:
+                    worker.load += 1
+                    return worker
+        return None
+
     async def acquire(self) -> WorkerKernel:
         """A worker with room for one more call, starting a new kernel if the pool may grow."""
         if self._closed:
             raise WorkerError("the worker pool is shut down")
-        for worker in self.workers:
-            if worker.alive and worker.load < self.calls_per_worker:
-                worker.load += 1
-                return worker
+        worker = self.try_acquire()
+        if worker is not None:
+            return worker
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         if len(self.workers) + self.starting < self.max_workers:

@@ -53,29 +53,35 @@ class RemoteRun:
         self.sent_any = False
         self.call: RemoteCall | None = None
         self.cancelled = False
-        self.task = asyncio.create_task(self.run())
+        self.task: asyncio.Task | None = None
+        self.attempt()
 
-    async def run(self) -> None:
-        while not self.cancelled:
-            try:
-                worker = await self.session.pool.acquire()
-            except WorkerError as e:
-                self.session.end(self.id, {"type": "WorkerError", "module": "jupyter_stream", "message": str(e), "traceback": ""})
-                return
-            if self.cancelled:
-                self.session.pool.release(worker)
-                return
-            self.attempts += 1
-            self.done = asyncio.get_running_loop().create_future()
-            self.call = worker.call(
-                self.spec.fn_hash, self.spec.fn_blob, extra_buffers=[self.args],
-                mode="values", pickled_args=True, timeout=self.spec.timeout,
-            )
-            self.call.on_output = self.on_output
-            retry = await self.done
-            if not retry:
-                return
-            self.spec.stats["retried"] += 1
+    def attempt(self) -> None:
+        """Start on an idle worker now (the common, fast case), or wait for one."""
+        worker = self.session.pool.try_acquire()
+        if worker is not None:
+            self.launch(worker)
+        else:
+            self.task = asyncio.create_task(self.wait_for_worker())
+
+    async def wait_for_worker(self) -> None:
+        try:
+            worker = await self.session.pool.acquire()
+        except WorkerError as e:
+            self.session.end(self.id, {"type": "WorkerError", "module": "jupyter_stream", "message": str(e), "traceback": ""})
+            return
+        if self.cancelled:
+            self.session.pool.release(worker)
+            return
+        self.launch(worker)
+
+    def launch(self, worker: WorkerKernel) -> None:
+        self.attempts += 1
+        self.call = worker.call(
+            self.spec.fn_hash, self.spec.fn_blob, extra_buffers=[self.args],
+            mode="values", pickled_args=True, timeout=self.spec.timeout,
+        )
+        self.call.on_output = self.on_output
 
     def on_output(self, data: dict[str, Any], buffers: list) -> None:
         if data.get("fatal"):
@@ -83,7 +89,8 @@ class RemoteRun:
         if data.get("end") and data.get("error") and not self.sent_any and not self.cancelled:
             died = data["error"].get("type") == "WorkerDied"
             if died or self.attempts <= self.spec.retries:
-                self.done.set_result(True)  # run it again
+                self.spec.stats["retried"] += 1
+                self.attempt()  # run it again, on whichever worker is free
                 return
         out = {k: data[k] for k in ("start", "sizes", "end", "error") if k in data}
         payload = buffers[0] if buffers else b""
@@ -93,7 +100,6 @@ class RemoteRun:
             if data.get("error"):
                 self.spec.stats["failed"] += 1
             self.session.runs.pop(self.id, None)
-            self.done.set_result(False)
         self.session.send({"op": "out", "id": self.id, **out}, payload)
 
     def ack(self, nbytes: int) -> None:
@@ -104,7 +110,7 @@ class RemoteRun:
         self.cancelled = True
         if self.call is not None:
             self.call.cancel()
-        if not self.task.done() and self.call is None:
+        if self.task is not None and not self.task.done():
             self.task.cancel()
 
 
