@@ -511,8 +511,10 @@ def wait_until_streams(server: Server, deadline: float, log: Optional[Path] = No
     raise RuntimeError(f"{server.name}: trivial endpoint never answered ({last_err}){tail}")
 
 
-def start_ours(procs: Processes, tmp: Path, startup_timeout: float = 60.0) -> Server:
-    """Start jupyter_server with jupyter_stream and register the generators."""
+def start_jupyter_stream(procs: Processes, tmp: Path, options: List[str] = (), workers: int = 1,
+                         startup_timeout: float = 90.0) -> Tuple[subprocess.Popen, str, str, Path]:
+    """Start jupyter_server with jupyter_stream and wait until `workers` worker kernels
+    are alive. Returns (process, base URL, token, log path)."""
     import secrets
 
     port = _free_port()
@@ -533,6 +535,7 @@ def start_ours(procs: Processes, tmp: Path, startup_timeout: float = 60.0) -> Se
         "--ServerApp.open_browser=False",
         f"--ServerApp.root_dir={root}",
         "--ServerApp.jpserver_extensions={'jupyter_stream': True}",
+        *options,
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--ServerApp.allow_root=True")  # containers/CI; it refuses otherwise
@@ -541,23 +544,32 @@ def start_ours(procs: Processes, tmp: Path, startup_timeout: float = 60.0) -> Se
     base = f"http://127.0.0.1:{port}/"
     headers = {"Authorization": f"token {token}"}
 
-    # 1. Wait for the server itself.
     deadline = time.monotonic() + startup_timeout
+    last = "no answer"
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"jupyter_server exited with {proc.returncode}:\n{log_tail(log)}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"jupyter_server not ready after {startup_timeout}s:\n{log_tail(log)}")
+            raise RuntimeError(f"worker pool not ready after {startup_timeout:g}s ({last}):\n{log_tail(log)}")
         try:
-            req = urllib.request.Request(base + "api/status", headers=headers)
+            req = urllib.request.Request(base + "api/stream/workers", headers=headers)
             with urllib.request.urlopen(req, timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except (urllib.error.URLError, OSError):
-            pass
+                listed = json.loads(resp.read()).get("workers", [])
+            alive = [w for w in listed if w.get("alive")]
+            last = f"{len(alive)}/{len(listed)} workers alive"
+            if len(alive) >= workers:
+                return proc, base, token, log
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            last = repr(exc)
         time.sleep(0.25)
 
-    # 2. Register the same generators through our public API.
+
+def start_ours(procs: Processes, tmp: Path, startup_timeout: float = 60.0) -> Server:
+    """Start jupyter_server with jupyter_stream and register the generators."""
+    proc, base, token, log = start_jupyter_stream(procs, tmp, startup_timeout=startup_timeout)
+    headers = {"Authorization": f"token {token}"}
+
+    # Register the same generators through our public API.
     os.environ["JUPYTER_STREAM_URL"] = base
     os.environ["JUPYTER_STREAM_TOKEN"] = token
     if str(REPO_ROOT) not in sys.path:
@@ -570,7 +582,7 @@ def start_ours(procs: Processes, tmp: Path, startup_timeout: float = 60.0) -> Se
         urls[name] = registered.url
     server = Server("ours", urls, headers, note="jupyter_stream")
 
-    # 3. Worker kernels start with the server: allow them time, then warm up.
+    # Warm up: the first requests load the functions into the workers.
     wait_until_streams(server, deadline=time.monotonic() + 60.0, log=log)
     return server
 

@@ -44,7 +44,6 @@ import contextlib
 import json
 import os
 import platform
-import secrets
 import shutil
 import signal
 import statistics
@@ -52,15 +51,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from endpoint_bench import (  # noqa: E402  (same folder; shared plumbing)
-    REPO_ROOT, Processes, _free_port, _percentile, _raise_on_sigterm, log_tail, print_table,
+    REPO_ROOT, Processes, _percentile, _raise_on_sigterm, print_table, start_jupyter_stream,
 )
 
 MEASUREMENTS = ("map", "remote")
@@ -142,52 +139,9 @@ class Ours(System):
         self.fn = None
 
     def start(self, startup_timeout: float = 90.0) -> None:
-        port = _free_port()
-        token = secrets.token_hex(16)
-        root = self.tmp / "root"
-        root.mkdir(exist_ok=True)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        env["JUPYTER_RUNTIME_DIR"] = str(self.tmp / "runtime")
-        cmd = [
-            sys.executable, "-m", "jupyter_server",
-            f"--ServerApp.port={port}",
-            "--ServerApp.port_retries=0",
-            "--ServerApp.ip=127.0.0.1",
-            f"--IdentityProvider.token={token}",
-            "--ServerApp.open_browser=False",
-            f"--ServerApp.root_dir={root}",
-            "--ServerApp.jpserver_extensions={'jupyter_stream': True}",
-            f"--JupyterStream.min_workers={self.workers}",
-            f"--JupyterStream.max_workers={self.workers}",
-        ]
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            cmd.append("--ServerApp.allow_root=True")
-        self.log = self.tmp / "ours.log"
-        proc = self.procs.start("ours", cmd, self.log, env=env)
-        base = f"http://127.0.0.1:{port}/"
-        headers = {"Authorization": f"token {token}"}
-
-        # Wait for the pool: exactly `workers` kernels, all alive.
-        deadline = time.monotonic() + startup_timeout
-        last = "no answer"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"jupyter_server exited with {proc.returncode}:\n{log_tail(self.log)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker pool not ready after {startup_timeout:g}s ({last}):\n{log_tail(self.log)}")
-            try:
-                req = urllib.request.Request(base + "api/stream/workers", headers=headers)
-                with urllib.request.urlopen(req, timeout=2) as resp:
-                    info = json.loads(resp.read())
-                workers = info.get("workers", [])
-                alive = [w for w in workers if w.get("alive")]
-                last = f"{len(alive)}/{len(workers)} workers alive"
-                if len(alive) == self.workers and len(workers) == self.workers:
-                    break
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                last = repr(exc)
-            time.sleep(0.25)
+        # exactly `workers` kernels: min = max, and all of them alive before measuring
+        options = [f"--JupyterStream.min_workers={self.workers}", f"--JupyterStream.max_workers={self.workers}"]
+        _, base, token, self.log = start_jupyter_stream(self.procs, self.tmp, options, self.workers, startup_timeout)
 
         os.environ["JUPYTER_STREAM_URL"] = base
         os.environ["JUPYTER_STREAM_TOKEN"] = token
