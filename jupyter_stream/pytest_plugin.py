@@ -96,6 +96,15 @@ class StreamServer:
             time.sleep(0.1)
         raise TimeoutError(f"fewer than {count} live workers after {timeout} s: {self.workers()}")
 
+    def wait_until_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until no worker runs a call; False if one still does after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while any(w["busy"] for w in self.workers()["workers"]):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def register(self, fn: Callable, name: str | None = None, media_type: str | None = None) -> Any:
         from .endpoint import register_endpoint
 

@@ -27,6 +27,20 @@ def read_events(response):
     return events
 
 
+def seconds_until_finally(server, endpoint, marker):
+    """Read the first chunk of `endpoint`, hang up, and time how long until the generator's
+    `finally` writes `marker` (None if it has not within 5 s)."""
+    with httpx.stream("GET", endpoint.url, params={"marker": marker}, headers=server.headers, timeout=30) as r:
+        for _ in r.iter_bytes():
+            break
+    closed_at = time.monotonic()
+    while time.monotonic() - closed_at < 5:
+        if os.path.exists(marker):
+            return time.monotonic() - closed_at
+        time.sleep(0.02)
+    return None
+
+
 def test_reference_example_streams_with_curl(start_stream_server):
     """Modal's first example through `curl --no-buffer`, on a server whose worker starts cold."""
     server = start_stream_server(["--JupyterStream.min_workers=0"])
@@ -214,21 +228,12 @@ def test_client_disconnect_closes_the_generator(stream_server):
             with open(marker, "w") as f:
                 f.write("closed")
 
-    endpoint = stream_server.register(endless)
-    with httpx.stream("GET", endpoint.url, params={"marker": marker}, headers=stream_server.headers, timeout=30) as r:
-        for _ in r.iter_bytes():
-            break
-    closed_at = time.monotonic()
-    while not os.path.exists(marker) and time.monotonic() - closed_at < 5:
-        time.sleep(0.02)
-    assert os.path.exists(marker), "the generator's finally did not run"
-    assert time.monotonic() - closed_at <= 1.0
-    # every worker is free again: as many concurrent requests as workers are served
-    workers = stream_server.wait_for_workers(2)
-    deadline = time.monotonic() + 5
-    while any(w["busy"] for w in stream_server.workers()["workers"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(w["busy"] for w in stream_server.workers()["workers"]), workers
+    closed_after = seconds_until_finally(stream_server, stream_server.register(endless), marker)
+    assert closed_after is not None, "the generator's finally did not run"
+    assert closed_after <= 1.0
+    # every worker is free again
+    stream_server.wait_for_workers(2)
+    assert stream_server.wait_until_idle(), stream_server.workers()
 
 
 def test_async_generator_is_cancelled_on_disconnect(stream_server):
@@ -244,14 +249,8 @@ def test_async_generator_is_cancelled_on_disconnect(stream_server):
             with open(marker, "w") as f:
                 f.write("closed")
 
-    endpoint = stream_server.register(waits)
-    with httpx.stream("GET", endpoint.url, params={"marker": marker}, headers=stream_server.headers, timeout=30) as r:
-        for _ in r.iter_bytes():
-            break
-    closed_at = time.monotonic()
-    while not os.path.exists(marker) and time.monotonic() - closed_at < 5:
-        time.sleep(0.02)
-    assert os.path.exists(marker) and time.monotonic() - closed_at <= 1.0
+    closed_after = seconds_until_finally(stream_server, stream_server.register(waits), marker)
+    assert closed_after is not None and closed_after <= 1.0
 
 
 def test_backpressure_pauses_the_generator(stream_server):

@@ -215,10 +215,7 @@ def test_break_cancels_the_rest_and_frees_workers(register, stream_server):
     time.sleep(1.0)
     count = len(os.listdir(ran))
     assert count < 100, f"{count} items ran after the consumer stopped"
-    deadline = time.monotonic() + 5
-    while any(w["busy"] for w in stream_server.workers()["workers"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(w["busy"] for w in stream_server.workers()["workers"])
+    assert stream_server.wait_until_idle(), stream_server.workers()
     assert len(os.listdir(ran)) == count  # nothing more ran
 
 
