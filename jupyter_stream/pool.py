@@ -17,7 +17,6 @@ import collections
 import itertools
 import logging
 import os
-import signal
 import uuid
 from typing import Any, Callable
 
@@ -197,8 +196,12 @@ class WorkerKernel:
                 op = data.get("op")
                 if op == "out":
                     call = self.calls.get(data["id"])
+                    if data.get("fatal"):
+                        self.alive = False  # before the call's end frees it: offer it to no one
                     if call is not None:
                         call.feed(data, msg["buffers"])
+                    if data.get("fatal"):
+                        self.retire()
                 elif op == "ready" and self._ready is not None and not self._ready.done():
                     self._ready.set_result(data)
             elif msg_type == "stream":
@@ -236,11 +239,11 @@ class WorkerKernel:
             call.fail(error)
 
     def retire(self) -> None:
-        """Stop this kernel (a call timed out and its thread may be stuck); the pool's
-        watcher then fails what it still runs and starts a replacement."""
-        if self.alive:
+        """Replace this kernel now (a call timed out and its thread may be stuck): it
+        leaves the pool at once, so no new call lands on it while it is being killed."""
+        if self in self.pool.workers:
             log.warning("jupyter_stream: %s (pid %s) ran a call past its timeout; restarting it", self.name, self.pid)
-            asyncio.ensure_future(self.km.signal_kernel(signal.SIGKILL))
+            self.pool.replace(self, "the kernel was restarted after a call ran past its timeout")
 
     async def is_alive(self) -> bool:
         return await self.km.is_alive()
@@ -401,17 +404,24 @@ class WorkerPool:
         while not self._closed:
             await asyncio.sleep(self.poll_interval)
             for worker in list(self.workers):
-                if not await worker.is_alive():
+                if not await worker.is_alive() and worker in self.workers:
                     log.warning("jupyter_stream: %s (pid %s) died; replacing it", worker.name, worker.pid)
-                    self.workers.remove(worker)
-                    worker.died("kernel process exited")
-                    self.replaced += 1
-                    self._spawn(worker.shutdown(now=True))
+                    self.replace(worker, "kernel process exited")
             missing = self.min_workers - len(self.workers) - self.starting
             if self._waiters and not missing and len(self.workers) + self.starting < self.max_workers:
                 missing = 1
             for _ in range(max(missing, 0)):
                 self._spawn(self._start_worker())
+
+    def replace(self, worker: WorkerKernel, reason: str) -> None:
+        """Take a dead or doomed worker out of the pool, fail what it still runs, and
+        stop its kernel; the watcher starts a replacement to keep the warm minimum."""
+        if worker not in self.workers:
+            return
+        self.workers.remove(worker)
+        worker.died(reason)
+        self.replaced += 1
+        self._spawn(worker.shutdown(now=True))
 
     async def shutdown(self) -> None:
         """Stop every worker kernel (the server is shutting down)."""

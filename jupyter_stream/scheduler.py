@@ -84,8 +84,6 @@ class RemoteRun:
         self.call.on_output = self.on_output
 
     def on_output(self, data: dict[str, Any], buffers: list) -> None:
-        if data.get("fatal"):
-            self.call.worker.retire()
         if data.get("end") and data.get("error") and not self.sent_any and not self.cancelled:
             died = data["error"].get("type") == "WorkerDied"
             if died or self.attempts <= self.spec.retries:
@@ -252,8 +250,6 @@ class MapRun:
         Whatever it still had in flight runs again elsewhere."""
         if lane in self.lanes:
             self.lanes.remove(lane)
-        if data.get("fatal"):
-            lane.worker.retire()
         for index, (blob, attempts) in sorted(lane.inflight.items(), reverse=True):
             self.pending.appendleft((index, blob, attempts))
         lane.inflight.clear()
