@@ -177,6 +177,8 @@ class _MapState:
         ready = []
         for header, payload in frames:
             items = header.get("items")
+            if "lanes" in header:
+                self.progress.on_lanes(header["lanes"])
             if items:
                 for (index, ok), blob in zip(items, wire.split(payload, header["sizes"])):
                     if ok is None:  # the item failed and is being retried

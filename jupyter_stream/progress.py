@@ -33,6 +33,7 @@ class MapProgress:
         self.done = 0
         self.failed = 0
         self.retried = 0
+        self.lanes: int | None = None  # workers running this map, as the server last said
         self.state = "running"  # then "success", "failed" or "cancelled"
         self.renders = 0
         self._last_render = float("-inf")
@@ -50,6 +51,9 @@ class MapProgress:
     def on_retry(self) -> None:
         self.retried += 1
 
+    def on_lanes(self, lanes: int) -> None:
+        self.lanes = lanes
+
     def finish(self, state: str) -> None:
         if self.ended is None:
             self.state = state
@@ -59,8 +63,20 @@ class MapProgress:
     # -- derived figures ------------------------------------------------------------------
 
     @property
-    def running(self) -> int:
+    def in_flight(self) -> int:
+        """Sent to the server and not answered yet."""
         return max(self.sent - self.done, 0)
+
+    @property
+    def running(self) -> int:
+        """On a worker now: one item per worker running the map (all in flight until the
+        server has said how many workers that is)."""
+        return self.in_flight if self.lanes is None else min(self.in_flight, self.lanes)
+
+    @property
+    def queued(self) -> int:
+        """Sent and waiting for a worker (items travel in batches)."""
+        return self.in_flight - self.running
 
     @property
     def elapsed(self) -> float:
@@ -82,7 +98,7 @@ class MapProgress:
     def snapshot(self) -> dict[str, Any]:
         return {
             "label": self.label, "state": self.state, "total": self.total, "done": self.done,
-            "running": self.running, "failed": self.failed, "retried": self.retried,
+            "running": self.running, "queued": self.queued, "failed": self.failed, "retried": self.retried,
             "rate": self.rate, "elapsed": self.elapsed, "eta": self.eta,
         }
 
@@ -91,7 +107,9 @@ class MapProgress:
         done = f"{self.done:,}/{self.total:,}" if self.total is not None else f"{self.done:,}"
         parts = [f"{self.label}: {done} done"]
         if self.state == "running":
-            parts.append(f"{self.running:,} in flight")
+            parts.append(f"{self.running:,} running")
+            if self.queued:
+                parts.append(f"{self.queued:,} queued")
         parts.append(f"{self.failed:,} failed")
         parts.append(f"{self.retried:,} retried")
         parts.append(f"{self.rate:,.1f}/s")

@@ -241,7 +241,8 @@ class MapRun:
             forward_blobs.append(blob)
         if forward_items and not self.cancelled:
             self.session.send(
-                {"op": "out", "id": self.id, "items": forward_items, "sizes": [len(b) for b in forward_blobs]},
+                {"op": "out", "id": self.id, "items": forward_items, "sizes": [len(b) for b in forward_blobs],
+                 "lanes": len(self.lanes)},
                 b"".join(forward_blobs) if changed else payload,
             )
 

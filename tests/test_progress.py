@@ -29,9 +29,13 @@ def test_counts_rate_and_eta():
     p.on_retry()
     clock.now += 10.5
     snap = p.snapshot()
-    assert (snap["done"], snap["running"], snap["failed"], snap["retried"]) == (21, 19, 1, 1)
+    # until the server says how many workers run the map, everything in flight counts as running
+    assert (snap["done"], snap["running"], snap["queued"], snap["failed"], snap["retried"]) == (21, 19, 0, 1, 1)
     assert snap["rate"] == 2.0 and snap["eta"] == (100 - 21) / 2.0
-    assert "f.map: 21/100 done · 19 in flight · 1 failed · 1 retried · 2.0/s · 10.5s elapsed · ETA 39.5s" == p.summary()
+    assert "f.map: 21/100 done · 19 running · 1 failed · 1 retried · 2.0/s · 10.5s elapsed · ETA 39.5s" == p.summary()
+    p.on_lanes(2)  # two workers: two items run, the rest of the batch waits
+    assert (p.running, p.queued) == (2, 17)
+    assert "21/100 done · 2 running · 17 queued · 1 failed" in p.summary()
 
 
 def test_unknown_total_shows_count_and_rate_without_eta():
@@ -40,7 +44,7 @@ def test_unknown_total_shows_count_and_rate_without_eta():
     p.on_sent(5)
     p.on_result(True)
     clock.now += 2
-    assert p.eta is None and p.summary().startswith("g.map: 1 done · 4 in flight")
+    assert p.eta is None and p.summary().startswith("g.map: 1 done · 4 running")
 
 
 def test_renders_are_throttled_and_the_final_state_is_always_shown():
@@ -71,7 +75,7 @@ def test_success_and_cancelled_states():
     ok.on_result(True)
     ok.on_result(True)
     ok.finish("success")
-    assert ok.summary().endswith("✔ done") and "in flight" not in ok.summary()
+    assert ok.summary().endswith("✔ done") and "running" not in ok.summary()
     stopped = MapProgress("b.map", total=10, clock=clock)
     stopped.finish("cancelled")
     assert stopped.summary().endswith("■ cancelled")
