@@ -27,14 +27,21 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture()
 def lab(tmp_path):
     """JupyterLab with jupyter_stream, serving a copy of notebooks/progress.ipynb."""
-    shutil.copy(REPO / "notebooks" / "progress.ipynb", tmp_path / "progress.ipynb")
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(REPO / "notebooks" / "progress.ipynb", root / "progress.ipynb")
+    # user settings of this lab only: no "Jupyter news?" prompt over the screenshots
+    notification = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text('{"fetchNews": "false"}')
     port, token = free_port(), "labtoken"
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_STREAM_")}
     env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    env["JUPYTERLAB_SETTINGS_DIR"] = str(tmp_path / "settings")
     log = open(tmp_path / "lab.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--ServerApp.allow_root=True",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.allow_root=True",
          "--JupyterStream.min_workers=2", "--JupyterStream.max_workers=2",
          "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
@@ -88,10 +95,11 @@ def test_progress_and_endpoint_card_in_jupyterlab(lab):
             page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
 
             page.wait_for_selector(".jupyter-stream-progress", timeout=60_000)
-            samples = []
+            samples, texts = [], []
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 samples.append(bar_percent(page))
+                texts.append(page.evaluate("() => document.querySelector('.jupyter-stream-summary')?.textContent || ''"))
                 if len(samples) == 8:
                     page.screenshot(path=str(ARTIFACTS / "2-map-running.png"))
                 if samples[-1] >= 100:
@@ -100,6 +108,9 @@ def test_progress_and_endpoint_card_in_jupyterlab(lab):
             running = [s for s in samples if 0 < s < 100]
             assert len(set(running)) >= 3, f"the bar did not advance while the map ran: {samples}"
             assert running == sorted(running)
+            # mid-run, the summary says how many items run on the two workers and how many wait
+            running_counts = [int(m.group(1)) for t in texts if (m := re.search(r"· (\d+) running", t))]
+            assert max(running_counts[1:], default=0) >= 1 and all(n <= 2 for n in running_counts[1:]), texts
 
             summary = page.locator(".jupyter-stream-summary").first
             summary.wait_for(timeout=30_000)
@@ -127,6 +138,23 @@ def test_progress_and_endpoint_card_in_jupyterlab(lab):
                 "() => /streams open: 1/.test(document.querySelector('.jupyter-stream-counters')?.textContent || '')", timeout=10_000
             )
             assert re.search(r"requests: [1-9]", counters.text_content())
+
+            # the browser's own EventSource, authenticated by the page's login cookie,
+            # gets each event as it is yielded (0.5 s apart), not all at the end
+            events = page.evaluate(
+                """(url) => new Promise((resolve, reject) => {
+                    const seen = [], source = new EventSource(url);
+                    source.onmessage = (e) => {
+                        seen.push([e.data, performance.now()]);
+                        if (seen.length === 3) { source.close(); resolve(seen); }
+                    };
+                    source.onerror = () => { source.close(); reject(new Error("EventSource failed after " + JSON.stringify(seen))); };
+                    setTimeout(() => { source.close(); reject(new Error("timed out after " + JSON.stringify(seen))); }, 20000);
+                })""",
+                f"{url}stream/ticker?n=5",
+            )
+            assert [data for data, _ in events] == ["tick 0", "tick 1", "tick 2"]
+            assert (events[2][1] - events[0][1]) / 1000 >= 0.8, events
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "failure.png"))
             raise
