@@ -20,6 +20,7 @@ import os
 import uuid
 from typing import Any, Callable
 
+import zmq
 from jupyter_client.manager import AsyncKernelManager
 
 from . import wire
@@ -155,6 +156,12 @@ class WorkerKernel:
                 "that kernel's environment, or set JupyterStream.kernel_name to a kernelspec that has it."
             )
         self._ready = asyncio.get_running_loop().create_future()
+        # IOPub from now on: only this worker's comm and its prints. zmq drops the kernel's
+        # status messages (two for every message it handles) before they reach this process.
+        iopub = self.kc.iopub_channel.socket
+        iopub.setsockopt(zmq.UNSUBSCRIBE, b"")
+        for topic in (f"comm-{self.comm_id}".encode(), b"stream."):
+            iopub.setsockopt(zmq.SUBSCRIBE, topic)
         self._reader = asyncio.create_task(self._read_iopub())
         self._channel = self.kc.shell_channel
         self.kc.shell_channel.send(
@@ -167,9 +174,8 @@ class WorkerKernel:
         self.alive = True
 
     async def _read_iopub(self) -> None:
-        """Route the worker's IOPub messages: call output to its `RemoteCall`, prints to the log.
-        Reads the socket directly and parses content only for the messages we use (every
-        message the kernel handles also produces two status messages)."""
+        """Route the worker's IOPub messages: call output to its `RemoteCall`, prints to the
+        log. Reads the socket directly, without jupyter_client's channel machinery."""
         socket = self.kc.iopub_channel.socket
         session = self.kc.session
         while True:
@@ -186,8 +192,6 @@ class WorkerKernel:
                 await asyncio.sleep(0)
                 continue
             msg_type = msg["header"]["msg_type"]
-            if msg_type == "status":
-                continue
             content = session.unpack(msg["content"])
             if msg_type == "comm_msg":
                 if content.get("comm_id") != self.comm_id:
@@ -208,8 +212,6 @@ class WorkerKernel:
                 text = content.get("text", "").rstrip("\n")
                 if text:
                     log.info("[%s %s] %s", self.name, content.get("name"), text)
-            elif msg_type == "error":
-                log.warning("[%s] %s: %s", self.name, content.get("ename"), content.get("evalue"))
 
     def send(self, data: dict[str, Any], buffers: list[bytes] | None = None) -> None:
         msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
