@@ -110,6 +110,28 @@ class Call:
             message = worker.take_output(self)  # first output: send it ourselves
         worker.send(*message)
 
+    def put_last(self, data: bytes) -> None:
+        """The call's one output (a plain return value): it goes out with the call's end in
+        one message, sent right here, so a `.remote()` costs one message back, not two."""
+        worker = self.worker
+        with worker.lock:
+            if self.cancelled or self.done:
+                raise CallCancelled()
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if len(data) >= LARGE_CHUNK:
+                self.has_large = True
+            self.done = True
+            if self.dirty or self.start is None:  # the sender ships it (and the end) instead
+                if not self.dirty:
+                    self.dirty = True
+                    worker.dirty.append(self)
+                    worker.has_output.notify()
+                return
+            self.dirty = True
+            message = worker.take_output(self)
+        worker.send(*message)
+
     def finish(self, error: dict[str, Any] | None = None) -> None:
         """Mark the call as ended; the sender ships the end (and error) with the last bytes."""
         with self.worker.lock:
@@ -375,7 +397,7 @@ class Worker:
             encode = wire.dumps
             single = not streaming
         if single:
-            call.put(encode(result))
+            call.put_last(encode(result))
             return None
         if hasattr(result, "__aiter__"):
             return self.drain_async(call, result, encode)
