@@ -180,22 +180,25 @@ class _MapState:
             if "lanes" in header:
                 self.progress.on_lanes(header["lanes"])
             if items:
-                for (index, ok), blob in zip(items, wire.split(payload, header["sizes"])):
-                    if ok is None:  # the item failed and is being retried
-                        self.progress.on_retry()
-                        continue
-                    self.received += 1
-                    self.progress.on_result(ok)
-                    value = pickle.loads(blob)
-                    if not ok:
-                        exc = rebuild(value)
-                        if not self.return_exceptions:
-                            raise exc
-                        value = exc
-                    if self.order:
-                        self.buffered[index] = value
-                    else:
-                        ready.append(value)
+                received, failed = self.received, 0
+                try:
+                    for (index, ok), blob in zip(items, wire.split(payload, header["sizes"])):
+                        if ok is None:  # the item failed and is being retried
+                            self.progress.on_retry()
+                            continue
+                        self.received += 1
+                        value = pickle.loads(blob)
+                        if not ok:
+                            failed += 1
+                            value = rebuild(value)
+                            if not self.return_exceptions:
+                                raise value
+                        if self.order:
+                            self.buffered[index] = value
+                        else:
+                            ready.append(value)
+                finally:  # counted once per frame, not per item: this loop is the hot path
+                    self.progress.on_results(self.received - received, failed)
             if header.get("end"):
                 self.finished = True
                 _raise_if_error(header)

@@ -43,10 +43,10 @@ class MapProgress:
     def on_sent(self, n: int) -> None:
         self.sent += n
 
-    def on_result(self, ok: bool) -> None:
-        self.done += 1
-        if not ok:
-            self.failed += 1
+    def on_results(self, done: int, failed: int = 0) -> None:
+        """`done` more items have their final result, `failed` of them a failure."""
+        self.done += done
+        self.failed += failed
 
     def on_retry(self) -> None:
         self.retried += 1

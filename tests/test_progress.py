@@ -23,9 +23,8 @@ def test_counts_rate_and_eta():
     clock = Clock()
     p = MapProgress("f.map", total=100, clock=clock)
     p.on_sent(40)
-    for _ in range(20):
-        p.on_result(True)
-    p.on_result(False)
+    p.on_results(20)
+    p.on_results(1, failed=1)
     p.on_retry()
     clock.now += 10.5
     snap = p.snapshot()
@@ -42,7 +41,7 @@ def test_unknown_total_shows_count_and_rate_without_eta():
     clock = Clock()
     p = MapProgress("g.map", total=None, clock=clock)
     p.on_sent(5)
-    p.on_result(True)
+    p.on_results(1)
     clock.now += 2
     assert p.eta is None and p.summary().startswith("g.map: 1 done · 4 running")
 
@@ -53,7 +52,7 @@ def test_renders_are_throttled_and_the_final_state_is_always_shown():
     p = MapProgress("f.map", total=1000, display=recorder, clock=clock)
     for i in range(1000):
         p.on_sent(1)
-        p.on_result(i % 100 != 0)
+        p.on_results(1, failed=int(i % 100 == 0))
         p.render()
         clock.now += 0.001  # a fast map: 1000 results in one second
     assert 1 <= p.renders <= 1 / MIN_INTERVAL + 1
@@ -72,8 +71,7 @@ def test_success_and_cancelled_states():
     clock = Clock()
     ok = MapProgress("a.map", total=2, clock=clock)
     ok.on_sent(2)
-    ok.on_result(True)
-    ok.on_result(True)
+    ok.on_results(2)
     ok.finish("success")
     assert ok.summary().endswith("✔ done") and "running" not in ok.summary()
     stopped = MapProgress("b.map", total=10, clock=clock)
