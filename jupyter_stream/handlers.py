@@ -265,7 +265,9 @@ class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
     @ws_authenticated
     async def get(self, *args: Any, **kwargs: Any) -> None:
         state = self.settings["jupyter_stream"]
-        self.session = ClientSession(state.pool, state.functions, self.send_frame)
+        caller = self.request.headers.get("X-Jupyter-Stream-Worker", "")
+        caller_worker = state.pool.worker(int(caller)) if caller.isdigit() else None
+        self.session = ClientSession(state.pool, state.functions, self.send_frame, caller_worker)
         await super().get(*args, **kwargs)
 
     def open(self, *args: Any, **kwargs: Any) -> None:

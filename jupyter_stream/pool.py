@@ -306,6 +306,15 @@ class WorkerPool:
         self._watcher = asyncio.create_task(self._watch())
         await asyncio.gather(*(self._start_worker() for _ in range(self.min_workers)), return_exceptions=True)
 
+    @property
+    def full(self) -> bool:
+        """No more kernels may start: the pool is at `max_workers`."""
+        return len(self.workers) + self.starting >= self.max_workers
+
+    def worker(self, index: int) -> WorkerKernel | None:
+        """The live worker with this index (``JUPYTER_STREAM_WORKER`` in its environment)."""
+        return next((w for w in self.workers if w.index == index and w.alive), None)
+
     def try_acquire(self) -> WorkerKernel | None:
         """A worker with room for one more call right now, or None."""
         if not self._waiters:  # never jump the queue
@@ -324,7 +333,7 @@ class WorkerPool:
             return worker
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        if len(self.workers) + self.starting < self.max_workers:
+        if not self.full:
             self._spawn(self._start_worker())
         try:
             return await waiter
@@ -410,7 +419,7 @@ class WorkerPool:
                     log.warning("jupyter_stream: %s (pid %s) died; replacing it", worker.name, worker.pid)
                     self.replace(worker, "kernel process exited")
             missing = self.min_workers - len(self.workers) - self.starting
-            if self._waiters and not missing and len(self.workers) + self.starting < self.max_workers:
+            if self._waiters and not missing and not self.full:
                 missing = 1
             for _ in range(max(missing, 0)):
                 self._spawn(self._start_worker())

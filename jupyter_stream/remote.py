@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import threading
 import uuid
 from typing import Any
@@ -99,6 +100,8 @@ class CallClient:
     async def _connect(self) -> None:
         url = "ws" + self.connection.url[len("http"):] + "api/stream/calls"
         headers = {"Authorization": f"token {self.connection.token}"} if self.connection.token else {}
+        if os.environ.get("JUPYTER_STREAM_WORKER"):  # a function calling another: say from which worker
+            headers["X-Jupyter-Stream-Worker"] = os.environ["JUPYTER_STREAM_WORKER"]
         try:
             self.ws = await websocket_connect(HTTPRequest(url, headers=headers), max_message_size=1 << 31)
         except Exception as e:

@@ -58,7 +58,7 @@ class RemoteRun:
 
     def attempt(self) -> None:
         """Start on an idle worker now (the common, fast case), or wait for one."""
-        worker = self.session.pool.try_acquire()
+        worker = self.session.worker_now()
         if worker is not None:
             self.launch(worker)
         else:
@@ -176,7 +176,8 @@ class MapRun:
 
     async def open_lane(self) -> None:
         try:
-            worker = await self.session.pool.acquire()
+            caller_has_lane = any(lane.worker is self.session.caller for lane in self.lanes)
+            worker = self.session.worker_now(allow_caller=not caller_has_lane) or await self.session.pool.acquire()
         except WorkerError as e:
             if not self.lanes:
                 self.fail_all({"type": "WorkerError", "module": "jupyter_stream", "message": str(e), "traceback": ""})
@@ -275,11 +276,26 @@ class MapRun:
 class ClientSession:
     """The runs of one client connection, keyed by the client's call ids."""
 
-    def __init__(self, pool: WorkerPool, functions: dict[str, FunctionSpec], send: Callable[[bytes], None]):
+    def __init__(self, pool: WorkerPool, functions: dict[str, FunctionSpec], send: Callable[[bytes], None],
+                 caller: WorkerKernel | None = None):
         self.pool = pool
         self.functions = functions
         self._send = send
+        #: the worker kernel this client runs in, when a function calls another one
+        self.caller = caller
         self.runs: dict[str, Any] = {}
+
+    def worker_now(self, allow_caller: bool = True) -> WorkerKernel | None:
+        """An idle worker, or None. A call made from inside a worker while every worker is
+        busy and the pool is at its maximum runs on that same worker, in a thread of its
+        own: its caller is waiting for it, so waiting for a free worker could wait forever
+        (dask's `secede` solves the same problem the same way)."""
+        worker = self.pool.try_acquire()
+        caller = self.caller
+        if worker is None and allow_caller and caller is not None and caller.alive and self.pool.full:
+            caller.load += 1
+            worker = caller
+        return worker
 
     def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
         self._send(wire.encode_frame(header, payload))

@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 
+import httpx
 import pytest
 
 import jupyter_stream
@@ -357,3 +358,39 @@ def test_concurrent_callers_share_the_pool(register):
     for t in threads:
         t.join(60)
     assert all(results[k] == [x * x for x in range(k * 100, k * 100 + 50)] for k in range(4))
+
+
+def test_calls_from_a_worker_run_on_it_when_the_pool_is_full(start_stream_server):
+    """With one worker, an endpoint that calls functions would wait forever for a second
+    worker; its calls run on its own worker instead, in threads of their own."""
+    server = start_stream_server(["--JupyterStream.min_workers=1", "--JupyterStream.max_workers=1"])
+
+    def square(x):
+        import os
+
+        return x * x, os.getpid()
+
+    square_f = register_function(square, connection=server.connection)
+
+    def uses_square(n: int = 4):
+        value, pid = square_f.remote(n)
+        yield f"remote {value} {pid}\n"
+        for value, _ in square_f.map(range(n)):
+            yield f"map {value}\n"
+
+    async def uses_square_aio(n: int = 3):
+        yield f"aio {(await square_f.remote.aio(n))[0]}\n"
+        async for value, _ in square_f.map.aio(range(n)):
+            yield f"aio map {value}\n"
+
+    sync_endpoint = server.register(uses_square, media_type="text/plain")
+    async_endpoint = server.register(uses_square_aio, media_type="text/plain")
+    (worker,) = server.wait_for_workers(1)
+    r = httpx.get(sync_endpoint.url, headers=server.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.text == f"remote 16 {worker['pid']}\n" + "".join(f"map {i * i}\n" for i in range(4))
+    r = httpx.get(async_endpoint.url, headers=server.headers, timeout=30)
+    assert r.text == "aio 9\n" + "".join(f"aio map {i * i}\n" for i in range(3))
+    assert server.wait_until_idle(), server.workers()
+    # and from the notebook side, with the worker free again, calls run as usual
+    assert square_f.remote(5) == (25, worker["pid"])
