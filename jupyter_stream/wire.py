@@ -40,8 +40,11 @@ made by `encode_frame`: a JSON header and a payload. Client -> server ops: ``cal
 (``fn``, ``kind`` "remote" or "map", a pickled ``(args, kwargs)`` payload for remote
 calls, pickled common kwargs for maps), ``items`` (map inputs: ``indices``, ``sizes``),
 ``inputs_done``, ``ack`` (``bytes`` of a generator's output consumed), ``cancel``.
-Server -> client ops: ``out`` (as above, with ``items`` for maps; ``end`` and ``error``
-end the call) and ``credit`` (``n`` more map inputs may be sent).
+Server -> client ops: ``out`` (as above, with ``items`` and ``lanes``, the number of
+workers running it, for maps; ``end`` and ``error`` end the call). A map's client bounds
+its own inputs in flight by what it has handed to its caller. A worker's own client
+names its worker in the ``X-Jupyter-Stream-Worker`` header, so that its calls can run
+beside it when the pool is full.
 """
 
 from __future__ import annotations
