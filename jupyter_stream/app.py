@@ -50,6 +50,10 @@ class JupyterStream(ExtensionApp):
     worker_cwd = Unicode("", config=True, help="Working directory of worker kernels (default: the server's root_dir).")
     sse_heartbeat_interval = Float(15.0, config=True, help="Seconds of silence after which an SSE stream gets a comment heartbeat.")
     max_request_body = Int(10 * 1024 * 1024, config=True, help="Largest request body an endpoint accepts, in bytes (413 above).")
+    max_call_message = Int(
+        1024 * 1024 * 1024, config=True,
+        help="Largest WebSocket message of a remote call, in bytes: one call's pickled arguments, or one batch of map inputs.",
+    )
     export_env = Bool(True, config=True, help=f"Set {URL_ENV}/{TOKEN_ENV} so kernels started by this server find it.")
     exit_with_pid = Int(0, config=True, help="Stop the server when the process with this pid exits (embedded servers).")
     notebooks = List(Unicode(), config=True, help="Notebooks to run at startup so their endpoints register (used by `jupyter stream serve`).")

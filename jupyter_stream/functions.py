@@ -32,6 +32,8 @@ MAX_IN_FLIGHT = 20_000
 FIRST_IN_FLIGHT = 64
 #: Map inputs per message: the first batches are small so the first results come fast.
 FIRST_BATCH, MAX_BATCH = 4, 2048
+#: Map inputs are sent in messages of about this many bytes at most.
+MAX_FRAME_BYTES = 4 * 1024 * 1024
 #: A generator's output the caller may be behind by before the worker pauses.
 ACK_EVERY = wire.DEFAULT_WINDOW // 4
 
@@ -48,8 +50,9 @@ class Method:
         return self._sync(*args, **kwargs)
 
 
-def _pack_items(items: list[tuple]) -> tuple[list[int], bytes]:
-    """Pickle argument tuples back to back with one reused pickler; returns sizes and bytes."""
+def _pack_items(items: list[tuple]) -> Iterator[tuple[list[int], bytes]]:
+    """Pickle argument tuples back to back with one reused pickler, in groups of about
+    `MAX_FRAME_BYTES` (large inputs must not make one huge message); yields sizes and bytes."""
     buf = io.BytesIO()
     pickler = cloudpickle.Pickler(buf, protocol=5)
     sizes, last = [], 0
@@ -59,7 +62,13 @@ def _pack_items(items: list[tuple]) -> tuple[list[int], bytes]:
         end = buf.tell()
         sizes.append(end - last)
         last = end
-    return sizes, buf.getvalue()
+        if end >= MAX_FRAME_BYTES:
+            yield sizes, buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+            sizes, last = [], 0
+    if sizes:
+        yield sizes, buf.getvalue()
 
 
 def _values(header: dict[str, Any], payload: memoryview) -> list[Any]:
@@ -163,9 +172,9 @@ class _MapState:
 
     def send_items(self, items: list[tuple], exhausted: bool) -> None:
         if items:
-            sizes, payload = _pack_items(items)
-            self.stream.send({"op": "items", "indices": list(range(self.sent, self.sent + len(items))), "sizes": sizes}, payload)
-            self.sent += len(items)
+            for sizes, payload in _pack_items(items):
+                self.stream.send({"op": "items", "indices": list(range(self.sent, self.sent + len(sizes))), "sizes": sizes}, payload)
+                self.sent += len(sizes)
             self.progress.on_sent(len(items))
             self.batch = min(self.batch * 2, MAX_BATCH)
         if exhausted:
@@ -269,18 +278,33 @@ class Function:
         return call_client(self.connection).start({"fn": self.name, "kind": "remote"}, wire.dumps((args, kwargs)))
 
     def _remote(self, *args: Any, **kwargs: Any) -> Any:
-        stream = self._start(args, kwargs)
         if self.is_generator:
-            return self._iterate(stream)
-        return FunctionCall(stream)._get()
+            return self._iterate(args, kwargs)
+        stream = self._start(args, kwargs)
+        try:
+            return FunctionCall(stream)._get()
+        except BaseException:  # it raised, or Ctrl-C: stop the call if it still runs
+            stream.cancel()
+            raise
 
     def _remote_aio(self, *args: Any, **kwargs: Any) -> Any:
-        stream = self._start(args, kwargs)
         if self.is_generator:
-            return self._aiterate(stream)
-        return FunctionCall(stream)._get_aio()
+            return self._aiterate(args, kwargs)
+        return self._call_aio(args, kwargs)
 
-    def _iterate(self, stream: CallStream) -> Iterator[Any]:
+    async def _call_aio(self, args: tuple, kwargs: dict) -> Any:
+        stream = self._start(args, kwargs)
+        try:
+            return await FunctionCall(stream)._get_aio()
+        except BaseException:  # it raised, or the awaiting task was cancelled
+            stream.cancel()
+            raise
+
+    # A generator function's call starts at the first next(), so an iterator that is
+    # dropped unread never holds a worker.
+
+    def _iterate(self, args: tuple, kwargs: dict) -> Iterator[Any]:
+        stream = self._start(args, kwargs)
         values = _StreamedValues(stream)
         try:
             while not values.ended:
@@ -288,7 +312,8 @@ class Function:
         finally:
             stream.cancel()
 
-    async def _aiterate(self, stream: CallStream) -> AsyncIterator[Any]:
+    async def _aiterate(self, args: tuple, kwargs: dict) -> AsyncIterator[Any]:
+        stream = self._start(args, kwargs)
         values = _StreamedValues(stream)
         try:
             while not values.ended:

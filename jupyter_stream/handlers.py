@@ -262,11 +262,14 @@ class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
     """``WS {base_url}api/stream/calls``: one client's remote calls and maps, multiplexed
     (frames described in `wire`). Only authenticated callers may send pickled code."""
 
+    @property
+    def max_message_size(self) -> int:  # tornado's default (10 MiB) is too small for pickled arguments
+        return self.settings["jupyter_stream"].max_call_message
+
     @ws_authenticated
     async def get(self, *args: Any, **kwargs: Any) -> None:
         state = self.settings["jupyter_stream"]
-        caller = self.request.headers.get("X-Jupyter-Stream-Worker", "")
-        caller_worker = state.pool.worker(int(caller)) if caller.isdigit() else None
+        caller_worker = state.pool.worker_named(self.request.headers.get("X-Jupyter-Stream-Worker", ""))
         self.session = ClientSession(state.pool, state.functions, self.send_frame, caller_worker)
         await super().get(*args, **kwargs)
 

@@ -16,7 +16,9 @@ import asyncio
 import collections
 import itertools
 import logging
+import hmac
 import os
+import secrets
 import uuid
 from typing import Any, Callable
 
@@ -223,6 +225,10 @@ class WorkerKernel:
         """Start a call of the function `fn_hash`; send its pickle only if this worker lacks it."""
         call = RemoteCall(self, uuid.uuid4().hex[:16], params.setdefault("window", wire.DEFAULT_WINDOW))
         self.calls[call.id] = call
+        if not self.alive:  # replaced between being handed out and this call: fail it
+            # on the next loop turn, once the caller has attached its output handler
+            asyncio.get_running_loop().call_soon(call.fail, wire.worker_died_payload("replaced before the call started"))
+            return call
         send_fn = fn_hash not in self.functions
         buffers = ([fn_blob] if send_fn else []) + list(extra_buffers)
         self.send({"op": "call", "id": call.id, "fn": fn_hash, "send_fn": send_fn, **params}, buffers)
@@ -300,20 +306,28 @@ class WorkerPool:
         self._watcher: asyncio.Task | None = None
         self._closed = False
         self._tasks: set[asyncio.Task] = set()
+        self._secret = secrets.token_bytes(32)
 
     async def start(self) -> None:
         """Start the warm minimum of workers and the watcher that replaces dead ones."""
         self._watcher = asyncio.create_task(self._watch())
-        await asyncio.gather(*(self._start_worker() for _ in range(self.min_workers)), return_exceptions=True)
+        await asyncio.gather(*(self._grow() for _ in range(self.min_workers)), return_exceptions=True)
 
     @property
     def full(self) -> bool:
         """No more kernels may start: the pool is at `max_workers`."""
         return len(self.workers) + self.starting >= self.max_workers
 
-    def worker(self, index: int) -> WorkerKernel | None:
-        """The live worker with this index (``JUPYTER_STREAM_WORKER`` in its environment)."""
-        return next((w for w in self.workers if w.index == index and w.alive), None)
+    def worker_key(self, index: int) -> str:
+        """What worker `index` shows to say it is that worker (only it has this in its env)."""
+        return hmac.new(self._secret, str(index).encode(), "sha256").hexdigest()[:32]
+
+    def worker_named(self, claim: str) -> WorkerKernel | None:
+        """The live worker whose ``JUPYTER_STREAM_WORKER`` value is `claim`, or None."""
+        index, _, key = claim.partition(":")
+        if not index.isdigit() or not hmac.compare_digest(key, self.worker_key(int(index))):
+            return None
+        return next((w for w in self.workers if w.index == int(index) and w.alive), None)
 
     def try_acquire(self) -> WorkerKernel | None:
         """A worker with room for one more call right now, or None."""
@@ -334,7 +348,7 @@ class WorkerPool:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         if not self.full:
-            self._spawn(self._start_worker())
+            self._grow()
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -362,14 +376,21 @@ class WorkerPool:
         except ValueError:
             pass
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _grow(self) -> asyncio.Task:
+        """Start one more kernel. Counted as starting at once, so that calls arriving in
+        the same loop turn see it and the pool never grows past `max_workers`."""
+        self.starting += 1
+        return self._spawn(self._start_worker())
 
     def _env_for(self, index: int) -> dict[str, str]:
         env = dict(os.environ)
-        env["JUPYTER_STREAM_WORKER"] = str(index)
+        env["JUPYTER_STREAM_WORKER"] = f"{index}:{self.worker_key(index)}"
         if self.worker_env is not None:
             env.update(self.worker_env(index))
         return env
@@ -384,9 +405,9 @@ class WorkerPool:
         return self.kernel_manager_class(kernel_name=self.kernel_name, transport="ipc", ip=prefix)
 
     async def _start_worker(self) -> WorkerKernel | None:
+        """Start a kernel counted in `starting` by `_grow`."""
         index = next(self._counter)
         worker = WorkerKernel(self, index, self._kernel_manager(index))
-        self.starting += 1
         try:
             await worker.start(self._env_for(index), self.cwd, self.startup_timeout)
         except Exception as exc:
@@ -422,7 +443,7 @@ class WorkerPool:
             if self._waiters and not missing and not self.full:
                 missing = 1
             for _ in range(max(missing, 0)):
-                self._spawn(self._start_worker())
+                self._grow()
 
     def replace(self, worker: WorkerKernel, reason: str) -> None:
         """Take a dead or doomed worker out of the pool, fail what it still runs, and

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 import threading
 import uuid
@@ -21,6 +22,8 @@ from tornado.websocket import websocket_connect
 
 from . import wire
 from .client import ServerConnection, ServerNotFound
+
+log = logging.getLogger("jupyter_stream")
 
 
 class CallStream:
@@ -43,7 +46,10 @@ class CallStream:
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             loop, future = waiter
-            loop.call_soon_threadsafe(_resolve, future)
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                pass
 
     def take(self, block: bool = True, timeout: float | None = None) -> list:
         """The frames received so far; with `block`, wait for at least one."""
@@ -119,7 +125,10 @@ class CallClient:
             if stream is not None:
                 if header.get("end"):
                     self.calls.pop(stream.id, None)
-                stream.feed(header, payload)
+                try:
+                    stream.feed(header, payload)
+                except Exception:  # one caller's trouble must not stop this reader: every call uses it
+                    log.exception("jupyter_stream: could not deliver output of call %s", stream.id)
         self.ws = None
         lost = {"type": "ConnectionError", "module": "builtins", "traceback": "",
                 "message": f"lost the connection to the Jupyter server at {self.connection.url}"}

@@ -24,6 +24,10 @@ log = logging.getLogger("jupyter_stream")
 #: Largest batch of map items sent to a lane at once; batches start at 1 item and double.
 MAX_BATCH = 1024
 
+#: A call (or map item) whose worker kernel dies this many times is not run again: it is
+#: most likely what kills the kernel (os._exit, a crash in C code, running out of memory).
+MAX_DEATHS = 3
+
 
 @dataclass
 class FunctionSpec:
@@ -43,6 +47,14 @@ def worker_died_error() -> dict[str, Any]:
     return wire.worker_died_payload("kernel process exited")
 
 
+def gave_up_error(deaths: int) -> dict[str, Any]:
+    return {
+        "type": "WorkerDied", "module": "jupyter_stream", "traceback": "",
+        "message": f"the worker kernel died {deaths} times running this call, so it is not run again: "
+        "it is most likely what kills the kernel (os._exit, a crash in C code, running out of memory)",
+    }
+
+
 class RemoteRun:
     """One `.remote()` call. Retried on another worker if its worker dies before it has
     sent anything, or if it raises and `retries` allow."""
@@ -50,6 +62,7 @@ class RemoteRun:
     def __init__(self, session: "ClientSession", call_id: str, spec: FunctionSpec, args: bytes):
         self.session, self.id, self.spec, self.args = session, call_id, spec, args
         self.attempts = 0
+        self.deaths = 0
         self.sent_any = False
         self.call: RemoteCall | None = None
         self.cancelled = False
@@ -86,10 +99,13 @@ class RemoteRun:
     def on_output(self, data: dict[str, Any], buffers: list) -> None:
         if data.get("end") and data.get("error") and not self.sent_any and not self.cancelled:
             died = data["error"].get("type") == "WorkerDied"
-            if died or self.attempts <= self.spec.retries:
+            self.deaths += died
+            if (died and self.deaths < MAX_DEATHS) or (not died and self.attempts <= self.spec.retries):
                 self.spec.stats["retried"] += 1
                 self.attempt()  # run it again, on whichever worker is free
                 return
+            if died:
+                data = {**data, "error": gave_up_error(self.deaths)}
         out = {k: data[k] for k in ("start", "sizes", "end", "error") if k in data}
         payload = buffers[0] if buffers else b""
         if payload:
@@ -139,6 +155,8 @@ class MapRun:
         self.outstanding = 0  # items received and not yet answered
         self.cancelled = False
         self.finished = False
+        self.deaths: dict[int, int] = {}  # item index -> kernels that died running it alone
+        self.suspects: set[int] = set()  # items that run alone until answered
 
     # -- from the client --------------------------------------------------------------
 
@@ -200,11 +218,18 @@ class MapRun:
             return
         indices, sizes, blobs = [], [], []
         while self.pending and len(indices) < min(room, lane.batch_size):
+            alone = self.pending[0][0] in self.suspects
+            if alone and (indices or lane.inflight):
+                break  # a suspect runs alone on its lane, so that a death can be blamed on it
             index, blob, attempts = self.pending.popleft()
             lane.inflight[index] = (blob, attempts)
             indices.append(index)
             sizes.append(len(blob))
             blobs.append(blob)
+            if alone:
+                break
+        if not indices:
+            return
         lane.worker.send({"op": "batch", "id": lane.call.id, "indices": indices, "sizes": sizes}, [b"".join(blobs)])
 
     def on_output(self, lane: Lane, data: dict[str, Any], buffers: list) -> None:
@@ -222,11 +247,14 @@ class MapRun:
         forward_items, forward_blobs = [], []
         changed = False  # forward the payload as it came unless an item was dropped or retried
         blobs = wire.split(payload, sizes)
+        suspects = self.suspects
         for (index, ok), blob in zip(items, blobs):
             entry = lane.inflight.pop(index, None)
             if entry is None:
                 changed = True
                 continue
+            if suspects:
+                suspects.discard(index)
             args, attempts = entry
             if not ok and attempts < self.spec.retries and not self.cancelled:
                 self.pending.appendleft((index, args, attempts + 1))
@@ -252,11 +280,34 @@ class MapRun:
         Whatever it still had in flight runs again elsewhere."""
         if lane in self.lanes:
             self.lanes.remove(lane)
+        if (data.get("error") or {}).get("type") == "WorkerDied" and lane.inflight and not self.cancelled:
+            self.blame(lane)
         for index, (blob, attempts) in sorted(lane.inflight.items(), reverse=True):
             self.pending.appendleft((index, blob, attempts))
         lane.inflight.clear()
         if not self.cancelled and not self.finished:
             self.dispatch()
+
+    def blame(self, lane: Lane) -> None:
+        """The lane's kernel died. Items run in the order sent, so the first one not yet
+        answered was running, unless its result was still on its way: a death counts
+        against an item only when it was the lane's only one; otherwise that first item
+        becomes a suspect and next runs alone. After `MAX_DEATHS` an item fails with its
+        own error instead of killing kernel after kernel."""
+        index = next(iter(lane.inflight))
+        if len(lane.inflight) > 1:
+            self.suspects.add(index)
+            return
+        self.deaths[index] = self.deaths.get(index, 0) + 1
+        if self.deaths[index] < MAX_DEATHS:
+            self.suspects.add(index)
+            return
+        self.suspects.discard(index)
+        del lane.inflight[index]
+        self.outstanding -= 1
+        self.spec.stats["failed"] += 1
+        blob = wire.dumps(gave_up_error(self.deaths.pop(index)))
+        self.session.send({"op": "out", "id": self.id, "items": [[index, False]], "sizes": [len(blob)], "lanes": len(self.lanes)}, blob)
 
     def maybe_finish(self) -> None:
         if self.finished or self.cancelled or not self.inputs_done or self.outstanding:

@@ -394,3 +394,82 @@ def test_calls_from_a_worker_run_on_it_when_the_pool_is_full(start_stream_server
     assert server.wait_until_idle(), server.workers()
     # and from the notebook side, with the worker free again, calls run as usual
     assert square_f.remote(5) == (25, worker["pid"])
+
+
+def test_an_input_that_kills_its_kernel_fails_instead_of_killing_them_all(register, stream_server):
+    def crash_on_five(x):
+        import os
+
+        if x == 5:
+            os._exit(1)  # as a segfault or the OOM killer would
+        return x
+
+    f = register(crash_on_five)
+    replaced = stream_server.workers()["replaced"]
+    results = list(f.map(range(10), return_exceptions=True))
+    assert results[:5] == [0, 1, 2, 3, 4] and results[6:] == [6, 7, 8, 9]
+    assert isinstance(results[5], jupyter_stream.WorkerDied) and "died 3 times" in str(results[5])
+    with pytest.raises(jupyter_stream.WorkerDied, match="died 3 times"):
+        f.remote(5)
+    # three deaths for .remote; for .map three once the culprit ran alone, plus the few
+    # it took to find it (a death is only counted against an item that ran alone)
+    assert stream_server.workers()["replaced"] - replaced <= 10
+    stream_server.wait_for_workers(2)
+
+
+def test_large_arguments_and_inputs_travel(register):
+    def size(blob):
+        return len(blob)
+
+    f = register(size)
+    assert f.remote(b"x" * (11 << 20)) == 11 << 20  # above tornado's default 10 MiB message
+    # 8 KB inputs: batches of thousands of them are split into messages of a few MiB
+    assert list(f.map([b"y" * 8000] * 6000)) == [8000] * 6000
+
+
+def test_abandoned_calls_free_their_workers_and_the_connection(register, stream_server):
+    def slow(seconds):
+        import time
+
+        time.sleep(seconds)
+        return seconds
+
+    def ticks():
+        import time
+
+        while True:
+            yield 1
+            time.sleep(0.05)
+
+    slow_f, ticks_f = register(slow), register(ticks)
+
+    async def give_up():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(slow_f.remote.aio(1.0), 0.2)
+
+    asyncio.run(give_up())  # its loop is closed when the result arrives
+    time.sleep(1.2)
+    assert slow_f.remote(0) == 0  # the process's connection still works
+    unstarted = ticks_f.remote()  # never iterated: it must not hold a worker
+    del unstarted
+    assert stream_server.wait_until_idle(), stream_server.workers()
+
+
+def test_the_pool_never_grows_past_max_workers(start_stream_server):
+    server = start_stream_server(["--JupyterStream.min_workers=0", "--JupyterStream.max_workers=2"])
+
+    def nap(x):
+        import time
+
+        time.sleep(0.5)
+        return x
+
+    f = register_function(nap, connection=server.connection)
+    calls = [f.spawn(i) for i in range(6)]  # all arrive while no kernel is up yet
+    seen = 0
+    while not all(c._done for c in calls) and seen < 200:
+        info = server.workers()
+        assert len(info["workers"]) + info["starting"] <= 2, info
+        seen += 1
+        time.sleep(0.05)
+    assert [c.get(timeout=30) for c in calls] == list(range(6))
