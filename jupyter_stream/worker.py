@@ -179,6 +179,8 @@ class Worker:
     def __init__(self, comm: Any):
         self.comm = comm
         self.functions: dict[str, Any] = {}
+        self.pickled: dict[str, bytes] = {}  # functions received and not loaded yet
+        self.loading = threading.Lock()
         self.calls: dict[str, Call] = {}
         self.lock = threading.Lock()
         self.has_output = threading.Condition(self.lock)
@@ -231,6 +233,8 @@ class Worker:
     def start_call(self, data: dict[str, Any], buffers: list) -> None:
         call = Call(self, data["id"], data.get("window", wire.DEFAULT_WINDOW))
         self.calls[call.id] = call
+        if data.get("send_fn") and data["fn"] not in self.functions:
+            self.pickled[data["fn"]] = bytes(buffers[0])
         self.threads.submit(self.run_call, call, data, buffers)
 
     def add_batch(self, data: dict[str, Any], payload: Any) -> None:
@@ -264,7 +268,7 @@ class Worker:
         error = None
         mode = data.get("mode", "http")
         try:
-            fn = self.function(data["fn"], buffers[0] if data.get("send_fn") else None)
+            fn = self.function(data["fn"])
             args, kwargs = (), dict(data.get("kwargs") or {})
             if data.get("pickled_args"):
                 args, more = cloudpickle.loads(buffers[-1])
@@ -354,12 +358,27 @@ class Worker:
                         pass
                 call.finish(error)
 
-    def function(self, key: str, blob: Any) -> Any:
+    def function(self, key: str) -> Any:
+        """The function `key`, unpickled once. One thread loads it while calls that arrive
+        meanwhile wait; if loading fails (a module missing here), the pickle is kept and
+        the next call tries again."""
         fn = self.functions.get(key)
         if fn is None:
-            if blob is None:
-                raise RuntimeError(f"function {key} was not sent to this worker")
-            fn = self.functions[key] = cloudpickle.loads(bytes(blob))
+            with self.loading:
+                fn = self.functions.get(key)
+                if fn is None:
+                    if key not in self.pickled:
+                        raise RuntimeError(f"function {key} was not sent to this worker")
+                    try:
+                        fn = cloudpickle.loads(self.pickled[key])
+                    except ModuleNotFoundError as e:
+                        raise ModuleNotFoundError(
+                            f"{e} on the worker kernel: install it in the workers' environment "
+                            "(or define what the function needs in the notebook), then call again",
+                            name=e.name,
+                        ) from None
+                    self.functions[key] = fn
+                    del self.pickled[key]
         return fn
 
     async def await_then_emit(self, call: Call, awaitable: Any, mode: str, media_type: str | None) -> None:

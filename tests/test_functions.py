@@ -473,3 +473,25 @@ def test_the_pool_never_grows_past_max_workers(start_stream_server):
         seen += 1
         time.sleep(0.05)
     assert [c.get(timeout=30) for c in calls] == list(range(6))
+
+
+def test_a_function_that_failed_to_load_loads_once_its_module_is_there(start_stream_server, tmp_path, monkeypatch):
+    """A module the notebook has and the worker lacks: a clear error, and the same worker
+    loads the function once the module is installed there, without re-registering."""
+    server = start_stream_server(["--JupyterStream.min_workers=1", "--JupyterStream.max_workers=1"])
+    module = "jupyter_stream_test_helper_" + os.urandom(4).hex()
+    source = "def bump(x):\n    return x + 1\n"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helper = __import__(module)
+
+    def uses_helper(x, bump=helper.bump):  # pickled by reference to the module
+        return bump(x)
+
+    f = register_function(uses_helper, connection=server.connection)
+    with pytest.raises(ModuleNotFoundError, match=module):
+        f.remote(1)
+    with open(os.path.join(server.root_dir, f"{module}.py"), "w") as out:  # the workers' cwd
+        out.write(source)
+    assert f.remote(1) == 2
+    assert f.remote(2) == 3
