@@ -49,19 +49,17 @@ class ServerConnection:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as e:
             raise ServerNotFound(f"cannot reach the Jupyter server at {self.url}: {e}") from None
-        if response.status_code in (401, 403):
+        if response.status_code == 401 or (response.status_code == 403 and "not authorized" not in response.text):
             raise PermissionError(f"the Jupyter server at {self.url} refused our token ({response.status_code})")
+        if response.status_code == 403:  # the token is fine, but this user may not do that
+            raise PermissionError(f"the Jupyter server at {self.url} refused: {_message(response)} (403)")
         if response.status_code == 404 and path.startswith("api/stream"):
             raise ServerNotFound(
                 f"the Jupyter server at {self.url} does not run the jupyter_stream extension; "
                 "enable it with `jupyter server extension enable jupyter_stream` and restart the server"
             )
         if response.status_code >= 400:
-            try:
-                message = response.json().get("message")
-            except ValueError:
-                message = response.text
-            raise RuntimeError(f"{method} {path} failed ({response.status_code}): {message}")
+            raise RuntimeError(f"{method} {path} failed ({response.status_code}): {_message(response)}")
         return response
 
     def endpoint_url(self, name: str) -> str:
@@ -164,3 +162,11 @@ def start_embedded_server(timeout: float = 60.0, quiet: bool = False) -> ServerC
     if not quiet:
         print(f"jupyter-stream: started an embedded Jupyter server at {conn.url} (token {token}; log {log.name})", file=sys.stderr)
     return conn
+
+
+def _message(response: httpx.Response) -> str:
+    """The server's explanation in an error response (JSON ``message``, else the text)."""
+    try:
+        return response.json().get("message") or response.text
+    except ValueError:
+        return response.text

@@ -14,9 +14,10 @@ import json
 import time
 from typing import Any
 
-from jupyter_server.auth.decorator import ws_authenticated
+from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
+from jupyter_core.utils import ensure_async
 from tornado import web
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
@@ -31,6 +32,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "
 
 
 class StreamHandlerBase(APIHandler):
+    #: Jupyter's authorizer sees our routes as the kernels they run code in: listing needs
+    #: "read", registering or calling a function "execute", removing one "write".
+    auth_resource = "kernels"
+
     @property
     def stream(self) -> Any:
         """The extension's state: registry, pool and configuration (the `JupyterStream` extension app)."""
@@ -58,10 +63,12 @@ class EndpointHandler(StreamHandlerBase):
         self._body += chunk
 
     @web.authenticated
+    @authorized("execute")
     async def get(self, name: str) -> None:
         await self.run_endpoint(name)
 
     @web.authenticated
+    @authorized("execute")
     async def post(self, name: str) -> None:
         await self.run_endpoint(name)
 
@@ -186,10 +193,12 @@ class EndpointsHandler(StreamHandlerBase):
     """``GET|POST {base_url}api/stream/endpoints``: list endpoints, or register one."""
 
     @web.authenticated
+    @authorized
     def get(self) -> None:
         self.finish(json.dumps({"endpoints": [self.stream.endpoint_info(s) for s in self.stream.registry.endpoints.values()]}))
 
     @web.authenticated
+    @authorized("execute")
     def post(self) -> None:
         try:
             body, name, blob = parse_registration(self.request.body)
@@ -214,6 +223,7 @@ class EndpointInfoHandler(StreamHandlerBase):
     """``GET|DELETE {base_url}api/stream/endpoints/<name>``."""
 
     @web.authenticated
+    @authorized
     def get(self, name: str) -> None:
         spec = self.stream.registry.get(name)
         if spec is None:
@@ -221,6 +231,7 @@ class EndpointInfoHandler(StreamHandlerBase):
         self.finish(json.dumps(self.stream.endpoint_info(spec)))
 
     @web.authenticated
+    @authorized
     def delete(self, name: str) -> None:
         if not self.stream.registry.remove(name):
             raise web.HTTPError(404, f"no endpoint named {name!r}")
@@ -232,10 +243,12 @@ class FunctionsHandler(StreamHandlerBase):
     """``GET|POST {base_url}api/stream/functions``: list functions, or register one."""
 
     @web.authenticated
+    @authorized
     def get(self) -> None:
         self.finish(json.dumps({"functions": [self.stream.function_info(f) for f in self.stream.functions.values()]}))
 
     @web.authenticated
+    @authorized("execute")
     def post(self) -> None:
         try:
             body, name, blob = parse_registration(self.request.body)
@@ -268,6 +281,9 @@ class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
 
     @ws_authenticated
     async def get(self, *args: Any, **kwargs: Any) -> None:
+        # as for a kernel's own websocket: sending code to run needs "execute" on kernels
+        if not await ensure_async(self.authorizer.is_authorized(self, self.current_user, "execute", "kernels")):
+            raise web.HTTPError(403, "not authorized to execute code in kernels")
         state = self.settings["jupyter_stream"]
         caller_worker = state.pool.worker_named(self.request.headers.get("X-Jupyter-Stream-Worker", ""))
         self.session = ClientSession(state.pool, state.functions, self.send_frame, caller_worker)
@@ -298,6 +314,7 @@ class WorkersHandler(StreamHandlerBase):
     """``GET {base_url}api/stream/workers``: the pool and its kernels."""
 
     @web.authenticated
+    @authorized
     def get(self) -> None:
         self.finish(json.dumps({**self.stream.pool.info(), "time": time.time()}))
 

@@ -1,5 +1,6 @@
 """Streaming endpoints end to end: a real jupyter-server, real worker kernels, real clients."""
 
+import asyncio
 import json
 import os
 import re
@@ -11,8 +12,11 @@ import time
 
 import httpx
 import pytest
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
 from jupyter_stream import StreamingResponse, sse
+from jupyter_stream.functions import register_function
 
 
 def read_events(response):
@@ -173,6 +177,45 @@ def test_http_errors_unknown_auth_and_size(stream_server):
     # decorators (other extensions' may be there); none of ours may be among them
     undecorated = re.findall(r"^- \w+ of \w+ registered for (\S+)", stream_server.log(), re.M)
     assert not [route for route in undecorated if "stream" in route], undecorated
+
+
+READ_ONLY_AUTHORIZER = """
+from jupyter_server.auth.authorizer import Authorizer
+
+
+class ReadOnly(Authorizer):
+    def is_authorized(self, handler, user, action, resource):
+        return action == "read"
+"""
+
+
+def test_a_read_only_user_can_look_but_not_run_code(start_stream_server, tmp_path):
+    """Jupyter's authorizer decides, as for kernels: listing is "read", registering and
+    calling are "execute"; a user who may not start kernels may not run code here either."""
+    (tmp_path / "read_only_authorizer.py").write_text(READ_ONLY_AUTHORIZER)
+    server = start_stream_server(
+        ["--JupyterStream.min_workers=0", "--ServerApp.authorizer_class=read_only_authorizer.ReadOnly"],
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert httpx.post(server.url + "api/kernels", headers=server.headers, json={}, timeout=10).status_code == 403
+    assert server.get("api/stream/endpoints").status_code == 200
+    assert server.get("api/stream/functions").status_code == 200
+    assert server.get("api/stream/workers").status_code == 200
+
+    def hello():
+        yield "hello"
+
+    with pytest.raises(PermissionError, match="not authorized to execute"):
+        server.register(hello)
+    with pytest.raises(PermissionError, match="not authorized to execute"):
+        register_function(lambda x: x, name="identity", connection=server.connection)
+    assert server.get("stream/anything").status_code == 403
+
+    async def open_calls_socket():
+        await websocket_connect(HTTPRequest("ws" + server.url[4:] + "api/stream/calls", headers=server.headers))
+
+    with pytest.raises(Exception, match="403"):
+        asyncio.run(open_calls_socket())
 
 
 def test_error_before_first_chunk_is_a_500_with_the_worker_traceback(stream_server):
