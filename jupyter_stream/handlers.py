@@ -111,21 +111,20 @@ class EndpointHandler(StreamHandlerBase):
         if self.closed:  # the client left while we waited for a worker
             call.cancel()
             return
-        heartbeat = self.stream.sse_heartbeat_interval if spec.media_type.startswith(SSE) else None
-        started = False
-        sse = False
+        # The worker sends the response's start (status, headers, media type) as soon as
+        # the function has returned its iterable; only then is an idle SSE stream kept
+        # alive with comments (which commit the headers).
+        heartbeat = self.stream.sse_heartbeat_interval
+        begun = sse = False
         try:
             while True:
-                if not await call.wait(heartbeat if (sse or not started) else None):
-                    if not started:
-                        sse = self.begin({"media_type": spec.media_type})
-                        started = True
+                if not await call.wait(heartbeat if sse else None):
                     self.write(b": keep-alive\n\n")
                     await self.flush()
                     continue
-                if not started and (call.chunks or call.start is not None and not call.error):
-                    sse = self.begin(call.start or {"media_type": spec.media_type})
-                    started = True
+                if not begun and call.start is not None:
+                    sse = self.begin(call.start)
+                    begun = True
                 if call.chunks:
                     data = call.take()
                     if self._headers_written:
@@ -141,7 +140,7 @@ class EndpointHandler(StreamHandlerBase):
                     break
             if call.error is not None:
                 stats.errors += 1
-                self.failed(call.error, started, sse)
+                self.failed(call.error, sse)
         except StreamClosedError:
             call.cancel()
 
@@ -158,10 +157,11 @@ class EndpointHandler(StreamHandlerBase):
             self.set_header(k, v)
         return sse
 
-    def failed(self, error: dict[str, Any], started: bool, sse: bool) -> None:
+    def failed(self, error: dict[str, Any], sse: bool) -> None:
         """Report a failure: a 500 before any output, an SSE error event, or a cut-off body."""
         self.log.warning("jupyter_stream: endpoint %s failed: %s: %s", self.request.path, error["type"], error["message"])
-        if not started:
+        if not self._headers_written:
+            self.clear()  # not the response's own headers: this is an error now
             self.set_status(500)
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps({"error": error}))

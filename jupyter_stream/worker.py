@@ -68,6 +68,7 @@ class Call:
         self.has_large = False
         self.unacked = 0
         self.dirty = False
+        self.sent_directly = False  # the first output skips the sender thread
         self.start: dict[str, Any] | None = None
         self.done = False
         self.error: dict[str, Any] | None = None
@@ -103,11 +104,24 @@ class Call:
             if self.dirty:
                 return
             self.dirty = True
-            if self.start is None:
+            if self.sent_directly:
                 worker.dirty.append(self)
                 worker.has_output.notify()
                 return
+            self.sent_directly = True
             message = worker.take_output(self)  # first output: send it ourselves
+        worker.send(*message)
+
+    def announce(self) -> None:
+        """Send the response's start (status, headers, media type) now, before the first
+        chunk: the server then knows the real media type, so a slow first chunk gets SSE
+        heartbeats only on an SSE response."""
+        worker = self.worker
+        with worker.lock:
+            if self.dirty or self.start is None:
+                return
+            self.dirty = True
+            message = worker.take_output(self)
         worker.send(*message)
 
     def put_last(self, data: bytes) -> None:
@@ -418,6 +432,8 @@ class Worker:
         if single:
             call.put_last(encode(result))
             return None
+        if mode == "http":
+            call.announce()
         if hasattr(result, "__aiter__"):
             return self.drain_async(call, result, encode)
         put = call.put

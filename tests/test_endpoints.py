@@ -393,6 +393,33 @@ def test_idle_sse_stream_gets_a_heartbeat(stream_server):
     assert text.startswith("data: start\n\n: keep-alive\n\n") and text.endswith("data: end\n\n")
 
 
+def test_a_slow_first_chunk_keeps_the_response_own_headers(stream_server):
+    """The heartbeat (1 s here) follows the media type the function returned, not the
+    endpoint's default: a plain-text response waits quietly, with its own status and headers."""
+
+    def report():
+        def body():
+            time.sleep(1.5)
+            yield "ready\n"
+
+        return StreamingResponse(body(), media_type="text/plain", status_code=202, headers={"X-Report": "42"})
+
+    def waits_then_fails():
+        time.sleep(1.5)
+        raise RuntimeError("no data today")
+        yield "never"
+
+    stream_server.register(report)  # registered as SSE, the default
+    r = stream_server.get("stream/report")
+    assert r.status_code == 202 and r.headers["content-type"].startswith("text/plain"), r.headers
+    assert r.headers["x-report"] == "42" and r.text == "ready\n"
+    # an SSE stream that fails after heartbeats have begun ends with an error event
+    stream_server.register(waits_then_fails)
+    r = stream_server.get("stream/waits_then_fails")
+    assert r.status_code == 200 and r.text.startswith(": keep-alive")
+    assert "event: error" in r.text and "no data today" in r.text
+
+
 def test_unpicklable_functions_get_a_clear_error(stream_server):
     import pickle
 
