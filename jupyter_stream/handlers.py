@@ -52,15 +52,25 @@ class EndpointHandler(StreamHandlerBase):
     async def prepare(self) -> None:
         await super().prepare()
         self._body = bytearray()
+        self._body_size = 0
         limit = self.stream.max_request_body
-        self.request.connection.set_max_body_size(limit + 1)
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise web.HTTPError(413, f"request body of {length} bytes is larger than the {limit}-byte limit "
-                                "(JupyterStream.max_request_body)")
+            raise web.HTTPError(413, self._too_large(length))
+        # a chunked body's size is known only as it arrives: read (and drop) a moderate
+        # excess so the client gets its 413 instead of a reset connection
+        self.request.connection.set_max_body_size(limit + max(limit, 64 << 20))
+
+    def _too_large(self, size: int | str) -> str:
+        limit = self.stream.max_request_body
+        return f"request body of {size} bytes is larger than the {limit}-byte limit (JupyterStream.max_request_body)"
 
     def data_received(self, chunk: bytes) -> None:
-        self._body += chunk
+        self._body_size += len(chunk)
+        if self._body_size <= self.stream.max_request_body:
+            self._body += chunk
+        else:
+            self._body.clear()
 
     @web.authenticated
     @authorized("execute")
@@ -73,6 +83,8 @@ class EndpointHandler(StreamHandlerBase):
         await self.run_endpoint(name)
 
     def parse_body(self) -> dict[str, Any] | None:
+        if self._body_size > self.stream.max_request_body:
+            raise web.HTTPError(413, self._too_large(self._body_size))
         if not self._body:
             return None
         try:

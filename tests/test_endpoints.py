@@ -173,6 +173,8 @@ def test_http_errors_unknown_auth_and_size(stream_server):
     assert httpx.get(endpoint.url + f"?token={stream_server.token}", timeout=10).text == "ok"
     big = httpx.post(endpoint.url, headers=stream_server.headers, content=b"x" * 70000, timeout=10)
     assert big.status_code == 413 and "limit" in big.json()["message"]
+    chunked = httpx.post(endpoint.url, headers=stream_server.headers, content=iter([b"x" * 50000] * 2), timeout=10)
+    assert chunked.status_code == 413 and "100000 bytes" in chunked.json()["message"]  # no length sent: counted
     # with allow_unauthenticated_access=False, jupyter-server lists handlers lacking auth
     # decorators (other extensions' may be there); none of ours may be among them
     undecorated = re.findall(r"^- \w+ of \w+ registered for (\S+)", stream_server.log(), re.M)
