@@ -79,10 +79,15 @@ def _in_notebook_kernel() -> bool:
     return type(get_ipython()).__name__ == "ZMQInteractiveShell"
 
 
+#: Largest pickled function a registration carries (base64 in a JSON body, under
+#: jupyter-server's 512 MB request limit).
+MAX_FUNCTION_BYTES = 256 * 1024 * 1024
+
+
 def pickle_function(fn: Callable, what: str) -> bytes:
     """cloudpickle `fn`, turning a failure into an error that says what to change."""
     try:
-        return cloudpickle.dumps(fn)
+        blob = cloudpickle.dumps(fn)
     except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as e:
         raise pickle.PicklingError(
             f"cannot send {what} to the worker kernels: cloudpickle failed with {type(e).__name__}: {e}. "
@@ -90,6 +95,13 @@ def pickle_function(fn: Callable, what: str) -> bytes:
             "locks, open files, sockets, clients or loaded models inside the function (or in a module "
             "the workers can import) instead of capturing them from the notebook."
         ) from e
+    if len(blob) > MAX_FUNCTION_BYTES:
+        raise ValueError(
+            f"{what} pickles to {len(blob) / 1e6:,.0f} MB with what it captures from the notebook, more than "
+            f"the {MAX_FUNCTION_BYTES / 1e6:,.0f} MB a registration may carry: load large data inside the "
+            "function (from a file or URL the workers can reach) instead of capturing it"
+        )
+    return blob
 
 
 def register_endpoint(

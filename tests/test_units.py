@@ -1,6 +1,7 @@
 """Unit tests of the pure parts: SSE framing, chunk encoding, parameter binding."""
 
 import json
+import sys
 
 import pytest
 
@@ -73,3 +74,26 @@ def test_unannotated_defaults_and_kwargs():
 def test_bad_names(name):
     with pytest.raises(ValueError, match="invalid endpoint name"):
         check_name(name)
+
+
+def test_a_function_too_large_to_register_says_what_to_do(monkeypatch):
+    endpoint_module = sys.modules["jupyter_stream.endpoint"]
+    monkeypatch.setattr(endpoint_module, "MAX_FUNCTION_BYTES", 100_000)
+    captured = b"x" * 200_000
+
+    with pytest.raises(ValueError, match="load large data inside the function"):
+        endpoint_module.pickle_function(lambda: captured, "endpoint 'big'")
+    assert endpoint_module.pickle_function(lambda: len("small"), "endpoint 'small'")
+
+
+def test_only_a_worker_can_name_itself_to_the_pool():
+    from types import SimpleNamespace
+
+    from jupyter_stream.pool import WorkerPool
+
+    pool = WorkerPool()
+    worker = SimpleNamespace(index=3, alive=True)
+    pool.workers.append(worker)
+    assert pool.worker_named(f"3:{pool.worker_key(3)}") is worker
+    assert pool.worker_named("3:") is None and pool.worker_named("3:not-the-key") is None
+    assert pool.worker_named(f"4:{pool.worker_key(3)}") is None and pool.worker_named("") is None
