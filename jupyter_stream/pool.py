@@ -130,6 +130,8 @@ class WorkerKernel:
         self.calls: dict[str, RemoteCall] = {}
         self.functions: set[str] = set()
         self.load = 0
+        self.acked_seq = 0
+        self.died_with: set[str] = set()
         self.alive = False
         self.pid: int | None = None
         self._ready: asyncio.Future | None = None
@@ -199,6 +201,10 @@ class WorkerKernel:
                 if content.get("comm_id") != self.comm_id:
                     continue
                 data = content["data"]
+                seq = data.get("seq")
+                if seq is not None and seq - self.acked_seq >= wire.ACK_MESSAGES_EVERY:
+                    self.acked_seq = seq  # the worker's sender may run further ahead
+                    self.send({"op": "acked", "seq": seq})
                 op = data.get("op")
                 if op == "out":
                     call = self.calls.get(data["id"])
@@ -242,6 +248,7 @@ class WorkerKernel:
     def died(self, reason: str) -> None:
         """Fail every call in flight: the kernel is gone."""
         self.alive = False
+        self.died_with = set(self.calls)  # which calls might have killed it
         error = wire.worker_died_payload(reason)
         for call in list(self.calls.values()):
             call.fail(error)

@@ -24,9 +24,17 @@ log = logging.getLogger("jupyter_stream")
 #: Largest batch of map items sent to a lane at once; batches start at 1 item and double.
 MAX_BATCH = 1024
 
-#: A call (or map item) whose worker kernel dies this many times is not run again: it is
-#: most likely what kills the kernel (os._exit, a crash in C code, running out of memory).
+#: A call (or map item) whose worker kernel dies this many times while running it alone is
+#: not run again: it is most likely what kills the kernel (os._exit, a crash in C code,
+#: running out of memory). Deaths shared with other calls on the kernel count only
+#: towards `MAX_SHARED_DEATHS`.
 MAX_DEATHS = 3
+MAX_SHARED_DEATHS = 10
+
+
+def killed_alone(call: RemoteCall) -> bool:
+    """Whether `call` was the only one on its kernel when the kernel died."""
+    return call.worker.died_with == {call.id}
 
 
 @dataclass
@@ -62,7 +70,8 @@ class RemoteRun:
     def __init__(self, session: "ClientSession", call_id: str, spec: FunctionSpec, args: bytes):
         self.session, self.id, self.spec, self.args = session, call_id, spec, args
         self.attempts = 0
-        self.deaths = 0
+        self.deaths = 0  # of its kernel while it ran alone there
+        self.shared_deaths = 0
         self.sent_any = False
         self.call: RemoteCall | None = None
         self.cancelled = False
@@ -99,13 +108,16 @@ class RemoteRun:
     def on_output(self, data: dict[str, Any], buffers: list) -> None:
         if data.get("end") and data.get("error") and not self.sent_any and not self.cancelled:
             died = data["error"].get("type") == "WorkerDied"
-            self.deaths += died
-            if (died and self.deaths < MAX_DEATHS) or (not died and self.attempts <= self.spec.retries):
+            if died:
+                self.deaths += killed_alone(self.call)
+                self.shared_deaths += 1
+            gave_up = self.deaths >= MAX_DEATHS or self.shared_deaths >= MAX_SHARED_DEATHS
+            if (died and not gave_up) or (not died and self.attempts <= self.spec.retries):
                 self.spec.stats["retried"] += 1
                 self.attempt()  # run it again, on whichever worker is free
                 return
             if died:
-                data = {**data, "error": gave_up_error(self.deaths)}
+                data = {**data, "error": gave_up_error(self.shared_deaths)}
         out = {k: data[k] for k in ("start", "sizes", "end", "error") if k in data}
         payload = buffers[0] if buffers else b""
         if payload:
@@ -136,6 +148,7 @@ class Lane:
         self.call = call
         self.inflight: dict[int, tuple[bytes, int]] = {}
         self.batch_size = 1
+        self.alone = False  # running a suspect item, and nothing else
 
     @property
     def room(self) -> int:
@@ -156,6 +169,7 @@ class MapRun:
         self.cancelled = False
         self.finished = False
         self.deaths: dict[int, int] = {}  # item index -> kernels that died running it alone
+        self.shared_deaths: dict[int, int] = {}  # ... and while it was first in line on a lane
         self.suspects: set[int] = set()  # items that run alone until answered
 
     # -- from the client --------------------------------------------------------------
@@ -214,7 +228,7 @@ class MapRun:
 
     def feed(self, lane: Lane) -> None:
         room = lane.room
-        if room <= 0 or not self.pending or lane.call.ended:
+        if room <= 0 or not self.pending or lane.call.ended or lane.alone:
             return
         indices, sizes, blobs = [], [], []
         while self.pending and len(indices) < min(room, lane.batch_size):
@@ -227,6 +241,7 @@ class MapRun:
             sizes.append(len(blob))
             blobs.append(blob)
             if alone:
+                lane.alone = True  # until it is answered
                 break
         if not indices:
             return
@@ -236,6 +251,7 @@ class MapRun:
         items = data.get("items")
         if items:
             self.on_results(lane, items, data["sizes"], buffers[0])
+            lane.call.consumed(buffers[0].nbytes)  # forwarded: the lane may send more
         if data.get("end"):
             self.lane_ended(lane, data)
         elif not self.cancelled:
@@ -253,8 +269,9 @@ class MapRun:
             if entry is None:
                 changed = True
                 continue
-            if suspects:
+            if suspects and index in suspects:
                 suspects.discard(index)
+                lane.alone = False
             args, attempts = entry
             if not ok and attempts < self.spec.retries and not self.cancelled:
                 self.pending.appendleft((index, args, attempts + 1))
@@ -291,22 +308,23 @@ class MapRun:
     def blame(self, lane: Lane) -> None:
         """The lane's kernel died. Items run in the order sent, so the first one not yet
         answered was running, unless its result was still on its way: a death counts
-        against an item only when it was the lane's only one; otherwise that first item
-        becomes a suspect and next runs alone. After `MAX_DEATHS` an item fails with its
-        own error instead of killing kernel after kernel."""
+        against an item only when it was the lane's only one and the lane the kernel's
+        only call; otherwise that first item becomes a suspect and next runs alone. After
+        `MAX_DEATHS` (or `MAX_SHARED_DEATHS`) an item fails with its own error instead of
+        killing kernel after kernel."""
         index = next(iter(lane.inflight))
-        if len(lane.inflight) > 1:
-            self.suspects.add(index)
-            return
-        self.deaths[index] = self.deaths.get(index, 0) + 1
-        if self.deaths[index] < MAX_DEATHS:
+        self.shared_deaths[index] = self.shared_deaths.get(index, 0) + 1
+        if len(lane.inflight) == 1 and killed_alone(lane.call):
+            self.deaths[index] = self.deaths.get(index, 0) + 1
+        if self.deaths.get(index, 0) < MAX_DEATHS and self.shared_deaths[index] < MAX_SHARED_DEATHS:
             self.suspects.add(index)
             return
         self.suspects.discard(index)
+        self.deaths.pop(index, None)
         del lane.inflight[index]
         self.outstanding -= 1
         self.spec.stats["failed"] += 1
-        blob = wire.dumps(gave_up_error(self.deaths.pop(index)))
+        blob = wire.dumps(gave_up_error(self.shared_deaths.pop(index)))
         self.session.send({"op": "out", "id": self.id, "items": [[index, False]], "sizes": [len(blob)], "lanes": len(self.lanes)}, blob)
 
     def maybe_finish(self) -> None:

@@ -67,6 +67,13 @@ BOOTSTRAP = "import jupyter_stream.worker as _jupyter_stream_worker; _jupyter_st
 #: Bytes a worker may run ahead of what the server has written to its HTTP client.
 DEFAULT_WINDOW = 8 * 1024 * 1024
 
+#: IOPub is a PUB/SUB socket that drops messages when the reader falls 1000 behind, so
+#: the worker's sender numbers its messages (``seq``) and stops at this many unacknowledged
+#: (what piles up meanwhile goes out in fewer, larger messages) ...
+MAX_UNACKED_MESSAGES = 256
+#: ... and the server acknowledges (``acked``) every this many.
+ACK_MESSAGES_EVERY = 64
+
 
 def content_hash(blob: bytes) -> str:
     """Stable id for a pickled function, so workers can cache it."""

@@ -199,6 +199,8 @@ class Worker:
         self.lock = threading.Lock()
         self.has_output = threading.Condition(self.lock)
         self.dirty: list[Call] = []
+        self.seq = 0  # messages the sender thread has sent, and the server has acknowledged
+        self.acked_seq = 0
         self.threads = CallThreads()
         self.watched: set[Call] = set()
         self.watchdog: threading.Thread | None = None
@@ -225,7 +227,11 @@ class Worker:
     def on_msg(self, msg: dict[str, Any]) -> None:
         data = msg["content"]["data"]
         op = data.get("op")
-        if op == "ack":
+        if op == "acked":
+            with self.lock:
+                self.acked_seq = max(self.acked_seq, data["seq"])
+                self.has_output.notify()
+        elif op == "ack":
             call = self.calls.get(data["id"])
             if call is not None:
                 with self.lock:
@@ -464,13 +470,17 @@ class Worker:
     # -- sending (sender thread) ------------------------------------------------------
 
     def send_loop(self) -> None:
+        """Ship what has piled up, one message per call, numbered; wait while the server
+        is `MAX_UNACKED_MESSAGES` behind (IOPub would drop messages past its limit)."""
         while True:
             with self.lock:
-                while not self.dirty:
+                while not self.dirty or self.seq - self.acked_seq >= wire.MAX_UNACKED_MESSAGES:
                     self.has_output.wait()
                 batch, self.dirty = self.dirty, []
                 messages = [self.take_output(call) for call in batch]
-            for out, buffers in messages:
+                first, self.seq = self.seq + 1, self.seq + len(messages)
+            for seq, (out, buffers) in enumerate(messages, first):
+                out["seq"] = seq
                 self.send(out, buffers)
 
     def take_output(self, call: Call) -> tuple[dict[str, Any], list[bytes]]:

@@ -417,9 +417,16 @@ def test_an_input_that_kills_its_kernel_fails_instead_of_killing_them_all(regist
     stream_server.wait_for_workers(2)
 
 
-def test_large_arguments_and_inputs_travel(register):
+def test_large_arguments_inputs_and_results_travel(register):
     def size(blob):
         return len(blob)
+
+    def blob(x):
+        return bytes([x % 256]) * 100_000
+
+    # 20 MB of results: each lane returns far more than the 8 MiB it may run ahead
+    results = list(register(blob).map(range(200)))
+    assert [r[:1] for r in results] == [bytes([x % 256]) for x in range(200)] and {len(r) for r in results} == {100_000}
 
     f = register(size)
     assert f.remote(b"x" * (11 << 20)) == 11 << 20  # above tornado's default 10 MiB message
