@@ -1,8 +1,9 @@
 """The one wire format between the server and its worker kernels.
 
 Both directions are Jupyter comm messages on a comm with target `COMM_TARGET`: the
-server sends on the worker's shell channel, the worker answers on IOPub. Payload bytes
-travel as binary buffers, never JSON-escaped.
+server opens it on the worker's shell channel and then sends on the control channel
+(handled without a hop to the kernel's main thread); the worker answers on IOPub.
+Payload bytes travel as binary buffers, never JSON-escaped.
 
 Server -> worker (``data["op"]``):
 
@@ -12,8 +13,10 @@ Server -> worker (``data["op"]``):
             ``media_type``) or ``"values"`` (the result is pickled). ``kwargs`` holds JSON
             keyword arguments; a pickled ``(args, kwargs)`` may follow in the next buffer
             when ``pickled_args`` is true.
-``ack``     the server has written ``bytes`` more bytes of call ``id`` to its client;
-            the worker may run that much further ahead (credit-based backpressure).
+``ack``     the server has written ``bytes`` more bytes of call ``id`` to its client (or
+            forwarded that much of a map lane's results); the worker may run that much
+            further ahead (credit-based backpressure).
+``acked``   the server has read the worker's messages up to ``seq`` (see below).
 ``cancel``  stop call ``id``: close its generator so ``finally`` blocks run.
 
 Worker -> server:
@@ -26,7 +29,11 @@ Worker -> server:
             the buffer holds pickled objects back to back and ``sizes`` gives their
             lengths; a map lane adds ``items``, one ``[index, ok]`` per object (a failed
             item's object is its pickled `error_payload`). ``fatal`` means the call timed
-            out and its thread may be stuck: the server replaces the kernel.
+            out and its thread may be stuck: the server replaces the kernel. Messages from
+            the worker's sender thread carry ``seq`` (1, 2, ...); the sender waits while
+            `MAX_UNACKED_MESSAGES` are not ``acked``, because IOPub drops what a slow
+            reader leaves queued. (A call's first message and a plain return value are
+            sent directly, without ``seq``.)
 
 Map calls (``mode: "map"``) open a lane on a worker; the server feeds it with
 

@@ -408,7 +408,8 @@ def test_an_input_that_kills_its_kernel_fails_instead_of_killing_them_all(regist
     replaced = stream_server.workers()["replaced"]
     results = list(f.map(range(10), return_exceptions=True))
     assert results[:5] == [0, 1, 2, 3, 4] and results[6:] == [6, 7, 8, 9]
-    assert isinstance(results[5], jupyter_stream.WorkerDied) and "died 3 times" in str(results[5])
+    # 3 deaths with the item alone on its kernel, plus any before it was known to be the culprit
+    assert isinstance(results[5], jupyter_stream.WorkerDied) and "times running this call" in str(results[5])
     with pytest.raises(jupyter_stream.WorkerDied, match="died 3 times"):
         f.remote(5)
     # three deaths for .remote; for .map three once the culprit ran alone, plus the few
