@@ -792,12 +792,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.add_argument("--serve", choices=sorted(REFERENCE_SERVERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    only = {part.strip() for item in args.only for part in item.split(",") if part.strip()}
-    bad = only - set(MEASUREMENTS)
-    if bad:
-        p.error(f"--only: unknown measurement(s) {', '.join(sorted(bad))}; choose from {', '.join(MEASUREMENTS)}")
-    args.only = [m for m in MEASUREMENTS if m in only] if only else list(MEASUREMENTS)
+    args.only = parse_only(p, args.only, MEASUREMENTS)
     return args
+
+
+def parse_only(parser: argparse.ArgumentParser, values: List[str], measurements) -> List[str]:
+    """The measurements named by ``--only a,b`` (all when none), in their usual order."""
+    only = {part.strip() for item in values for part in item.split(",") if part.strip()}
+    bad = only - set(measurements)
+    if bad:
+        parser.error(f"--only: unknown measurement(s) {', '.join(sorted(bad))}; choose from {', '.join(measurements)}")
+    return [m for m in measurements if m in only] if only else list(measurements)
 
 
 def _raise_on_sigterm(signum, frame):

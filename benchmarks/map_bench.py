@@ -57,7 +57,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from endpoint_bench import (  # noqa: E402  (same folder; shared plumbing)
-    REPO_ROOT, Processes, _percentile, _raise_on_sigterm, print_table, start_jupyter_stream,
+    REPO_ROOT, Processes, _percentile, _raise_on_sigterm, parse_only, print_table, start_jupyter_stream,
 )
 
 MEASUREMENTS = ("map", "remote")
@@ -546,11 +546,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-refs", action="store_true", help="benchmark ours only")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = p.parse_args(argv)
-    only = {part.strip() for item in args.only for part in item.split(",") if part.strip()}
-    bad = only - set(MEASUREMENTS)
-    if bad:
-        p.error(f"--only: unknown measurement(s) {', '.join(sorted(bad))}; choose from {', '.join(MEASUREMENTS)}")
-    args.only = [m for m in MEASUREMENTS if m in only] if only else list(MEASUREMENTS)
+    args.only = parse_only(p, args.only, MEASUREMENTS)
     for name in ("items", "slow_items", "repeats", "first_items", "slow_first_items", "first_rounds", "calls"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

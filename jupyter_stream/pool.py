@@ -208,11 +208,12 @@ class WorkerKernel:
                 op = data.get("op")
                 if op == "out":
                     call = self.calls.get(data["id"])
-                    if data.get("fatal"):
+                    fatal = data.get("fatal")
+                    if fatal:
                         self.alive = False  # before the call's end frees it: offer it to no one
                     if call is not None:
                         call.feed(data, msg["buffers"])
-                    if data.get("fatal"):
+                    if fatal:
                         self.retire()
                 elif op == "ready" and self._ready is not None and not self._ready.done():
                     self._ready.set_result(data)

@@ -51,10 +51,6 @@ class FunctionSpec:
     stats: dict[str, int] = field(default_factory=lambda: {"calls": 0, "items": 0, "failed": 0, "retried": 0})
 
 
-def worker_died_error() -> dict[str, Any]:
-    return wire.worker_died_payload("kernel process exited")
-
-
 def gave_up_error(deaths: int) -> dict[str, Any]:
     return {
         "type": "WorkerDied", "module": "jupyter_stream", "traceback": "",
@@ -148,7 +144,6 @@ class Lane:
         self.call = call
         self.inflight: dict[int, tuple[bytes, int]] = {}
         self.batch_size = 1
-        self.alone = False  # running a suspect item, and nothing else
 
     @property
     def room(self) -> int:
@@ -228,20 +223,23 @@ class MapRun:
 
     def feed(self, lane: Lane) -> None:
         room = lane.room
-        if room <= 0 or not self.pending or lane.call.ended or lane.alone:
+        if room <= 0 or not self.pending or lane.call.ended:
+            return
+        # a suspect (see `blame`) runs alone on its lane, so that a death can be blamed on it
+        suspects = self.suspects
+        if suspects and any(index in suspects for index in lane.inflight):
             return
         indices, sizes, blobs = [], [], []
         while self.pending and len(indices) < min(room, lane.batch_size):
-            alone = self.pending[0][0] in self.suspects
+            alone = bool(suspects) and self.pending[0][0] in suspects
             if alone and (indices or lane.inflight):
-                break  # a suspect runs alone on its lane, so that a death can be blamed on it
+                break
             index, blob, attempts = self.pending.popleft()
             lane.inflight[index] = (blob, attempts)
             indices.append(index)
             sizes.append(len(blob))
             blobs.append(blob)
             if alone:
-                lane.alone = True  # until it is answered
                 break
         if not indices:
             return
@@ -269,9 +267,8 @@ class MapRun:
             if entry is None:
                 changed = True
                 continue
-            if suspects and index in suspects:
+            if suspects:
                 suspects.discard(index)
-                lane.alone = False
             args, attempts = entry
             if not ok and attempts < self.spec.retries and not self.cancelled:
                 self.pending.appendleft((index, args, attempts + 1))

@@ -85,10 +85,11 @@ class Call:
         self.deadline: float | None = None
         self.running_index: int | None = None
 
-    def put(self, data: bytes, meta: list | None = None) -> None:
+    def put(self, data: bytes, meta: list | None = None, last: bool = False) -> None:
         """Queue output bytes for the sender; block while the client is a window behind.
         The first output of a call is sent right here, saving a thread hop on the time to
-        first byte."""
+        first byte; so is a call's `last` and only output (a plain return value), which
+        goes out with the call's end: a `.remote()` costs one message back, not two."""
         worker = self.worker
         with worker.lock:
             while self.unacked + self.pending_bytes >= self.window and not self.cancelled:
@@ -101,15 +102,16 @@ class Call:
             self.pending_bytes += len(data)
             if len(data) >= LARGE_CHUNK:
                 self.has_large = True
-            if self.dirty:
+            self.done = last
+            if self.dirty:  # the sender has this call queued (and ships its end too)
                 return
             self.dirty = True
-            if self.sent_directly:
+            if self.sent_directly and not last:
                 worker.dirty.append(self)
                 worker.has_output.notify()
                 return
             self.sent_directly = True
-            message = worker.take_output(self)  # first output: send it ourselves
+            message = worker.take_output(self)
         worker.send(*message)
 
     def announce(self) -> None:
@@ -118,29 +120,7 @@ class Call:
         heartbeats only on an SSE response."""
         worker = self.worker
         with worker.lock:
-            if self.dirty or self.start is None:
-                return
-            self.dirty = True
-            message = worker.take_output(self)
-        worker.send(*message)
-
-    def put_last(self, data: bytes) -> None:
-        """The call's one output (a plain return value): it goes out with the call's end in
-        one message, sent right here, so a `.remote()` costs one message back, not two."""
-        worker = self.worker
-        with worker.lock:
-            if self.cancelled or self.done:
-                raise CallCancelled()
-            self.pending.append(data)
-            self.pending_bytes += len(data)
-            if len(data) >= LARGE_CHUNK:
-                self.has_large = True
-            self.done = True
-            if self.dirty or self.start is None:  # the sender ships it (and the end) instead
-                if not self.dirty:
-                    self.dirty = True
-                    worker.dirty.append(self)
-                    worker.has_output.notify()
+            if self.dirty:
                 return
             self.dirty = True
             message = worker.take_output(self)
@@ -436,7 +416,7 @@ class Worker:
             encode = wire.dumps
             single = not streaming
         if single:
-            call.put_last(encode(result))
+            call.put(encode(result), last=True)
             return None
         if mode == "http":
             call.announce()
