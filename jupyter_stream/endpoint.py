@@ -14,8 +14,8 @@ import pickle
 import shlex
 from typing import Any, Callable
 
-import cloudpickle
 
+from . import wire
 from .client import ServerConnection, get_connection
 from .registry import check_name, describe_parameters
 from .responses import SSE
@@ -87,7 +87,7 @@ MAX_FUNCTION_BYTES = 256 * 1024 * 1024
 def pickle_function(fn: Callable, what: str) -> bytes:
     """cloudpickle `fn`, turning a failure into an error that says what to change."""
     try:
-        blob = cloudpickle.dumps(fn)
+        blob = wire.cloudpickle_dumps(fn)
     except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as e:
         raise pickle.PicklingError(
             f"cannot send {what} to the worker kernels: cloudpickle failed with {type(e).__name__}: {e}. "

@@ -15,7 +15,6 @@ import itertools
 import pickle
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
-import cloudpickle
 
 from . import wire
 from .client import ServerConnection, get_connection
@@ -54,7 +53,7 @@ def _pack_items(items: list[tuple]) -> Iterator[tuple[list[int], bytes]]:
     """Pickle argument tuples back to back with one reused pickler, in groups of about
     `MAX_FRAME_BYTES` (large inputs must not make one huge message); yields sizes and bytes."""
     buf = io.BytesIO()
-    pickler = cloudpickle.Pickler(buf, protocol=5)
+    pickler = wire.Pickler(buf, protocol=5)
     sizes, last = [], 0
     for item in items:
         pickler.dump(item)

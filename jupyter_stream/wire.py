@@ -57,11 +57,15 @@ beside it when the pool is full.
 from __future__ import annotations
 
 import base64
+import copyreg
 import hashlib
+import io
 import json
 import pickle
 import struct
 import traceback
+import types
+from collections import ChainMap
 from typing import Any
 
 import cloudpickle
@@ -87,13 +91,37 @@ def content_hash(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
+def _code_with_filename(make: Any, args: tuple, filename: str) -> types.CodeType:
+    """Rebuild a code object pickled by `Pickler` under its original file name."""
+    return make(*args).replace(co_filename=filename)
+
+
+def _reduce_code(code: types.CodeType) -> tuple:
+    make, args = cloudpickle.Pickler.dispatch_table[types.CodeType](code)
+    return _code_with_filename, (make, args, code.co_filename)
+
+
+class Pickler(cloudpickle.Pickler):
+    """cloudpickle, keeping each function's file name (cloudpickle >= 3.1.3 replaces it
+    with ``<dynamic-code>``), so that a worker's tracebacks name the notebook cell or
+    file the code came from and show its lines where the worker can read them."""
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table, copyreg.dispatch_table)
+
+
+def cloudpickle_dumps(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    Pickler(buf, protocol=5).dump(obj)
+    return buf.getvalue()
+
+
 def dumps(obj: Any) -> bytes:
     """Pickle a value for the other side: plain pickle when it can, cloudpickle for what
     only cloudpickle can (functions and classes defined in a notebook, lambdas)."""
     try:
         return pickle.dumps(obj, protocol=5)
     except Exception:
-        return cloudpickle.dumps(obj, protocol=5)
+        return cloudpickle_dumps(obj)
 
 
 def _user_frames(tb: Any) -> Any:
@@ -115,7 +143,7 @@ def error_payload(exc: BaseException, pickled: bool = False) -> dict[str, Any]:
     }
     if pickled:
         try:
-            payload["pickle"] = base64.b64encode(cloudpickle.dumps(exc.with_traceback(None))).decode()
+            payload["pickle"] = base64.b64encode(cloudpickle_dumps(exc.with_traceback(None))).decode()
         except Exception:
             pass  # the caller gets a RemoteError naming the type instead
     return payload
