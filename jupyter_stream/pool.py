@@ -46,6 +46,8 @@ class RemoteCall:
         self.error: dict[str, Any] | None = None
         self.ended = False
         self.cancelled = False
+        #: cancelled and no longer counted against its worker, but still running there
+        self.abandoned = False
         self._wakeup: asyncio.Future | None = None
         self._unacked = 0
         #: set by the scheduler to take output as it arrives instead of through `wait`/`take`
@@ -61,9 +63,10 @@ class RemoteCall:
             return
         if "start" in data:
             self.start = data["start"]
-        for buffer in buffers:
-            if buffer.nbytes:
-                self.chunks.append(buffer)
+        if not self.cancelled:  # nobody reads a cancelled call's last output
+            for buffer in buffers:
+                if buffer.nbytes:
+                    self.chunks.append(buffer)
         if data.get("end"):
             self.error = data.get("error")
             self._end()
@@ -112,10 +115,14 @@ class RemoteCall:
             self._unacked = 0
 
     def cancel(self) -> None:
-        """Ask the worker to stop this call (its generator's ``finally`` runs)."""
+        """Ask the worker to stop this call (its generator's ``finally`` runs). Nobody
+        waits for it any more, so its worker takes other calls at once, whether or not
+        its code stops (see `WorkerKernel.abandon`)."""
         if not self.ended and not self.cancelled:
             self.cancelled = True
+            self.chunks.clear()
             self.worker.send({"op": "cancel", "id": self.id})
+            self.worker.abandon(self)
 
 
 class WorkerKernel:
@@ -133,6 +140,9 @@ class WorkerKernel:
         self.acked_seq = 0
         self.died_with: set[str] = set()
         self.alive = False
+        #: a call's code would not stop: this kernel takes no new calls and is shut down
+        #: once the calls that have clients are done (a replacement is started first)
+        self.draining = False
         self.pid: int | None = None
         self._ready: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
@@ -140,6 +150,11 @@ class WorkerKernel:
     @property
     def name(self) -> str:
         return f"worker-{self.index}"
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new calls may be placed on this kernel."""
+        return self.alive and not self.draining
 
     async def start(self, env: dict[str, str], cwd: str | None, timeout: float) -> None:
         """Start the kernel, load the worker code into it and open the comm."""
@@ -243,8 +258,37 @@ class WorkerKernel:
         return call
 
     def call_ended(self, call: RemoteCall) -> None:
-        if self.calls.pop(call.id, None) is not None:
+        if self.calls.pop(call.id, None) is not None and not call.abandoned:
             self.pool.release(self)
+
+    def abandon(self, call: RemoteCall) -> None:
+        """A cancelled call stops counting against this kernel now, whatever its code is
+        doing; it still has `cancel_grace_period` seconds to stop by itself. Then its thread
+        is interrupted, and after as long again the kernel is replaced in the background."""
+        if call.id not in self.calls or call.abandoned:
+            return
+        call.abandoned = True
+        self.pool.release(self)
+        grace = self.pool.cancel_grace_period
+        loop = asyncio.get_running_loop()
+        loop.call_later(grace, self._interrupt_if_running, call)
+        loop.call_later(2 * grace, self._recycle_if_running, call)
+
+    @property
+    def abandoned(self) -> int:
+        """Calls cancelled here whose code has not stopped yet."""
+        return sum(1 for call in self.calls.values() if call.abandoned)
+
+    def _interrupt_if_running(self, call: RemoteCall) -> None:
+        if not call.ended and call.id in self.calls and self.alive:
+            log.info("jupyter_stream: a cancelled call on %s has not stopped after %g s; interrupting its thread",
+                     self.name, self.pool.cancel_grace_period)
+            self.send({"op": "interrupt", "id": call.id})
+
+    def _recycle_if_running(self, call: RemoteCall) -> None:
+        if not call.ended and call.id in self.calls and self.alive:
+            self.pool.recycle(self, f"a cancelled call did not stop within {2 * self.pool.cancel_grace_period:g} s "
+                                    "(blocked in C code or a long sleep)")
 
     def died(self, reason: str) -> None:
         """Fail every call in flight: the kernel is gone."""
@@ -276,7 +320,10 @@ class WorkerKernel:
             log.debug("%s: shutdown failed", self.name, exc_info=True)
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": self.pid, "alive": self.alive, "busy": self.load, "kernel": self.km.kernel_name}
+        return {
+            "name": self.name, "pid": self.pid, "alive": self.alive, "busy": self.load,
+            "abandoned": self.abandoned, "draining": self.draining, "kernel": self.km.kernel_name,
+        }
 
 
 class WorkerPool:
@@ -295,6 +342,7 @@ class WorkerPool:
         kernel_manager_class: type[AsyncKernelManager] = AsyncKernelManager,
         transport: str = "tcp",
         worker_env: Callable[[int], dict[str, str]] | None = None,
+        cancel_grace_period: float = 5.0,
     ):
         self.kernel_name = kernel_name
         self.min_workers = min_workers
@@ -306,7 +354,9 @@ class WorkerPool:
         self.kernel_manager_class = kernel_manager_class
         self.transport = transport
         self.worker_env = worker_env
+        self.cancel_grace_period = cancel_grace_period
         self.workers: list[WorkerKernel] = []
+        self.draining: list[WorkerKernel] = []
         self.starting = 0
         self.replaced = 0
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
@@ -335,13 +385,13 @@ class WorkerPool:
         index, _, key = claim.partition(":")
         if not index.isdigit() or not hmac.compare_digest(key, self.worker_key(int(index))):
             return None
-        return next((w for w in self.workers if w.index == int(index) and w.alive), None)
+        return next((w for w in self.workers + self.draining if w.index == int(index) and w.alive), None)
 
     def try_acquire(self) -> WorkerKernel | None:
         """A worker with room for one more call right now, or None."""
         if not self._waiters:  # never jump the queue
             for worker in self.workers:
-                if worker.alive and worker.load < self.calls_per_worker:
+                if worker.accepting and worker.load < self.calls_per_worker:
                     worker.load += 1
                     return worker
         return None
@@ -368,11 +418,15 @@ class WorkerPool:
 
     def release(self, worker: WorkerKernel) -> None:
         worker.load -= 1
+        if worker.draining:
+            if worker.load <= 0:
+                self._retire_drained(worker)
+            return
         self._offer(worker)
 
     def _offer(self, worker: WorkerKernel) -> None:
         """Hand a worker with spare room to the calls waiting for one."""
-        while worker.alive and worker.load < self.calls_per_worker and self._waiters:
+        while worker.accepting and worker.load < self.calls_per_worker and self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 worker.load += 1
@@ -412,6 +466,33 @@ class WorkerPool:
         prefix = os.path.join(jupyter_runtime_dir(), f"jupyter-stream-{os.getpid()}-{index}")
         return self.kernel_manager_class(kernel_name=self.kernel_name, transport="ipc", ip=prefix)
 
+    def recycle(self, worker: WorkerKernel, reason: str) -> None:
+        """Replace a kernel that still works but holds a call that will not stop: start its
+        replacement first, then take it out of the pool and shut it down once the calls
+        that still have clients there are done. The others keep serving meanwhile."""
+        if worker.draining or worker not in self.workers or self._closed:
+            return
+        log.warning("jupyter_stream: replacing %s (pid %s): %s", worker.name, worker.pid, reason)
+        worker.draining = True
+        self.starting += 1  # the replacement may take the pool one over max_workers meanwhile
+        task = self._spawn(self._start_worker())
+        task.add_done_callback(lambda _: self._drain(worker))
+
+    def _drain(self, worker: WorkerKernel) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+            self.replaced += 1
+            self.draining.append(worker)
+        if worker.load <= 0:
+            self._retire_drained(worker)
+
+    def _retire_drained(self, worker: WorkerKernel) -> None:
+        if worker in self.draining:
+            self.draining.remove(worker)
+            log.info("jupyter_stream: %s (pid %s) has no more calls with clients; shutting it down", worker.name, worker.pid)
+            worker.died("it was replaced")
+            self._spawn(worker.shutdown(now=True))
+
     async def _start_worker(self) -> WorkerKernel | None:
         """Start a kernel counted in `starting` by `_grow`."""
         index = next(self._counter)
@@ -447,6 +528,10 @@ class WorkerPool:
                 if not await worker.is_alive() and worker in self.workers:
                     log.warning("jupyter_stream: %s (pid %s) died; replacing it", worker.name, worker.pid)
                     self.replace(worker, "kernel process exited")
+            for worker in list(self.draining):
+                if not await worker.is_alive() and worker in self.draining:
+                    self.draining.remove(worker)
+                    worker.died("kernel process exited")
             missing = self.min_workers - len(self.workers) - self.starting
             if self._waiters and not missing and not self.full:
                 missing = 1
@@ -456,11 +541,14 @@ class WorkerPool:
     def replace(self, worker: WorkerKernel, reason: str) -> None:
         """Take a dead or doomed worker out of the pool, fail what it still runs, and
         stop its kernel; the watcher starts a replacement to keep the warm minimum."""
-        if worker not in self.workers:
+        if worker in self.draining:
+            self.draining.remove(worker)  # counted as replaced when it began draining
+        elif worker in self.workers:
+            self.workers.remove(worker)
+            self.replaced += 1
+        else:
             return
-        self.workers.remove(worker)
         worker.died(reason)
-        self.replaced += 1
         self._spawn(worker.shutdown(now=True))
 
     async def shutdown(self) -> None:
@@ -471,7 +559,8 @@ class WorkerPool:
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(WorkerError("the server is shutting down"))
-        workers, self.workers = self.workers, []
+        workers, self.workers = self.workers + self.draining, []
+        self.draining = []
         await asyncio.gather(*(w.shutdown(now=True) for w in workers), return_exceptions=True)
 
     def info(self) -> dict[str, Any]:
@@ -482,5 +571,5 @@ class WorkerPool:
             "starting": self.starting,
             "waiting_calls": len(self._waiters),
             "replaced": self.replaced,
-            "workers": [w.info() for w in self.workers],
+            "workers": [w.info() for w in self.workers + self.draining],
         }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import inspect
 import os
 import pickle
@@ -84,6 +85,8 @@ class Call:
         self.closed = False
         self.deadline: float | None = None
         self.running_index: int | None = None
+        #: the thread running the call's code, while it runs (for `Worker.interrupt`)
+        self.thread: int | None = None
 
     def put(self, data: bytes, meta: list | None = None, last: bool = False) -> None:
         """Queue output bytes for the sender; block while the client is a window behind.
@@ -161,7 +164,10 @@ class CallThreads:
     def run(self, task: Any) -> None:
         while True:
             fn, args = task
-            fn(*args)
+            try:
+                fn(*args)
+            except CallCancelled:  # an interrupt that arrived as the call was ending
+                pass
             with self.lock:
                 self.idle += 1
             task = self.tasks.get()
@@ -229,6 +235,8 @@ class Worker:
                     call.has_batch.notify()
         elif op == "cancel":
             self.cancel(data["id"])
+        elif op == "interrupt":
+            self.interrupt(data["id"])
 
     def start_call(self, data: dict[str, Any], buffers: list) -> None:
         call = Call(self, data["id"], data.get("window", wire.DEFAULT_WINDOW))
@@ -262,11 +270,32 @@ class Worker:
         if call.loop is not None and call.task is not None:
             call.loop.call_soon_threadsafe(call.task.cancel)
 
+    def interrupt(self, call_id: str) -> None:
+        """Raise `CallCancelled` in the thread of a cancelled call whose code did not stop
+        (it never yields, or ignores the cancel). Python delivers it at the thread's next
+        bytecode; code blocked in C (a long sleep, a native call) is not reached, and the
+        server replaces the kernel if the call still runs later."""
+        call = self.calls.get(call_id)
+        if call is None:
+            return
+        with self.lock:
+            if call.cancelled and call.thread is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call.thread), ctypes.py_object(CallCancelled))
+
+    def settle(self, call: Call) -> None:
+        """The call's code is done: no interrupt may reach its thread (reused for the next
+        call) from now on, and one already raised but not yet delivered is withdrawn."""
+        with self.lock:
+            ident, call.thread = call.thread, None
+        if ident is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+
     # -- running a call (its own thread) ----------------------------------------------
 
     def run_call(self, call: Call, data: dict[str, Any], buffers: list) -> None:
         error = None
         mode = data.get("mode", "http")
+        call.thread = threading.get_ident()
         try:
             fn = self.function(data["fn"])
             args, kwargs = (), dict(data.get("kwargs") or {})
@@ -291,6 +320,12 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             error = wire.error_payload(exc, pickled=mode != "http")
         finally:
+            while True:
+                try:
+                    self.settle(call)
+                    break
+                except CallCancelled:  # the interrupt landed here, after the user's code
+                    continue
             call.finish(error)
 
     def run_lane(self, call: Call, fn: Any, kwargs: dict[str, Any], timeout: float | None) -> None:
