@@ -11,6 +11,7 @@ or on the command line: ``jupyter server --JupyterStream.max_workers=8``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from typing import Any
@@ -19,9 +20,10 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, List, Type, Unicode, default
 
-from . import handlers
+from . import handlers, wire
+from .persist import RegistrationStore, StoredRegistration
 from .pool import WorkerPool
-from .registry import EndpointRegistry, EndpointSpec
+from .registry import EndpointRegistry, EndpointSpec, RegistrationError, parse_registration
 from .scheduler import FunctionSpec
 
 #: Environment variables through which kernels started by this server find it.
@@ -48,6 +50,17 @@ class JupyterStream(ExtensionApp):
     )
     worker_transport = Unicode("ipc", config=True, help="ZMQ transport to local worker kernels: 'ipc' (unix sockets, faster) or 'tcp'.")
     worker_cwd = Unicode("", config=True, help="Working directory of worker kernels (default: the server's root_dir).")
+    cancel_grace_period = Float(
+        5.0, config=True,
+        help="Seconds a cancelled call's code (its client left) may take to stop by itself. It stops counting "
+        "against its worker at once; after this its thread is interrupted, and after twice this its kernel is "
+        "replaced in the background.",
+    )
+    commit_headers_after = Float(
+        1.0, config=True,
+        help="Seconds a response may go without its first chunk before its status and headers are sent "
+        "anyway (a failure after that cuts the body short, or is an SSE error event).",
+    )
     sse_heartbeat_interval = Float(15.0, config=True, help="Seconds of silence after which an SSE stream gets a comment heartbeat.")
     max_request_body = Int(10 * 1024 * 1024, config=True, help="Largest request body an endpoint accepts, in bytes (413 above).")
     max_call_message = Int(
@@ -58,11 +71,24 @@ class JupyterStream(ExtensionApp):
     exit_with_pid = Int(0, config=True, help="Stop the server when the process with this pid exits (embedded servers).")
     notebooks = List(Unicode(), config=True, help="Notebooks to run at startup so their endpoints register (used by `jupyter stream serve`).")
 
+    persist_dir = Unicode(
+        "", config=True,
+        help="Directory of registrations made with --persist, registered again at startup "
+        "(default: jupyter_stream/persisted in the Jupyter data directory).",
+    )
+
+    @default("persist_dir")
+    def _default_persist_dir(self) -> str:
+        return os.path.join(self.data_dir, "jupyter_stream", "persisted")
+
     @default("worker_cwd")
     def _default_cwd(self) -> str:
         return self.serverapp.root_dir if self.serverapp is not None else os.getcwd()
 
     def initialize_settings(self) -> None:
+        # the package's own loggers (pool, scheduler) write to the server's log
+        logging.getLogger("jupyter_stream").parent = self.log
+        self.store = RegistrationStore(self.persist_dir)
         self.registry = EndpointRegistry()
         self.functions: dict[str, FunctionSpec] = {}
         self.pool = WorkerPool(
@@ -75,6 +101,7 @@ class JupyterStream(ExtensionApp):
             cwd=self.worker_cwd or None,
             kernel_manager_class=self.kernel_manager_class,
             transport=self.worker_transport,
+            cancel_grace_period=self.cancel_grace_period,
         )
         self.settings["jupyter_stream"] = self
 
@@ -88,10 +115,75 @@ class JupyterStream(ExtensionApp):
         if self.exit_with_pid:
             asyncio.create_task(self._exit_with(self.exit_with_pid))
         await self.pool.start()
+        asyncio.create_task(self.restore_persisted())
         if self.notebooks:
             from .serve import run_notebooks
 
             asyncio.create_task(run_notebooks(self, list(self.notebooks)))
+
+    # -- registrations: the one path for the API, and for restoring persisted ones ------
+
+    def register(self, kind: str, raw: bytes, restoring: bool = False) -> tuple[EndpointSpec | FunctionSpec, bool]:
+        """Check and register an endpoint or function from its registration's JSON body;
+        returns the spec and whether it replaced one. Raises `RegistrationError`."""
+        body = parse_registration(raw, kind)
+        name, blob = body["name"], body["blob"]
+        common = dict(name=name, fn_hash=wire.content_hash(blob), fn_blob=blob, doc=body["doc"], persist=body.get("persist", False))
+        spec: EndpointSpec | FunctionSpec
+        if kind == "endpoint":
+            spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], **common)
+            replaced = self.registry.get(name) is not None
+            self.registry.register(spec)
+        else:
+            spec = FunctionSpec(is_generator=body.get("generator", False), retries=body["retries"], timeout=body["timeout"], **common)
+            replaced = name in self.functions
+            self.functions[name] = spec
+        if not restoring:
+            if spec.persist:
+                self.store.save(kind, name, raw, spec.fn_hash)
+            else:  # the latest registration wins, also after a restart
+                self.store.remove(kind, name)
+        self.log.info("jupyter_stream: %s %s %s%s", "restored" if restoring else "replaced" if replaced else "registered",
+                      kind, name, " (persisted)" if spec.persist and not restoring else "")
+        return spec, replaced
+
+    def remove_endpoint(self, name: str) -> bool:
+        self.store.remove("endpoint", name)
+        return self.registry.remove(name)
+
+    def remove_function(self, name: str) -> bool:
+        self.store.remove("function", name)
+        return self.functions.pop(name, None) is not None
+
+    async def restore_persisted(self) -> None:
+        """Register again what was persisted, once a worker has loaded each pickle; a
+        registration that no longer loads is left out, with a log line saying why."""
+        for item in self.store.load():
+            if isinstance(item, tuple):
+                path, problem = item
+                self.log.error("jupyter_stream: could not restore %s: %s; delete it", path, problem)
+                continue
+            try:
+                await self._restore(item)
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
+                self.log.error("jupyter_stream: could not restore %s %r from %s: %s. Register it again from its "
+                               "notebook (with --persist), or delete the file", item.kind, item.name, item.path, e)
+
+    async def _restore(self, item: StoredRegistration) -> None:
+        try:
+            body = parse_registration(item.body, item.kind)
+        except RegistrationError as e:
+            raise RuntimeError(f"the stored registration is invalid ({e})") from None
+        fn_hash = wire.content_hash(body["blob"])
+        if fn_hash != item.fn_hash:
+            raise RuntimeError("its pickle is corrupted (it does not match the hash it was stored with)")
+        worker = await asyncio.wait_for(self.pool.acquire(), self.worker_startup_timeout + 30)
+        call = worker.call(fn_hash, body["blob"], mode="load")
+        while not call.ended:
+            await asyncio.wait_for(call.wait(), 60)
+        if call.error is not None:
+            raise RuntimeError(f"its pickle no longer loads on a worker ({call.error['type']}: {call.error['message']})")
+        self.register(item.kind, item.body, restoring=True)
 
     async def _exit_with(self, pid: int) -> None:
         """Shut the server down (SIGTERM, so kernels are stopped too) once `pid` is gone."""
@@ -129,6 +221,7 @@ class JupyterStream(ExtensionApp):
             "retries": spec.retries,
             "timeout": spec.timeout,
             "doc": spec.doc,
+            "persist": spec.persist,
             "stats": dict(spec.stats),
         }
 
@@ -140,6 +233,7 @@ class JupyterStream(ExtensionApp):
             "media_type": spec.media_type,
             "parameters": spec.signature.get("params", []),
             "doc": spec.doc,
+            "persist": spec.persist,
             "created": spec.created,
             "stats": vars(stats) if stats else {},
         }

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from . import wire
 from .client import ServerConnection, get_connection
-from .registry import check_name, describe_parameters
+from .registry import MAX_FUNCTION_BYTES, check_media_type, check_name, describe_parameters
 from .responses import SSE
 
 
@@ -67,7 +67,7 @@ class Endpoint:
         return self.fn(*args, **kwargs)
 
     def delete(self) -> None:
-        """Unregister the endpoint; its URL answers 404 from now on."""
+        """Unregister the endpoint (and forget it if it was persisted); its URL answers 404 from now on."""
         self.connection.request("DELETE", f"api/stream/endpoints/{self.name}")
 
 
@@ -79,9 +79,6 @@ def _in_notebook_kernel() -> bool:
     return type(get_ipython()).__name__ == "ZMQInteractiveShell"
 
 
-#: Largest pickled function a registration carries (base64 in a JSON body, under
-#: jupyter-server's 512 MB request limit).
-MAX_FUNCTION_BYTES = 256 * 1024 * 1024
 
 
 def pickle_function(fn: Callable, what: str) -> bytes:
@@ -109,12 +106,16 @@ def register_endpoint(
     name: str | None = None,
     media_type: str | None = None,
     connection: ServerConnection | None = None,
+    persist: bool = False,
 ) -> Endpoint:
-    """Register `fn` with the server as endpoint `name` (default: the function's name)."""
+    """Register `fn` with the server as endpoint `name` (default: the function's name).
+    The endpoint belongs to the server: it stays after this kernel stops, until it is
+    deleted or the server stops; with `persist` it is also registered again when the
+    server restarts."""
     if not callable(fn):
         raise TypeError(f"an endpoint must be a function, got {type(fn).__name__}")
     name = check_name(name or fn.__name__)
-    media_type = media_type or SSE
+    media_type = check_media_type(media_type or SSE)
     blob = pickle_function(fn, f"endpoint {name!r}")
     conn = connection or get_connection()
     reply = conn.request(
@@ -126,13 +127,14 @@ def register_endpoint(
             "signature": describe_parameters(fn),
             "doc": inspect.getdoc(fn) or "",
             "function": base64.b64encode(blob).decode(),
+            "persist": bool(persist),
         },
     ).json()
     return Endpoint(name, conn.endpoint_url(name), reply.get("media_type", media_type), fn, conn)
 
 
 def endpoint(
-    fn: Callable | None = None, *, name: str | None = None, media_type: str | None = None
+    fn: Callable | None = None, *, name: str | None = None, media_type: str | None = None, persist: bool = False
 ) -> Any:
     """Decorator: serve a generator (or any function returning an iterable) as a streaming
     endpoint. Returns an `Endpoint` handle::
@@ -143,5 +145,5 @@ def endpoint(
                 yield f"data: tick {i}\\n\\n"
     """
     if fn is not None:
-        return register_endpoint(fn, name, media_type)
-    return lambda f: register_endpoint(f, name, media_type)
+        return register_endpoint(fn, name, media_type, persist=persist)
+    return lambda f: register_endpoint(f, name, media_type, persist=persist)

@@ -22,7 +22,7 @@ from .endpoint import pickle_function
 from .errors import rebuild
 from .progress import MapProgress
 from .progress import start as start_progress
-from .registry import check_name
+from .registry import MAX_RETRIES, MAX_TIMEOUT, check_name
 from .remote import CallStream, call_client
 
 #: Map inputs sent but not yet handed to the caller, at most (bounds memory for huge inputs).
@@ -263,6 +263,10 @@ class Function:
             self._connection = get_connection()
         return self._connection
 
+    def delete(self) -> None:
+        """Unregister the function (and forget it if it was persisted); calls fail from now on."""
+        self.connection.request("DELETE", f"api/stream/functions/{self.name}")
+
     def local(self, *args: Any, **kwargs: Any) -> Any:
         """Run the function here, in this process."""
         if self.fn is None:
@@ -446,15 +450,17 @@ def register_function(
     retries: int = 0,
     timeout: float | None = None,
     connection: ServerConnection | None = None,
+    persist: bool = False,
 ) -> Function:
-    """Register `fn` with the server so workers can run it; returns its `Function` handle."""
+    """Register `fn` with the server so workers can run it; returns its `Function` handle.
+    Like endpoints, it belongs to the server (see `register_endpoint`)."""
     if not callable(fn):
         raise TypeError(f"a stream function must be a function, got {type(fn).__name__}")
     name = check_name(name or fn.__name__)
-    if retries < 0:
-        raise ValueError("retries must be 0 or more")
-    if timeout is not None and timeout <= 0:
-        raise ValueError("timeout must be a positive number of seconds")
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be a whole number from 0 to {MAX_RETRIES}")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"timeout must be a positive number of seconds, at most {MAX_TIMEOUT:g} (7 days)")
     blob = pickle_function(fn, f"function {name!r}")
     is_generator = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
     conn = connection or get_connection()
@@ -468,12 +474,14 @@ def register_function(
             "retries": retries,
             "timeout": timeout,
             "doc": inspect.getdoc(fn) or "",
+            "persist": bool(persist),
         },
     )
     return Function(name, is_generator, fn, conn)
 
 
-def function(fn: Callable | None = None, *, name: str | None = None, retries: int = 0, timeout: float | None = None) -> Any:
+def function(fn: Callable | None = None, *, name: str | None = None, retries: int = 0, timeout: float | None = None,
+             persist: bool = False) -> Any:
     """Decorator: run this function on worker kernels, with Modal's call forms::
 
         @jupyter_stream.function(retries=2)
@@ -483,5 +491,5 @@ def function(fn: Callable | None = None, *, name: str | None = None, retries: in
         list(square.map(range(10)))
     """
     if fn is not None:
-        return register_function(fn, name, retries, timeout)
-    return lambda f: register_function(f, name, retries, timeout)
+        return register_function(fn, name, retries, timeout, persist=persist)
+    return lambda f: register_function(f, name, retries, timeout, persist=persist)

@@ -9,6 +9,7 @@ login cookie); unauthenticated API requests get 403 rather than a login redirect
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -18,16 +19,18 @@ from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_core.utils import ensure_async
-from tornado import web
+from tornado import httputil, web
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from . import wire
 from .pool import WorkerError
-from .registry import EndpointSpec, ParameterError, check_name
+from .registry import EndpointSpec, ParameterError, RegistrationError, loads_json
 from .scheduler import ClientSession, FunctionSpec
 from .responses import SSE
 
+NOT_AUTHENTICATED = ("authenticate with the server's token: an 'Authorization: token ...' header, "
+                     "?token=..., or JupyterLab's login cookie")
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
 
@@ -36,10 +39,43 @@ class StreamHandlerBase(APIHandler):
     #: "read", registering or calling a function "execute", removing one "write".
     auth_resource = "kernels"
 
+    async def prepare(self) -> None:
+        await super().prepare()
+        if not self.current_user:  # before reading a body (the auth decorators run after it)
+            raise web.HTTPError(403, NOT_AUTHENTICATED)
+
+    def check_xsrf_cookie(self) -> None:
+        # once prepare() knows the user (jupyter-server's own test), say the real problem
+        # rather than "'_xsrf' argument missing"
+        if hasattr(self, "_jupyter_current_user") and not self.current_user:
+            raise web.HTTPError(403, NOT_AUTHENTICATED)
+        super().check_xsrf_cookie()
+
     @property
     def stream(self) -> Any:
         """The extension's state: registry, pool and configuration (the `JupyterStream` extension app)."""
         return self.settings["jupyter_stream"]
+
+    # A bad request costs the log one line: jupyter-server's access line with its status
+    # (and a scrubbed URL). The reason goes to the client, and to the log at debug level.
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, web.HTTPError) and value.status_code < 500:
+            self.log.debug("jupyter_stream: %s %s: %s", value.status_code, self.request.path, value.log_message)
+            return
+        super().log_exception(typ, value, tb)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors are JSON ``{"message", "reason"}``, as in jupyter-server's API."""
+        self.set_header("Content-Type", "application/json")
+        message = httputil.responses.get(status_code, "Unknown HTTP Error")
+        reply: dict[str, Any] = {"message": message, "reason": None}
+        error = (kwargs.get("exc_info") or (None, None))[1]
+        if isinstance(error, web.HTTPError):
+            reply = {"message": error.log_message or message, "reason": error.reason}
+        elif error is not None:
+            reply["message"] = "Unhandled error"
+        self.finish(json.dumps(reply))
 
 
 @web.stream_request_body
@@ -48,6 +84,7 @@ class EndpointHandler(StreamHandlerBase):
 
     call = None
     closed = False
+    waiting: "asyncio.Future | None" = None  # for a worker, while the request is queued
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -57,20 +94,28 @@ class EndpointHandler(StreamHandlerBase):
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise web.HTTPError(413, self._too_large(length))
-        # a chunked body's size is known only as it arrives: read (and drop) a moderate
-        # excess so the client gets its 413 instead of a reset connection
-        self.request.connection.set_max_body_size(limit + max(limit, 64 << 20))
+        # A chunked body's size is known only as it arrives. Up to `drain_limit` the excess is
+        # read and dropped, so that a client that sends its whole body before reading the
+        # response gets its 413 (not a reset connection); past it the 413 goes out at once
+        # and the connection is closed (clients that read while sending, such as curl,
+        # still see it). Tornado's own limit stays out of the way: it answers an empty 400.
+        self.drain_limit = limit + max(limit, 64 << 20)
+        self.request.connection.set_max_body_size(1 << 62)
 
     def _too_large(self, size: int | str) -> str:
         limit = self.stream.max_request_body
-        return f"request body of {size} bytes is larger than the {limit}-byte limit (JupyterStream.max_request_body)"
+        return (f"request body of {size} bytes is larger than the {limit}-byte limit: send less, "
+                "or raise JupyterStream.max_request_body")
 
     def data_received(self, chunk: bytes) -> None:
         self._body_size += len(chunk)
         if self._body_size <= self.stream.max_request_body:
             self._body += chunk
-        else:
-            self._body.clear()
+        elif self._body:
+            self._body = bytearray()  # over the limit: counted, not kept
+        if self._body_size > self.drain_limit and not self._finished:
+            # far over: answer now and let tornado close the connection (see prepare)
+            self.send_error(413, exc_info=(None, web.HTTPError(413, self._too_large(f"more than {self._body_size}")), None))
 
     @web.authenticated
     @authorized("execute")
@@ -80,17 +125,15 @@ class EndpointHandler(StreamHandlerBase):
     @web.authenticated
     @authorized("execute")
     async def post(self, name: str) -> None:
-        await self.run_endpoint(name)
+        if not self._finished:  # not already answered 413 while the body arrived
+            await self.run_endpoint(name)
 
     def parse_body(self) -> dict[str, Any] | None:
         if self._body_size > self.stream.max_request_body:
             raise web.HTTPError(413, self._too_large(self._body_size))
         if not self._body:
             return None
-        try:
-            body = json.loads(self._body)
-        except ValueError as e:
-            raise ParameterError(f"request body is not valid JSON: {e}") from None
+        body = loads_json(bytes(self._body), "the request body")
         if not isinstance(body, dict):
             raise ParameterError("request body must be a JSON object of parameters")
         return body
@@ -100,9 +143,8 @@ class EndpointHandler(StreamHandlerBase):
         if spec is None:
             known = ", ".join(sorted(self.stream.registry.endpoints)) or "none registered yet"
             raise web.HTTPError(404, f"no endpoint named {name!r} (endpoints: {known})")
-        query = {k: [v.decode() for v in vs] for k, vs in self.request.query_arguments.items()}
         try:
-            kwargs = spec.bind(query, self.parse_body())
+            kwargs = spec.bind(self.query_parameters(), self.parse_body())
         except ParameterError as e:
             raise web.HTTPError(400, str(e)) from None
         stats = self.stream.registry.stats[name]
@@ -113,25 +155,55 @@ class EndpointHandler(StreamHandlerBase):
         finally:
             stats.open_streams -= 1
 
+    def query_parameters(self) -> dict[str, list[str]]:
+        """The query string as text; tornado gives names as latin-1 and values as bytes."""
+        query = {}
+        for key, values in self.request.query_arguments.items():
+            try:
+                name = key.encode("latin-1").decode()
+                query[name] = [v.decode() for v in values]
+            except UnicodeError:
+                raise ParameterError(
+                    f"query parameter {key!r} is not valid UTF-8; percent-encode text as UTF-8 "
+                    "(e.g. ?name=%C3%A9 for 'é')"
+                ) from None
+        return query
+
     async def relay(self, spec: EndpointSpec, kwargs: dict[str, Any], stats: Any) -> None:
         """Start the call on a worker and copy its output to the client as it arrives."""
+        self.waiting = asyncio.ensure_future(self.stream.pool.acquire())
         try:
-            worker = await self.stream.pool.acquire()
+            worker = await self.waiting
+        except asyncio.CancelledError:  # the client left while queued: the call never starts
+            return
         except WorkerError as e:
             raise web.HTTPError(503, f"no worker kernel is available: {e}") from None
-        call = self.call = worker.call(spec.fn_hash, spec.fn_blob, mode="http", media_type=spec.media_type, kwargs=kwargs)
-        if self.closed:  # the client left while we waited for a worker
-            call.cancel()
+        finally:
+            self.waiting = None
+        if self.closed:
+            self.stream.pool.release(worker)
             return
+        call = self.call = worker.call(spec.fn_hash, spec.fn_blob, mode="http", media_type=spec.media_type, kwargs=kwargs)
         # The worker sends the response's start (status, headers, media type) as soon as
-        # the function has returned its iterable; only then is an idle SSE stream kept
-        # alive with comments (which commit the headers).
+        # the function has returned its iterable. A response with nothing to send yet is
+        # committed after `commit_headers_after` seconds anyway (as the registered media
+        # type when the function has not even returned), so clients and proxies see its
+        # status instead of timing out; an idle SSE stream then gets comment heartbeats.
         heartbeat = self.stream.sse_heartbeat_interval
+        commit_after = self.stream.commit_headers_after
         begun = sse = False
         try:
             while True:
-                if not await call.wait(heartbeat if sse else None):
-                    self.write(b": keep-alive\n\n")
+                if self._headers_written:
+                    timeout = heartbeat if sse else None
+                else:
+                    timeout = commit_after
+                if not await call.wait(timeout):
+                    if not begun:
+                        sse = self.begin({"media_type": spec.media_type})
+                        begun = True
+                    if sse:
+                        self.write(b": keep-alive\n\n")
                     await self.flush()
                     continue
                 if not begun and call.start is not None:
@@ -186,6 +258,8 @@ class EndpointHandler(StreamHandlerBase):
 
     def on_connection_close(self) -> None:
         self.closed = True
+        if self.waiting is not None:
+            self.waiting.cancel()
         if self.call is not None:
             self.call.cancel()
 
@@ -193,12 +267,6 @@ class EndpointHandler(StreamHandlerBase):
         # APIHandler.finish would otherwise force Content-Type: application/json on a stream
         kwargs.setdefault("set_content_type", self._headers.get("Content-Type", "application/json"))
         return super().finish(*args, **kwargs)
-
-
-def parse_registration(raw: bytes) -> tuple[dict[str, Any], str, bytes]:
-    """A registration's JSON body, its checked name and the pickled function's bytes."""
-    body = json.loads(raw)
-    return body, check_name(body["name"]), base64.b64decode(body["function"], validate=True)
 
 
 class EndpointsHandler(StreamHandlerBase):
@@ -213,20 +281,9 @@ class EndpointsHandler(StreamHandlerBase):
     @authorized("execute")
     def post(self) -> None:
         try:
-            body, name, blob = parse_registration(self.request.body)
-            spec = EndpointSpec(
-                name=name,
-                fn_hash=wire.content_hash(blob),
-                fn_blob=blob,
-                media_type=body.get("media_type") or SSE,
-                signature=body.get("signature") or {"params": [], "var_keyword": True},
-                doc=body.get("doc") or "",
-            )
-        except (ValueError, KeyError, TypeError) as e:
+            spec, replaced = self.stream.register("endpoint", self.request.body)
+        except RegistrationError as e:
             raise web.HTTPError(400, f"bad registration: {e}") from None
-        replaced = self.stream.registry.get(name) is not None
-        self.stream.registry.register(spec)
-        self.log.info("jupyter_stream: %s endpoint %s", "replaced" if replaced else "registered", name)
         self.set_status(200 if replaced else 201)
         self.finish(json.dumps({**self.stream.endpoint_info(spec), "replaced": replaced}))
 
@@ -245,7 +302,7 @@ class EndpointInfoHandler(StreamHandlerBase):
     @web.authenticated
     @authorized
     def delete(self, name: str) -> None:
-        if not self.stream.registry.remove(name):
+        if not self.stream.remove_endpoint(name):
             raise web.HTTPError(404, f"no endpoint named {name!r}")
         self.set_status(204)
         self.finish()
@@ -263,24 +320,35 @@ class FunctionsHandler(StreamHandlerBase):
     @authorized("execute")
     def post(self) -> None:
         try:
-            body, name, blob = parse_registration(self.request.body)
-            timeout = body.get("timeout")
-            spec = FunctionSpec(
-                name=name,
-                fn_hash=wire.content_hash(blob),
-                fn_blob=blob,
-                is_generator=bool(body.get("generator")),
-                retries=int(body.get("retries") or 0),
-                timeout=float(timeout) if timeout else None,
-                doc=body.get("doc") or "",
-            )
-        except (ValueError, KeyError, TypeError) as e:
+            spec, replaced = self.stream.register("function", self.request.body)
+        except RegistrationError as e:
             raise web.HTTPError(400, f"bad registration: {e}") from None
-        replaced = name in self.stream.functions
-        self.stream.functions[name] = spec
-        self.log.info("jupyter_stream: %s function %s", "replaced" if replaced else "registered", name)
         self.set_status(200 if replaced else 201)
         self.finish(json.dumps({**self.stream.function_info(spec), "replaced": replaced}))
+
+
+class FunctionInfoHandler(StreamHandlerBase):
+    """``GET|DELETE {base_url}api/stream/functions/<name>``."""
+
+    def spec(self, name: str) -> FunctionSpec:
+        spec = self.stream.functions.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.stream.functions)) or "none registered yet"
+            raise web.HTTPError(404, f"no function named {name!r} (functions: {known})")
+        return spec
+
+    @web.authenticated
+    @authorized
+    def get(self, name: str) -> None:
+        self.finish(json.dumps(self.stream.function_info(self.spec(name))))
+
+    @web.authenticated
+    @authorized
+    def delete(self, name: str) -> None:
+        self.spec(name)
+        self.stream.remove_function(name)
+        self.set_status(204)
+        self.finish()
 
 
 class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
@@ -312,10 +380,19 @@ class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
 
     def on_message(self, message: str | bytes) -> None:
         if isinstance(message, str):
-            self.close(1003, "binary frames only")
+            self.refuse(1003, "binary frames only (a 4-byte header length, a JSON header, a payload)")
             return
-        header, payload = wire.decode_frame(message)
-        self.session.on_frame(header, payload)
+        try:
+            header, payload = wire.decode_frame(message)
+            self.session.on_frame(header, payload)
+        except wire.FrameError as e:
+            self.refuse(1007, f"malformed frame: {e}")
+
+    def refuse(self, code: int, reason: str) -> None:
+        """Close the socket, saying why in the close frame and in one log line; the
+        client's calls stop (see `on_close`)."""
+        self.log.warning("jupyter_stream: closing a calls socket from %s: %s", self.request.remote_ip, reason)
+        self.close(code, reason.encode()[:120].decode(errors="ignore"))
 
     def on_close(self) -> None:
         if getattr(self, "session", None) is not None:
@@ -339,5 +416,6 @@ def default_handlers() -> list[tuple[str, type]]:
         (rf"/api/stream/endpoints/{name}/?", EndpointInfoHandler),
         (r"/api/stream/workers/?", WorkersHandler),
         (r"/api/stream/functions/?", FunctionsHandler),
+        (rf"/api/stream/functions/{name}/?", FunctionInfoHandler),
         (r"/api/stream/calls", CallsHandler),
     ]

@@ -1,9 +1,9 @@
 """The notebook's cell magics, thin wrappers over `register_endpoint` and `register_function`.
 
-``%%stream_endpoint [--name NAME] [--media-type TYPE]`` runs the cell in the notebook,
+``%%stream_endpoint [--name NAME] [--media-type TYPE] [--persist]`` runs the cell in the notebook,
 takes the last function it defines, registers it, and binds that name to the `Endpoint`
 handle, which is also the cell's output. ``%%stream_function [--name NAME] [--retries N]
-[--timeout S]`` does the same with a `Function` handle.
+[--timeout S] [--persist]`` does the same with a `Function` handle.
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ class StreamMagics(Magics):
     @magic_arguments()
     @argument("--name", default=None, help="URL name of the endpoint (default: the function's name).")
     @argument("--media-type", default=None, help="Response media type (default: text/event-stream).")
+    @argument("--persist", action="store_true", help="Register it again when the server restarts.")
     @cell_magic
     def stream_endpoint(self, line: str, cell: str) -> Any:
         """Serve the generator this cell defines as a streaming HTTP endpoint."""
         args = parse_argstring(self.stream_endpoint, line)
         fn = self._run_and_get_function(cell, "stream_endpoint")
         try:
-            handle = register_endpoint(fn, args.name, args.media_type)
+            handle = register_endpoint(fn, args.name, args.media_type, persist=args.persist)
         except ValueError as e:  # a bad name
             raise UsageError(f"%%stream_endpoint: {e}") from None
         self.shell.user_ns[fn.__name__] = handle
@@ -68,13 +69,14 @@ class StreamMagics(Magics):
     @argument("--name", default=None, help="Name of the function on the server (default: its own name).")
     @argument("--retries", type=int, default=0, help="Times an input that raised is run again.")
     @argument("--timeout", type=float, default=None, help="Seconds one attempt may run.")
+    @argument("--persist", action="store_true", help="Register it again when the server restarts.")
     @cell_magic
     def stream_function(self, line: str, cell: str) -> Any:
         """Run the function this cell defines on worker kernels: .remote(), .map(), ..."""
         args = parse_argstring(self.stream_function, line)
         fn = self._run_and_get_function(cell, "stream_function")
         try:
-            handle = register_function(fn, args.name, args.retries, args.timeout)
+            handle = register_function(fn, args.name, args.retries, args.timeout, persist=args.persist)
         except ValueError as e:
             raise UsageError(f"%%stream_function: {e}") from None
         self.shell.user_ns[fn.__name__] = handle

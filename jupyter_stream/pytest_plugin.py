@@ -42,6 +42,10 @@ class StreamServer:
         self.runtime_dir = tempfile.mkdtemp(prefix="jupyter-stream-runtime-")
         self.log_path = Path(tempfile.mkdtemp(prefix="jupyter-stream-log-")) / "server.log"
         self.options = list(options or [])
+        if not any(o.startswith("--JupyterStream.persist_dir=") for o in self.options):
+            # not the user's data directory: nothing persisted there is restored here
+            self.persist_dir = tempfile.mkdtemp(prefix="jupyter-stream-persist-")
+            self.options.append(f"--JupyterStream.persist_dir={self.persist_dir}")
         self.env = {**os.environ, "JUPYTER_RUNTIME_DIR": self.runtime_dir, **(env or {})}
         for var in ("JUPYTER_STREAM_URL", "JUPYTER_STREAM_TOKEN"):
             self.env.pop(var, None)

@@ -7,7 +7,11 @@ the client by `describe_parameters`, which is all the server needs to validate r
 
 from __future__ import annotations
 
+import base64
+import binascii
 import inspect
+import json
+import math
 import re
 import time
 import typing
@@ -17,19 +21,188 @@ from typing import Any
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 RESERVED_QUERY = {"token", "_xsrf"}
 SCALARS = {int: "int", float: "float", bool: "bool", str: "str"}
+TYPES = {"int", "float", "bool", "str", "list", "any"}
+ITEM_TYPES = {"int", "float", "bool", "str", "any"}
+
+#: Arrays and objects nested deeper than this in a JSON body are refused (a 400), so that
+#: no request can make the server or a worker recurse without bound.
+MAX_JSON_DEPTH = 32
+#: Largest pickled function a registration may carry.
+MAX_FUNCTION_BYTES = 256 * 1024 * 1024
+MAX_PARAMS = 256
+MAX_DOC = 64 * 1024
+MAX_RETRIES = 100
+MAX_TIMEOUT = 7 * 24 * 3600.0
+#: ``type/subtype`` and ``; key=value`` parameters, as RFC 9110 writes them (no controls).
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
+MEDIA_TYPE_RE = re.compile(rf'^{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\x00-\x1f\x7f]*"))*$')
 
 
 class ParameterError(ValueError):
     """A request's parameters do not fit the endpoint's signature (an HTTP 400)."""
 
 
+class RegistrationError(ValueError):
+    """A registration is malformed (an HTTP 400); the message says which field and why."""
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid endpoint name {name!r}: use letters, digits, '_' and '-', "
             "starting with a letter or '_', at most 64 characters"
         )
     return name
+
+
+def check_media_type(media_type: Any) -> str:
+    if not isinstance(media_type, str) or len(media_type) > 255 or not MEDIA_TYPE_RE.fullmatch(media_type):
+        raise RegistrationError(
+            f"invalid media type {media_type!r}: give one like 'text/event-stream', 'text/plain; charset=utf-8' "
+            "or 'application/x-ndjson' (type/subtype, no spaces or control characters)"
+        )
+    return media_type
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (iteratively)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return deepest
+
+
+def loads_json(raw: bytes | str, what: str) -> Any:
+    """Parse a request's JSON, refusing what is not JSON or nests past `MAX_JSON_DEPTH`."""
+    too_deep = f"{what} nests arrays or objects more than {MAX_JSON_DEPTH} levels deep; send a flatter document"
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise ParameterError(too_deep) from None
+    except ValueError as e:  # also UnicodeDecodeError: the bytes are not UTF-8
+        raise ParameterError(f"{what} is not valid JSON ({e}); send UTF-8 JSON such as {{\"n\": 3}}") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ParameterError(too_deep)
+    return value
+
+
+def _check_param(p: Any, index: int) -> dict[str, Any]:
+    where = f"signature parameter {index}"
+    if not isinstance(p, dict):
+        raise RegistrationError(f"{where} must be an object like {{\"name\": \"n\", \"type\": \"int\"}}, got {type(p).__name__}")
+    unknown = set(p) - {"name", "type", "item", "required", "optional", "default"}
+    if unknown:
+        raise RegistrationError(f"{where} has unknown fields {sorted(unknown)}; allowed: name, type, item, required, optional, default")
+    name = p.get("name")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise RegistrationError(f"{where} needs a 'name' that is a Python identifier, got {name!r}")
+    if p.get("type", "any") not in TYPES:
+        raise RegistrationError(f"parameter {name!r} has type {p.get('type')!r}; use one of {sorted(TYPES)}")
+    if "item" in p and p["item"] not in ITEM_TYPES:
+        raise RegistrationError(f"parameter {name!r} has list item type {p['item']!r}; use one of {sorted(ITEM_TYPES)}")
+    for flag in ("required", "optional"):
+        if not isinstance(p.get(flag, False), bool):
+            raise RegistrationError(f"parameter {name!r}: {flag!r} must be true or false, got {p[flag]!r}")
+    default = p.get("default")
+    if not (default is None or isinstance(default, (str, int, float, bool))):
+        raise RegistrationError(f"parameter {name!r}: a default must be a JSON string, number, boolean or null")
+    return p
+
+
+def check_signature(signature: Any) -> dict[str, Any]:
+    """A registration's parameter description, as `describe_parameters` makes it."""
+    if signature is None:
+        return {"params": [], "var_keyword": True}
+    if not isinstance(signature, dict):
+        raise RegistrationError(
+            f"'signature' must be an object {{\"params\": [...], \"var_keyword\": false}}, got {type(signature).__name__}; "
+            "register with jupyter_stream.endpoint() or %%stream_endpoint, which describe the function for you"
+        )
+    unknown = set(signature) - {"params", "var_keyword"}
+    if unknown:
+        raise RegistrationError(f"'signature' has unknown fields {sorted(unknown)}; allowed: params, var_keyword")
+    params = signature.get("params", [])
+    if not isinstance(params, list) or len(params) > MAX_PARAMS:
+        raise RegistrationError(f"'signature.params' must be a list of at most {MAX_PARAMS} parameter objects")
+    params = [_check_param(p, i) for i, p in enumerate(params)]
+    names = [p["name"] for p in params]
+    if len(set(names)) != len(names):
+        raise RegistrationError(f"'signature.params' names a parameter twice: {names}")
+    if not isinstance(signature.get("var_keyword", False), bool):
+        raise RegistrationError("'signature.var_keyword' must be true or false")
+    return {"params": params, "var_keyword": signature.get("var_keyword", False)}
+
+
+REGISTRATION_FIELDS = {
+    "endpoint": {"name", "function", "media_type", "signature", "doc", "persist"},
+    "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist"},
+}
+
+
+def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
+    """Check every field of a registration's JSON body (`kind` is "endpoint" or
+    "function"); returns the fields with ``blob`` (the pickled function's bytes) added.
+    Anything wrong is a `RegistrationError` that names the field and what to send."""
+    try:
+        body = loads_json(raw, "the registration")
+    except ParameterError as e:
+        raise RegistrationError(str(e)) from None
+    if not isinstance(body, dict):
+        raise RegistrationError("a registration must be a JSON object with 'name' and 'function' (base64 cloudpickle)")
+    unknown = set(body) - REGISTRATION_FIELDS[kind]
+    if unknown:
+        raise RegistrationError(f"unknown fields {sorted(unknown)} in a{'n' if kind == 'endpoint' else ''} {kind} "
+                                f"registration; allowed: {sorted(REGISTRATION_FIELDS[kind])}")
+    if "name" not in body:
+        raise RegistrationError("the registration has no 'name'")
+    try:
+        check_name(body["name"])
+    except ValueError as e:
+        raise RegistrationError(str(e)) from None
+    function = body.get("function")
+    if not isinstance(function, str) or not function:
+        raise RegistrationError("'function' must be the cloudpickled function, base64-encoded (a non-empty string)")
+    if len(function) > MAX_FUNCTION_BYTES * 4 // 3 + 4:
+        raise RegistrationError(f"'function' is larger than {MAX_FUNCTION_BYTES} bytes; load large data inside the function instead")
+    try:
+        body["blob"] = base64.b64decode(function, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RegistrationError(f"'function' is not valid base64 ({e}); send the cloudpickled function base64-encoded") from None
+    doc = body.get("doc", "")
+    if doc is None:
+        doc = ""
+    if not isinstance(doc, str) or len(doc) > MAX_DOC:
+        raise RegistrationError(f"'doc' must be a string of at most {MAX_DOC} characters")
+    body["doc"] = doc
+    if not isinstance(body.get("persist", False), bool):
+        raise RegistrationError("'persist' must be true or false")
+    if kind == "endpoint":
+        from .responses import SSE
+
+        body["media_type"] = check_media_type(body["media_type"]) if body.get("media_type") is not None else SSE
+        body["signature"] = check_signature(body.get("signature"))
+        return body
+    if not isinstance(body.get("generator", False), bool):
+        raise RegistrationError("'generator' must be true or false")
+    retries = body.get("retries", 0)
+    retries = 0 if retries is None else retries
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
+        raise RegistrationError(f"'retries' must be a whole number from 0 to {MAX_RETRIES}, got {retries!r}")
+    body["retries"] = retries
+    timeout = body.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout)
+        or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        raise RegistrationError(f"'timeout' must be a number of seconds above 0 and at most {MAX_TIMEOUT:g} (7 days), or null for none; got {timeout!r}")
+    body["timeout"] = float(timeout) if timeout is not None else None
+    return body
 
 
 def _type_name(annotation: Any) -> dict[str, Any]:
@@ -120,6 +293,7 @@ class EndpointSpec:
     media_type: str
     signature: dict[str, Any]
     doc: str = ""
+    persist: bool = False
     created: float = field(default_factory=time.time)
 
     def describe(self) -> str:

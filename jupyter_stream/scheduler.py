@@ -48,6 +48,7 @@ class FunctionSpec:
     retries: int = 0
     timeout: float | None = None
     doc: str = ""
+    persist: bool = False
     stats: dict[str, int] = field(default_factory=lambda: {"calls": 0, "items": 0, "failed": 0, "retried": 0})
 
 
@@ -339,6 +340,31 @@ class MapRun:
         self.session.end(self.id, error)
 
 
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def check_frame(header: dict[str, Any], payload: memoryview) -> None:
+    """Raise `wire.FrameError` unless `header` is a well-formed client op (see `wire`)."""
+    op, call_id = header.get("op"), header.get("id")
+    if op not in ("call", "items", "inputs_done", "ack", "cancel"):
+        raise wire.FrameError(f"unknown op {op!r}; expected call, items, inputs_done, ack or cancel")
+    if not isinstance(call_id, str) or not 0 < len(call_id) <= 64:
+        raise wire.FrameError(f"{op!r} needs an 'id' string of 1 to 64 characters")
+    if op == "call":
+        if not isinstance(header.get("fn"), str) or header.get("kind", "remote") not in ("remote", "map"):
+            raise wire.FrameError("'call' needs 'fn' (a function name) and 'kind' ('remote' or 'map')")
+    elif op == "items":
+        indices, sizes = header.get("indices"), header.get("sizes")
+        if not _is_int_list(indices) or not _is_int_list(sizes) or len(indices) != len(sizes):
+            raise wire.FrameError("'items' needs 'indices' and 'sizes', lists of as many whole numbers")
+        if sum(sizes) != payload.nbytes:
+            raise wire.FrameError(f"'items' sizes add up to {sum(sizes)} bytes but the payload has {payload.nbytes}")
+    elif op == "ack":
+        if type(header.get("bytes")) is not int or header["bytes"] < 0:
+            raise wire.FrameError("'ack' needs 'bytes', a whole number")
+
+
 class ClientSession:
     """The runs of one client connection, keyed by the client's call ids."""
 
@@ -374,8 +400,13 @@ class ClientSession:
         self.send(header)
 
     def on_frame(self, header: dict[str, Any], payload: memoryview) -> None:
-        op, call_id = header.get("op"), header.get("id")
+        """Act on one frame from the client; a frame that breaks the protocol raises
+        `wire.FrameError` (the handler closes the socket, saying why)."""
+        check_frame(header, payload)
+        op, call_id = header["op"], header["id"]
         if op == "call":
+            if call_id in self.runs:
+                raise wire.FrameError(f"call id {call_id!r} is already in use")
             spec = self.functions.get(header.get("fn"))
             if spec is None:
                 known = ", ".join(sorted(self.functions)) or "none registered yet"
@@ -388,8 +419,12 @@ class ClientSession:
                 self.runs[call_id] = RemoteRun(self, call_id, spec, payload.tobytes())
             return
         run = self.runs.get(call_id)
-        if run is None:
+        if run is None:  # ended, or cancelled: frames already on their way are dropped
             return
+        if op in ("items", "inputs_done") and not isinstance(run, MapRun):
+            raise wire.FrameError(f"{op!r} is for map calls; call {call_id!r} is a remote call")
+        if op == "ack" and not isinstance(run, RemoteRun):
+            raise wire.FrameError(f"'ack' is for remote calls; call {call_id!r} is a map")
         if op == "items":
             run.add_items(header["indices"], header["sizes"], payload)
         elif op == "inputs_done":

@@ -10,14 +10,20 @@ Server -> worker (``data["op"]``):
 ``call``    start a call. ``id`` names it; ``fn`` is the function's content hash, its
             cloudpickle travels in buffer 0 only when ``send_fn`` is true (workers cache
             functions by hash). ``mode`` is ``"http"`` (chunks are encoded to bytes for
-            ``media_type``) or ``"values"`` (the result is pickled). ``kwargs`` holds JSON
+            ``media_type``), ``"values"`` (the result is pickled), ``"map"`` (see below)
+            or ``"load"`` (only unpickle the function: the call ends, with the error if
+            it does not load). ``kwargs`` holds JSON
             keyword arguments; a pickled ``(args, kwargs)`` may follow in the next buffer
             when ``pickled_args`` is true.
 ``ack``     the server has written ``bytes`` more bytes of call ``id`` to its client (or
             forwarded that much of a map lane's results); the worker may run that much
             further ahead (credit-based backpressure).
 ``acked``   the server has read the worker's messages up to ``seq`` (see below).
-``cancel``  stop call ``id``: close its generator so ``finally`` blocks run.
+``cancel``  stop call ``id``: close its generator so ``finally`` blocks run. The server
+            stops counting the call against the worker at once.
+``interrupt`` call ``id`` was cancelled and its code has not stopped within the grace
+            period: raise `CallCancelled` in its thread (at its next bytecode). If it
+            still runs after as long again, the server replaces the kernel.
 
 Worker -> server:
 
@@ -164,10 +170,24 @@ def encode_frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> b
     return b"".join((struct.pack("!I", len(head)), head, payload))
 
 
+class FrameError(ValueError):
+    """A WebSocket message that is not a frame of this protocol (the socket is closed)."""
+
+
 def decode_frame(message: bytes) -> tuple[dict[str, Any], memoryview]:
+    if len(message) < 4:
+        raise FrameError("a frame starts with a 4-byte header length")
     (length,) = struct.unpack_from("!I", message)
+    if length > len(message) - 4:
+        raise FrameError(f"the header length ({length}) is past the end of the frame ({len(message)} bytes)")
     view = memoryview(message)
-    return json.loads(view[4 : 4 + length].tobytes()), view[4 + length :]
+    try:
+        header = json.loads(view[4 : 4 + length].tobytes())
+    except (ValueError, RecursionError):
+        raise FrameError("the frame's header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise FrameError("the frame's header is not a JSON object")
+    return header, view[4 + length :]
 
 
 def split(payload: memoryview, sizes: list[int]) -> list[memoryview]:

@@ -298,6 +298,8 @@ class Worker:
         call.thread = threading.get_ident()
         try:
             fn = self.function(data["fn"])
+            if mode == "load":  # the server only checks that the pickle loads here
+                return
             args, kwargs = (), dict(data.get("kwargs") or {})
             if data.get("pickled_args"):
                 args, more = cloudpickle.loads(buffers[-1])

@@ -2,6 +2,7 @@
 leave while queued, slow first chunks, and registrations that outlive a restart."""
 
 import os
+import re
 import socket
 import tempfile
 import time
@@ -150,3 +151,150 @@ def test_a_call_that_ignores_its_cancel_is_interrupted(wedge_server):
     time.sleep(3.5)  # past twice the grace period: the kernel was not replaced, it is fine
     worker = next(w for w in server.workers()["workers"] if w["pid"] == pid)
     assert worker["alive"] and not worker["draining"] and worker["abandoned"] == 0
+
+
+def slow_octets():
+    import time
+
+    time.sleep(3)
+    yield b"\x00" * 10
+
+
+def slow_to_return():
+    """Takes its time before it even returns its response."""
+    import time
+
+    from jupyter_stream import StreamingResponse
+
+    time.sleep(3)
+    return StreamingResponse(iter([b"late"]), media_type="text/csv", status_code=202)
+
+
+def fails_after_commit():
+    import time
+
+    time.sleep(2.5)
+    raise RuntimeError("too late for a 500")
+    yield b""
+
+
+def time_to_status(server, path):
+    start = time.monotonic()
+    with httpx.stream("GET", server.url + path, headers=server.headers, timeout=30) as r:
+        status_after = time.monotonic() - start
+        body = b""
+        try:
+            for chunk in r.iter_bytes():
+                body += chunk
+        except httpx.RemoteProtocolError:
+            body += b"<cut off>"
+    return r, status_after, time.monotonic() - start, body
+
+
+def test_responses_slow_to_start_send_their_status_after_a_second(stream_server):
+    """`commit_headers_after` (1 s): the status and headers go out before the first chunk."""
+    stream_server.register(slow_octets, media_type="application/octet-stream")
+    r, status_after, total, body = time_to_status(stream_server, "stream/slow_octets")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["transfer-encoding"] == "chunked"
+    assert 0.8 <= status_after <= 2.0, status_after
+    assert total >= 2.9 and body == b"\x00" * 10
+    # the function itself is slow to return: the status is the registered media type's 200
+    stream_server.register(slow_to_return, media_type="text/plain")
+    r, status_after, total, body = time_to_status(stream_server, "stream/slow_to_return")
+    assert (r.status_code, r.headers["content-type"]) == (200, "text/plain") and status_after <= 2.0
+    assert body == b"late"
+    # a failure after the status went out cuts the body short, as other mid-stream failures
+    stream_server.register(fails_after_commit, media_type="application/octet-stream")
+    r, status_after, total, body = time_to_status(stream_server, "stream/fails_after_commit")
+    assert r.status_code == 200 and status_after <= 2.0 and body == b"<cut off>"
+
+
+def ticks(n: int = 3):
+    for i in range(n):
+        yield f"data: tick {i}\n\n"
+
+
+def square(x):
+    return x * x
+
+
+def volatile():
+    yield "data: not persisted\n\n"
+
+
+def gone_module_pickle():
+    """A pickle of a function by reference to a module the workers do not have."""
+    import pickle
+    import sys
+    import types
+
+    module = types.ModuleType("gone_module_for_the_test")
+    exec("def f():\n    yield 'data: x\\n\\n'\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        return pickle.dumps(module.f)
+    finally:
+        del sys.modules[module.__name__]
+
+
+def test_persisted_registrations_come_back_after_a_restart(start_stream_server, tmp_path):
+    import base64
+    import json
+
+    from jupyter_stream import wire
+    from jupyter_stream.functions import Function, register_function
+
+    persist_dir = tmp_path / "persisted"
+    options = ["--JupyterStream.min_workers=1", f"--JupyterStream.persist_dir={persist_dir}"]
+    server = start_stream_server(options)
+    server.register(trivial)  # not persisted
+    from jupyter_stream.endpoint import register_endpoint
+
+    register_endpoint(ticks, connection=server.connection, persist=True)
+    register_function(square, connection=server.connection, persist=True)
+    register_endpoint(volatile, connection=server.connection, persist=True)
+    register_endpoint(volatile, connection=server.connection)  # the latest registration wins
+    assert sorted(p.name for p in persist_dir.iterdir()) == ["endpoint-ticks.json", "function-square.json"]
+    assert persist_dir.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in persist_dir.iterdir())
+    # a stored registration whose bytes were damaged, and one whose code needs a module
+    # that is gone: both are left out with a clear log line
+    record = json.loads((persist_dir / "endpoint-ticks.json").read_text())
+    damaged = dict(record, name="damaged")
+    blob = bytearray(base64.b64decode(record["registration"]["function"]))
+    blob[len(blob) // 2] ^= 0xFF
+    damaged["registration"] = dict(record["registration"], name="damaged", function=base64.b64encode(bytes(blob)).decode())
+    (persist_dir / "endpoint-damaged.json").write_text(json.dumps(damaged))
+    blob = gone_module_pickle()
+    missing = dict(record, name="missing", fn_hash=wire.content_hash(blob))
+    missing["registration"] = dict(record["registration"], name="missing", function=base64.b64encode(blob).decode())
+    (persist_dir / "endpoint-missing.json").write_text(json.dumps(missing))
+    (persist_dir / "endpoint-garbage.json").write_text("{not json")
+    server.stop()
+
+    restarted = start_stream_server(options)
+    deadline = time.monotonic() + 60
+    while "restored function square" not in restarted.log() or "restored endpoint ticks" not in restarted.log():
+        assert time.monotonic() < deadline, restarted.log()
+        time.sleep(0.1)
+    assert restarted.get("stream/ticks?n=2").text == "data: tick 0\n\ndata: tick 1\n\n"
+    assert Function("square", connection=restarted.connection).remote(7) == 49
+    assert restarted.get("stream/trivial").status_code == 404
+    assert restarted.get("stream/volatile").status_code == 404
+    deadline = time.monotonic() + 30
+    while restarted.log().count("could not restore") < 3:
+        assert time.monotonic() < deadline, restarted.log()
+        time.sleep(0.1)
+    log = restarted.log()
+    assert "Traceback" not in log
+    assert re.search(r"could not restore endpoint 'damaged' from \S+: its pickle is corrupted", log), log
+    assert re.search(r"could not restore endpoint 'missing' from \S+: its pickle no longer loads on a worker "
+                     r"\(ModuleNotFoundError: No module named 'gone_module_for_the_test'", log), log
+    assert re.search(r"could not restore \S+endpoint-garbage.json: the file is not a stored registration", log), log
+    for name in ("damaged", "missing"):
+        assert restarted.get(f"stream/{name}").status_code == 404
+    # deleting forgets a persisted registration: it does not come back
+    Function("square", connection=restarted.connection).delete()
+    assert not (persist_dir / "function-square.json").exists()
+    assert restarted.get("api/stream/functions/square").status_code == 404

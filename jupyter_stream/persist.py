@@ -1,0 +1,89 @@
+"""Registrations made with ``--persist`` (``persist=True``), kept on disk so that the
+server registers them again when it restarts.
+
+Endpoints and functions belong to the server, not to the kernel that registered them;
+without ``--persist`` they last until the server stops. A persisted one is its
+registration's JSON body, as the client sent it, in one file per name under
+`JupyterStream.persist_dir` (owner-only permissions: it holds code the workers will
+run). The server restores it through the same checks as a new registration, and has a
+worker load its pickle before serving it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+KINDS = ("endpoint", "function")
+
+
+@dataclass
+class StoredRegistration:
+    kind: str
+    name: str
+    path: str
+    body: bytes  # the registration's JSON, as sent
+    fn_hash: str | None
+    saved: float | None
+
+
+class RegistrationStore:
+    """One JSON file per persisted endpoint or function."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def path(self, kind: str, name: str) -> str:
+        return os.path.join(self.directory, f"{kind}-{name}.json")
+
+    def save(self, kind: str, name: str, registration: bytes, fn_hash: str) -> str:
+        """Write atomically (a crash leaves the old file or the new one, never half)."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+        record = {"kind": kind, "name": name, "fn_hash": fn_hash, "saved": time.time(),
+                  "registration": json.loads(registration)}
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{kind}-{name}-", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            path = self.path(kind, name)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def remove(self, kind: str, name: str) -> bool:
+        try:
+            os.unlink(self.path(kind, name))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def load(self) -> Iterator[StoredRegistration | tuple[str, str]]:
+        """Each stored registration, or ``(path, what is wrong with it)``."""
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return
+        for filename in names:
+            if not filename.endswith(".json") or filename.startswith("."):
+                continue
+            path = os.path.join(self.directory, filename)
+            try:
+                with open(path, "rb") as f:
+                    record = json.load(f)
+                kind, name = record["kind"], record["name"]
+                if kind not in KINDS or filename != f"{kind}-{name}.json":
+                    raise ValueError(f"it names {kind} {name!r}")
+                body = json.dumps(record["registration"]).encode()
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+                yield path, f"the file is not a stored registration ({type(e).__name__}: {e})"
+                continue
+            yield StoredRegistration(kind, name, path, body, record.get("fn_hash"), record.get("saved"))
