@@ -50,7 +50,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 from urllib.parse import urlencode, urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -194,7 +194,7 @@ class RawHTTP:
     def __init__(self, host: str, port: int, headers: Dict[str, str], timeout: float = 120.0):
         self.host, self.port, self.timeout = host, port, timeout
         self.extra_headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.sock: Optional[socket.socket] = None
+        self.sock: socket.socket | None = None
         self.rest = b""
         self.reconnects = -1  # the first connect is not a reconnect
 
@@ -216,7 +216,7 @@ class RawHTTP:
             raise ConnectionError("server closed the connection mid-response")
         return data
 
-    def get(self, path: str, sink: Optional[Callable[[bytes], None]] = None
+    def get(self, path: str, sink: Callable[[bytes], None] | None = None
             ) -> Tuple[int, float, float, int]:
         """GET path; feed body bytes to sink. Returns (status, t_first, t_end, body_len).
 
@@ -494,7 +494,7 @@ def _importable(mod: str) -> bool:
         return False
 
 
-def wait_until_streams(server: Server, deadline: float, log: Optional[Path] = None) -> None:
+def wait_until_streams(server: Server, deadline: float, log: Path | None = None) -> None:
     """Retry the trivial endpoint until it returns 200 with the expected body."""
     last_err = "no attempt"
     while time.monotonic() < deadline:
@@ -696,7 +696,7 @@ def measure_bulk(server: Server, chunks: int, repeats: int, budget_s: float) -> 
 # Reporting
 # --------------------------------------------------------------------------
 
-def _ratio(a: Optional[float], b: Optional[float]) -> str:
+def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a is not None and b else "-"
 
 

@@ -64,7 +64,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 from urllib.parse import urlencode, urlsplit
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -122,7 +122,7 @@ def burst(n: int = 10, interval: float = 0.1):
 # /proc readings (Linux)
 # --------------------------------------------------------------------------
 
-def cpu_ticks(pid: int) -> Optional[int]:
+def cpu_ticks(pid: int) -> int | None:
     """utime + stime of `pid` in clock ticks, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -133,7 +133,7 @@ def cpu_ticks(pid: int) -> Optional[int]:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15
 
 
-def ppid_of(pid: int) -> Optional[int]:
+def ppid_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -142,7 +142,7 @@ def ppid_of(pid: int) -> Optional[int]:
     return int(stat[stat.rfind(b")") + 2:].split()[1])
 
 
-def status_kib(pid: int, key: str = "VmRSS") -> Optional[int]:
+def status_kib(pid: int, key: str = "VmRSS") -> int | None:
     """A `kB` line of /proc/<pid>/status (VmRSS, VmHWM), or None."""
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -251,7 +251,7 @@ class SSEScanner:
         self.buf = b""
         self.events = 0
         self.errors = 0
-        self.first_event: Optional[float] = None
+        self.first_event: float | None = None
         self.heartbeats: List[float] = []
 
     def feed(self, payload: bytes, t: float) -> None:
@@ -277,25 +277,25 @@ class Stream:
     def __init__(self, index: int) -> None:
         self.index = index
         self.t_start = 0.0
-        self.t_connected: Optional[float] = None
-        self.t_headers: Optional[float] = None
-        self.t_end: Optional[float] = None
-        self.status: Optional[int] = None
+        self.t_connected: float | None = None
+        self.t_headers: float | None = None
+        self.t_end: float | None = None
+        self.status: int | None = None
         self.complete = False  # the server ended the body properly
         self.closed_by_server = False
-        self.error: Optional[str] = None
+        self.error: str | None = None
         self.sse = SSEScanner()
         self.opened = asyncio.Event()  # first data event, or failure
 
 
-async def run_stream(stream: Stream, host: str, port: int, path: str, timeout: Optional[float] = None) -> None:
+async def run_stream(stream: Stream, host: str, port: int, path: str, timeout: float | None = None) -> None:
     """GET `path`, feed the body to stream.sse; returns at the end of the body, on an
     error, after `timeout` seconds, or when cancelled (the connection is then closed)."""
     writer = None
     stream.t_start = time.monotonic()
     deadline = None if timeout is None else stream.t_start + timeout
 
-    def left() -> Optional[float]:
+    def left() -> float | None:
         return None if deadline is None else max(0.001, deadline - time.monotonic())
 
     try:
@@ -517,7 +517,7 @@ async def measure_held(server: OurServer, args) -> dict:
     # busy: calls counted against the workers; abandoned (newer servers): cancelled
     # calls whose code has not stopped yet; open_streams: handlers still running.
     traces: Dict[str, list] = {"busy": [], "abandoned": [], "open_streams": []}
-    done_after: Dict[str, Optional[float]] = {k: None for k in traces}
+    done_after: Dict[str, float | None] = {k: None for k in traces}
     free_deadline = t_closed + args.free_timeout
     loop = asyncio.get_running_loop()
     while True:
@@ -666,15 +666,15 @@ async def measure_burst(server: OurServer, args) -> dict:
 # Reporting
 # --------------------------------------------------------------------------
 
-def _ms(v: Optional[float]) -> str:
+def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:,.0f}"
 
 
-def _s(v: Optional[float], digits: int = 2) -> str:
+def _s(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _mib(kib: Optional[int]) -> str:
+def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:,.1f}"
 
 
@@ -697,7 +697,7 @@ def report(results: dict, args) -> None:
             ["open at once (first event, not ended)", f"{r['open_at_once']}"],
             ["still open at end of hold", f"{r['still_open_at_close']}"],
             ["ended by server / client errors", f"{r['ended_by_server']} / {sum(r['errors'].values())}"],
-            ["time to open all (waves of %d)" % args.wave, f"{r['open_s']:.2f} s"],
+            [f"time to open all (waves of {args.wave})", f"{r['open_s']:.2f} s"],
             ["time to first event p50 / p99 / max", f"{_ms(ttfe['p50'])} / {_ms(ttfe['p99'])} / {_ms(ttfe['max'])} ms"],
             ["hold window (all open)", f"{r['hold_s']:.1f} s"],
             ["heartbeat gaps measured", f"{r['heartbeat_gaps']:,}"],

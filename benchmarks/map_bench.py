@@ -53,11 +53,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from endpoint_bench import (  # noqa: E402  (same folder; shared plumbing)
-    REPO_ROOT, Processes, _percentile, _raise_on_sigterm, parse_only, print_table, start_jupyter_stream,
+    REPO_ROOT,
+    Processes,
+    _percentile,
+    _raise_on_sigterm,
+    parse_only,
+    print_table,
+    start_jupyter_stream,
 )
 
 MEASUREMENTS = ("map", "remote")
@@ -258,7 +264,7 @@ class IPP(System):
 class Dask(System):
     def __init__(self):
         try:
-            import distributed
+            import distributed  # noqa: F401 - only checks that dask.distributed is installed
         except ImportError as exc:
             raise NotInstalled(str(exc)) from None
         super().__init__("dask", map_note="LocalCluster 2x1, map+gather; first: as_completed",
@@ -415,7 +421,7 @@ def measure_first(system: System, n: int, rounds: int, pause: float = FIRST_PAUS
 
 def measure_remote(system: System, calls: int, warmup: int) -> dict:
     """Round trip of one warm call, sequential."""
-    drain: Optional[Callable[[], None]] = getattr(system, "drain", None)
+    drain: Callable[[], None] | None = getattr(system, "drain", None)
     samples = []
     for i in range(warmup + calls):
         x = i % 1000
@@ -436,7 +442,7 @@ def measure_remote(system: System, calls: int, warmup: int) -> dict:
 # Reporting
 # --------------------------------------------------------------------------
 
-def _better(ours: Optional[float], other: Optional[float], higher_is_better: bool) -> str:
+def _better(ours: float | None, other: float | None, higher_is_better: bool) -> str:
     """How many times better ours is than the row (>1x: ours better)."""
     if not ours or not other:
         return "-"

@@ -19,7 +19,7 @@ CODE = textwrap.dedent(
     """
     import time
 
-    from jupyter_stream import progress as progress_module
+    from jupyter_stream.client import progress as progress_module
 
     # the display's own time, summed: a figure that does not drift with the machine's load
     spent = {{"seconds": 0.0, "renders": 0}}

@@ -10,34 +10,75 @@ In a notebook::
             yield f"data: tick {i}\\n\\n"
 
 In a script, the same with ``@jupyter_stream.endpoint()``.
+
+The package runs in three processes, and its layout says which: `client` (the notebook
+kernel or script), `server` (the jupyter-server extension) and `worker` (the worker
+kernels); the modules at the top (`wire`, `errors`, `responses`, `signatures`) are shared.
+The public names below are imported on first use, so that the server and the workers do
+not load the client's modules.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from .client import ServerConnection, connect, get_connection
-from .endpoint import Endpoint, endpoint
-from .errors import FunctionTimeoutError, RemoteError, WorkerDied
-from .functions import Function, FunctionCall, function
-from .responses import StreamingResponse, sse
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it
+_PUBLIC = {
+    "Endpoint": "client.endpoints",
+    "endpoint": "client.endpoints",
+    "Function": "client.functions",
+    "FunctionCall": "client.functions",
+    "function": "client.functions",
+    "ServerConnection": "client.connection",
+    "connect": "client.connection",
+    "get_connection": "client.connection",
+    "FunctionTimeoutError": "errors",
+    "RemoteError": "errors",
+    "WorkerDied": "errors",
+    "WorkerError": "errors",
+    "StreamingResponse": "responses",
+    "sse": "responses",
+}
+
 __all__ = [
     "Endpoint", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "ServerConnection",
-    "StreamingResponse", "WorkerDied", "connect", "endpoint", "function", "get_connection", "serve_forever", "sse",
+    "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
+    "serve_forever", "sse",
 ]
+
+if TYPE_CHECKING:
+    from .client.connection import ServerConnection, connect, get_connection
+    from .client.endpoints import Endpoint, endpoint
+    from .client.functions import Function, FunctionCall, function
+    from .errors import FunctionTimeoutError, RemoteError, WorkerDied, WorkerError
+    from .responses import StreamingResponse, sse
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jupyter_stream' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:
-    from .app import JupyterStream
+    from .server.app import JupyterStream
 
     return [{"module": "jupyter_stream", "app": JupyterStream}]
 
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext jupyter_stream``: the ``%%stream_endpoint`` and ``%%stream_function`` magics."""
-    from .magics import load_ipython_extension as load
+    from .client.magics import load_ipython_extension as load
 
     load(ipython)
 
@@ -46,6 +87,8 @@ def serve_forever() -> None:
     """Keep a script alive (and its embedded server with it) until Ctrl-C."""
     import sys
     import time
+
+    from .client.connection import get_connection
 
     conn = get_connection()
     print(f"jupyter-stream: serving at {conn.url}; press Ctrl-C to stop", file=sys.stderr)

@@ -1,10 +1,18 @@
-"""Exceptions callers see, and rebuilding a worker's exception on the caller's side."""
+"""Exceptions callers see, the one shape errors travel in, and rebuilding a worker's
+exception on the caller's side.
+
+An error crosses processes as a dict ``{"type", "module", "message", "traceback"}`` (and
+``pickle``, the pickled exception, for remote calls): `error_payload` makes it from an
+exception, `error_info` from what the server knows; `rebuild` turns it back into an
+exception for the caller.
+"""
 
 from __future__ import annotations
 
 import base64
 import builtins
 import pickle
+import traceback
 from typing import Any
 
 
@@ -20,6 +28,10 @@ class WorkerDied(RuntimeError):
     """The worker kernel running a call died and the call could not be retried."""
 
 
+class WorkerError(RuntimeError):
+    """No worker kernel could be started or bootstrapped to run a call."""
+
+
 class RemoteTraceback(Exception):
     """Carries the worker's traceback text as the ``__cause__`` of a re-raised exception
     (as `concurrent.futures` does for process pools)."""
@@ -32,11 +44,54 @@ class RemoteTraceback(Exception):
         return "\n\n" + self.tb.rstrip()
 
 
-_OURS = {"FunctionTimeoutError": FunctionTimeoutError, "WorkerDied": WorkerDied}
+_OURS = {"FunctionTimeoutError": FunctionTimeoutError, "WorkerDied": WorkerDied, "WorkerError": WorkerError}
+
+
+def error_info(type_name: str, message: str, module: str = "jupyter_stream", traceback: str = "") -> dict[str, Any]:
+    """An error the server (or the client) describes itself, in the one shape."""
+    return {"type": type_name, "module": module, "message": message, "traceback": traceback}
+
+
+def _user_frames(tb: Any) -> Any:
+    """Skip the leading frames that belong to jupyter_stream itself."""
+    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("jupyter_stream."):
+        tb = tb.tb_next
+    return tb
+
+
+def error_payload(exc: BaseException, pickled: bool = False) -> dict[str, Any]:
+    """Describe an exception for the other side: type, message and the worker's traceback,
+    and (for remote calls) the pickled exception so the caller can raise the same type."""
+    tb = _user_frames(exc.__traceback__)
+    payload = error_info(type(exc).__name__, str(exc), type(exc).__module__,
+                         "".join(traceback.format_exception(type(exc), exc, tb)))
+    if pickled:
+        from .wire import cloudpickle_dumps
+
+        try:
+            payload["pickle"] = base64.b64encode(cloudpickle_dumps(exc.with_traceback(None))).decode()
+        except Exception:
+            pass  # the caller gets a RemoteError naming the type instead
+    return payload
+
+
+def timeout_error() -> dict[str, Any]:
+    return error_info("FunctionTimeoutError", "the call ran past its timeout; raise `timeout` if it needs longer")
+
+
+def worker_died_error(reason: str) -> dict[str, Any]:
+    """The error sent to callers whose worker kernel died under them."""
+    return error_info("WorkerDied", f"the worker kernel running this call died ({reason}); "
+                      "it is being replaced, retry the request")
+
+
+def gave_up_error(deaths: int) -> dict[str, Any]:
+    return error_info("WorkerDied", f"the worker kernel died {deaths} times running this call, so it is not run again: "
+                      "it is most likely what kills the kernel (os._exit, a crash in C code, running out of memory)")
 
 
 def rebuild(payload: dict[str, Any]) -> BaseException:
-    """The exception described by a `wire.error_payload`, with the remote traceback attached:
+    """The exception described by an `error_payload`, with the remote traceback attached:
     the original type when it can be unpickled here, a `RemoteError` naming it otherwise."""
     exc: BaseException | None = None
     if payload.get("pickle"):

@@ -1,8 +1,12 @@
 """Pytest fixtures that start a real Jupyter server with jupyter_stream, for our tests and
-for projects that build on it (loaded through the ``pytest11`` entry point).
+for projects that build on it. Opt in from a ``conftest.py``::
 
-`stream_server` is a session-wide server in a subprocess, with real worker kernels;
-`start_stream_server()` starts another one with its own options; `notebook_kernel`
+    pytest_plugins = ["jupyter_stream.pytest_plugin"]
+
+Every fixture's name starts with ``jstream_``.
+
+`jstream_server` is a session-wide server in a subprocess, with real worker kernels;
+`jstream_start_server()` starts another one with its own options; `jstream_notebook_kernel`
 starts a kernel through the server's REST API, the way JupyterLab does.
 """
 
@@ -16,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from .client import ServerConnection
+from .client.connection import ServerConnection
 
 
 def free_port() -> int:
@@ -42,6 +47,10 @@ class StreamServer:
         self.runtime_dir = tempfile.mkdtemp(prefix="jupyter-stream-runtime-")
         self.log_path = Path(tempfile.mkdtemp(prefix="jupyter-stream-log-")) / "server.log"
         self.options = list(options or [])
+        messages = os.environ.get("JUPYTER_STREAM_TEST_WORKER_MESSAGES")
+        if messages and not any(o.startswith("--JupyterStream.worker_messages=") for o in self.options):
+            # run a suite with every worker reached through one transport ("channels", "zmq")
+            self.options.append(f"--JupyterStream.worker_messages={messages}")
         if not any(o.startswith("--JupyterStream.persist_dir=") for o in self.options):
             # not the user's data directory: nothing persisted there is restored here
             self.persist_dir = tempfile.mkdtemp(prefix="jupyter-stream-persist-")
@@ -56,7 +65,7 @@ class StreamServer:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"token {self.token}"}
 
-    def start(self, timeout: float = 90.0) -> "StreamServer":
+    def start(self, timeout: float = 90.0) -> StreamServer:
         cmd = [
             sys.executable, "-m", "jupyter_server",
             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
@@ -110,11 +119,11 @@ class StreamServer:
         return True
 
     def register(self, fn: Callable, name: str | None = None, media_type: str | None = None) -> Any:
-        from .endpoint import register_endpoint
+        from .client.endpoints import register_endpoint
 
         return register_endpoint(fn, name, media_type, connection=self.connection)
 
-    def start_kernel(self) -> "NotebookKernel":
+    def start_kernel(self) -> NotebookKernel:
         """A kernel started by this server, as JupyterLab would start it."""
         reply = httpx.post(self.url + "api/kernels", headers=self.headers, json={"name": "python3"}, timeout=60)
         reply.raise_for_status()
@@ -181,7 +190,7 @@ class NotebookKernel:
 
 
 @pytest.fixture(scope="session")
-def start_stream_server() -> Iterator[Callable[..., StreamServer]]:
+def jstream_start_server() -> Iterator[Callable[..., StreamServer]]:
     """Factory: start a server with extra ``--Class.trait=value`` options; all are stopped at the end."""
     servers: list[StreamServer] = []
 
@@ -196,10 +205,10 @@ def start_stream_server() -> Iterator[Callable[..., StreamServer]]:
 
 
 @pytest.fixture(scope="session")
-def stream_server(start_stream_server: Callable[..., StreamServer]) -> StreamServer:
+def jstream_server(jstream_start_server: Callable[..., StreamServer]) -> StreamServer:
     """The shared server: two warm workers, a 1 s SSE heartbeat, fast death detection, and
     no unauthenticated access (so jupyter-server warns about any handler lacking auth)."""
-    return start_stream_server(
+    return jstream_start_server(
         [
             "--JupyterStream.min_workers=2",
             "--JupyterStream.max_workers=3",
@@ -212,8 +221,8 @@ def stream_server(start_stream_server: Callable[..., StreamServer]) -> StreamSer
 
 
 @pytest.fixture()
-def notebook_kernel(stream_server: StreamServer) -> Iterator[NotebookKernel]:
-    kernel = stream_server.start_kernel()
+def jstream_notebook_kernel(jstream_server: StreamServer) -> Iterator[NotebookKernel]:
+    kernel = jstream_server.start_kernel()
     yield kernel
     kernel.shutdown()
 

@@ -8,7 +8,8 @@ turned into bytes before they cross to the server.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"

@@ -31,10 +31,10 @@ Worker -> server:
 ``out``     output of call ``id``: buffer 0 holds zero or more bytes (many chunks joined);
             optional ``start`` (``status``, ``headers``, ``media_type``) comes with the
             first message, ``end`` is true on the last one, and ``error`` (a dict from
-            `error_payload`) ends the call with a failure. For ``values`` and ``map`` calls
+            `errors.error_payload`) ends the call with a failure. For ``values`` and ``map`` calls
             the buffer holds pickled objects back to back and ``sizes`` gives their
             lengths; a map lane adds ``items``, one ``[index, ok]`` per object (a failed
-            item's object is its pickled `error_payload`). ``fatal`` means the call timed
+            item's object is its pickled `errors.error_payload`). ``fatal`` means the call timed
             out and its thread may be stuck: the server replaces the kernel. Messages from
             the worker's sender thread carry ``seq`` (1, 2, ...); the sender waits while
             `MAX_UNACKED_MESSAGES` are not ``acked``, because IOPub drops what a slow
@@ -62,14 +62,12 @@ beside it when the pool is full.
 
 from __future__ import annotations
 
-import base64
 import copyreg
 import hashlib
 import io
 import json
 import pickle
 import struct
-import traceback
 import types
 from collections import ChainMap
 from typing import Any
@@ -90,6 +88,40 @@ DEFAULT_WINDOW = 8 * 1024 * 1024
 MAX_UNACKED_MESSAGES = 256
 #: ... and the server acknowledges (``acked``) every this many.
 ACK_MESSAGES_EVERY = 64
+
+
+# -- server -> worker messages: built only here ------------------------------------------
+
+
+def call_message(call_id: str, fn_hash: str, send_fn: bool, mode: str, window: int, **fields: Any) -> dict[str, Any]:
+    """``call``: run function `fn_hash` (its pickle follows in buffer 0 when `send_fn`);
+    `fields` are ``media_type``, ``kwargs``, ``pickled_args`` and ``timeout``."""
+    return {"op": "call", "id": call_id, "fn": fn_hash, "send_fn": send_fn, "mode": mode, "window": window,
+            **{k: v for k, v in fields.items() if v is not None}}
+
+
+def ack_message(call_id: str, nbytes: int) -> dict[str, Any]:
+    return {"op": "ack", "id": call_id, "bytes": nbytes}
+
+
+def acked_message(seq: int) -> dict[str, Any]:
+    return {"op": "acked", "seq": seq}
+
+
+def cancel_message(call_id: str) -> dict[str, Any]:
+    return {"op": "cancel", "id": call_id}
+
+
+def interrupt_message(call_id: str) -> dict[str, Any]:
+    return {"op": "interrupt", "id": call_id}
+
+
+def batch_message(call_id: str, indices: list[int], sizes: list[int]) -> dict[str, Any]:
+    return {"op": "batch", "id": call_id, "indices": indices, "sizes": sizes}
+
+
+def close_message(call_id: str) -> dict[str, Any]:
+    return {"op": "close", "id": call_id}
 
 
 def content_hash(blob: bytes) -> str:
@@ -130,40 +162,6 @@ def dumps(obj: Any) -> bytes:
         return cloudpickle_dumps(obj)
 
 
-def _user_frames(tb: Any) -> Any:
-    """Skip the leading frames that belong to jupyter_stream itself."""
-    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("jupyter_stream."):
-        tb = tb.tb_next
-    return tb
-
-
-def error_payload(exc: BaseException, pickled: bool = False) -> dict[str, Any]:
-    """Describe an exception for the other side: type, message and the worker's traceback,
-    and (for remote calls) the pickled exception so the caller can raise the same type."""
-    tb = _user_frames(exc.__traceback__)
-    payload = {
-        "type": type(exc).__name__,
-        "module": type(exc).__module__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
-    }
-    if pickled:
-        try:
-            payload["pickle"] = base64.b64encode(cloudpickle_dumps(exc.with_traceback(None))).decode()
-        except Exception:
-            pass  # the caller gets a RemoteError naming the type instead
-    return payload
-
-
-def timeout_payload() -> dict[str, Any]:
-    return {
-        "type": "FunctionTimeoutError",
-        "module": "jupyter_stream",
-        "message": "the call ran past its timeout; raise `timeout` if it needs longer",
-        "traceback": "",
-    }
-
-
 def encode_frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
     """One WebSocket message: 4-byte header length, JSON header, payload."""
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -197,14 +195,3 @@ def split(payload: memoryview, sizes: list[int]) -> list[memoryview]:
         out.append(payload[offset : offset + size])
         offset += size
     return out
-
-
-def worker_died_payload(reason: str) -> dict[str, Any]:
-    """The error sent to callers whose worker kernel died under them."""
-    return {
-        "type": "WorkerDied",
-        "module": "jupyter_stream",
-        "message": f"the worker kernel running this call died ({reason}); "
-        "it is being replaced, retry the request",
-        "traceback": "",
-    }

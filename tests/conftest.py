@@ -1,9 +1,12 @@
-"""Fixtures come from jupyter_stream.pytest_plugin (registered as a pytest11 plugin)."""
+"""Fixtures come from jupyter_stream.pytest_plugin (opt-in, as for any project that builds
+on jupyter-stream: name it in ``pytest_plugins``)."""
 
 import sys
 
 import cloudpickle
 import pytest
+
+pytest_plugins = ["jupyter_stream.pytest_plugin"]
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +23,6 @@ def pytest_runtest_makereport(item, call):
     """On failure, attach the tail of the shared server's log (worker errors show there)."""
     outcome = yield
     report = outcome.get_result()
-    server = item.funcargs.get("stream_server") if hasattr(item, "funcargs") else None
+    server = item.funcargs.get("jstream_server") if hasattr(item, "funcargs") else None
     if report.failed and server is not None:
         report.sections.append(("jupyter server log (tail)", "".join(server.log().splitlines(True)[-60:])))

@@ -15,7 +15,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from jupyter_stream import wire
-from jupyter_stream.functions import register_function
+from jupyter_stream.client.functions import register_function
 
 LIMIT = 1 << 20  # the server's max_request_body in this file
 
@@ -231,8 +231,8 @@ def sleepy(seconds):
 
 
 @pytest.fixture(scope="module")
-def server(start_stream_server):
-    return start_stream_server([f"--JupyterStream.max_request_body={LIMIT}", "--JupyterStream.min_workers=2"])
+def server(jstream_start_server):
+    return jstream_start_server([f"--JupyterStream.max_request_body={LIMIT}", "--JupyterStream.min_workers=2"])
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
 from jupyter_stream import StreamingResponse, sse
-from jupyter_stream.functions import register_function
+from jupyter_stream.client.functions import register_function
 
 
 def read_events(response):
@@ -45,9 +45,9 @@ def seconds_until_finally(server, endpoint, marker):
     return None
 
 
-def test_reference_example_streams_with_curl(start_stream_server):
+def test_reference_example_streams_with_curl(jstream_start_server):
     """Modal's first example through `curl --no-buffer`, on a server whose worker starts cold."""
-    server = start_stream_server(["--JupyterStream.min_workers=0"])
+    server = jstream_start_server(["--JupyterStream.min_workers=0"])
 
     def fake_event_streamer():
         for i in range(10):
@@ -74,7 +74,7 @@ def test_reference_example_streams_with_curl(start_stream_server):
     assert arrivals[-1][0] - arrivals[0][0] >= 4.0
 
 
-def test_generator_forms_and_chunk_encoding(stream_server):
+def test_generator_forms_and_chunk_encoding(jstream_server):
     def gen(n: int = 3):
         for i in range(n):
             yield f"data: {i}\n\n"
@@ -99,7 +99,7 @@ def test_generator_forms_and_chunk_encoding(stream_server):
     def named():
         yield sse("two\nlines", event="note", id=7)
 
-    s = stream_server
+    s = jstream_server
     assert s.get(s.register(gen).url.removeprefix(s.url) + "?n=2").text == "data: 0\n\ndata: 1\n\n"
     assert s.get("stream/agen").status_code == 404  # not registered yet
     s.register(agen)
@@ -120,64 +120,64 @@ def test_generator_forms_and_chunk_encoding(stream_server):
     assert r.headers["x-accel-buffering"] == "no"
 
 
-def test_each_chunk_reaches_the_client_at_once(stream_server):
+def test_each_chunk_reaches_the_client_at_once(jstream_server):
     def slow_second():
         yield "data: first\n\n"
         time.sleep(1.5)
         yield "data: second\n\n"
 
-    endpoint = stream_server.register(slow_second)
+    endpoint = jstream_server.register(slow_second)
     start = time.monotonic()
-    with httpx.stream("GET", endpoint.url, headers=stream_server.headers, timeout=30) as r:
+    with httpx.stream("GET", endpoint.url, headers=jstream_server.headers, timeout=30) as r:
         events = read_events(r)
     assert [e for _, e in events] == ["data: first", "data: second"]
     assert events[0][0] - start < 0.5
     assert events[1][0] - events[0][0] >= 1.4
 
 
-def test_parameters_from_query_and_json_body(stream_server):
+def test_parameters_from_query_and_json_body(jstream_server):
     def typed(n: int, scale: float = 1.0, loud: bool = False, tags: list[str] = []):
         for i in range(n):
             yield {"v": i * scale, "loud": loud, "tags": tags}
 
-    endpoint = stream_server.register(typed, media_type="application/x-ndjson")
-    r = stream_server.get("stream/typed?n=2&scale=0.5&loud=yes&tags=a&tags=b")
+    endpoint = jstream_server.register(typed, media_type="application/x-ndjson")
+    r = jstream_server.get("stream/typed?n=2&scale=0.5&loud=yes&tags=a&tags=b")
     assert [json.loads(x) for x in r.text.splitlines()] == [
         {"v": 0.0, "loud": True, "tags": ["a", "b"]},
         {"v": 0.5, "loud": True, "tags": ["a", "b"]},
     ]
-    r = httpx.post(endpoint.url, headers=stream_server.headers, json={"n": 1, "scale": 2}, timeout=30)
+    r = httpx.post(endpoint.url, headers=jstream_server.headers, json={"n": 1, "scale": 2}, timeout=30)
     assert r.status_code == 200 and json.loads(r.text) == {"v": 0.0, "loud": False, "tags": []}
 
-    bad = stream_server.get("stream/typed?n=two")
+    bad = jstream_server.get("stream/typed?n=two")
     assert bad.status_code == 400 and "parameter 'n' must be int, got 'two'" in bad.json()["message"]
-    bad = stream_server.get("stream/typed?n=1&colour=red")
+    bad = jstream_server.get("stream/typed?n=1&colour=red")
     assert bad.status_code == 400 and "unknown parameter 'colour'" in bad.json()["message"]
-    bad = stream_server.get("stream/typed")
+    bad = jstream_server.get("stream/typed")
     assert bad.status_code == 400 and "missing required parameter 'n'" in bad.json()["message"]
-    bad = httpx.post(endpoint.url, headers=stream_server.headers, content=b"[1]", timeout=30)
+    bad = httpx.post(endpoint.url, headers=jstream_server.headers, content=b"[1]", timeout=30)
     assert bad.status_code == 400 and "JSON object" in bad.json()["message"]
 
 
-def test_http_errors_unknown_auth_and_size(stream_server):
+def test_http_errors_unknown_auth_and_size(jstream_server):
     def small():
         yield "ok"
 
-    endpoint = stream_server.register(small, media_type="text/plain")
-    missing = stream_server.get("stream/no_such_endpoint")
+    endpoint = jstream_server.register(small, media_type="text/plain")
+    missing = jstream_server.get("stream/no_such_endpoint")
     assert missing.status_code == 404 and "no endpoint named 'no_such_endpoint'" in missing.json()["message"]
     assert httpx.get(endpoint.url, timeout=10).status_code in (401, 403)
     assert httpx.get(endpoint.url, headers={"Authorization": "token wrong"}, timeout=10).status_code in (401, 403)
-    assert httpx.get(stream_server.url + "api/stream/endpoints", timeout=10).status_code in (401, 403)
-    assert httpx.post(stream_server.url + "api/stream/endpoints", json={}, timeout=10).status_code in (401, 403)
-    assert httpx.get(endpoint.url + f"?token={stream_server.token}", timeout=10).text == "ok"
-    big = httpx.post(endpoint.url, headers=stream_server.headers, content=b"x" * 70000, timeout=10)
+    assert httpx.get(jstream_server.url + "api/stream/endpoints", timeout=10).status_code in (401, 403)
+    assert httpx.post(jstream_server.url + "api/stream/endpoints", json={}, timeout=10).status_code in (401, 403)
+    assert httpx.get(endpoint.url + f"?token={jstream_server.token}", timeout=10).text == "ok"
+    big = httpx.post(endpoint.url, headers=jstream_server.headers, content=b"x" * 70000, timeout=10)
     assert big.status_code == 413 and "limit" in big.json()["message"]
-    chunked = httpx.post(endpoint.url, headers=stream_server.headers, content=iter([b"x" * 50000] * 2), timeout=10)
+    chunked = httpx.post(endpoint.url, headers=jstream_server.headers, content=iter([b"x" * 50000] * 2), timeout=10)
     assert chunked.status_code == 413 and "100000 bytes" in chunked.json()["message"]  # no length sent: counted
     # with allow_unauthenticated_access=False, jupyter-server lists handlers lacking auth
     # decorators (other extensions' may be there); none of ours may be among them
-    undecorated = re.findall(r"^- \w+ of \w+ registered for (\S+)", stream_server.log(), re.M)
+    undecorated = re.findall(r"^- \w+ of \w+ registered for (\S+)", jstream_server.log(), re.M)
     assert not [route for route in undecorated if "stream" in route], undecorated
 
 
@@ -191,11 +191,11 @@ class ReadOnly(Authorizer):
 """
 
 
-def test_a_read_only_user_can_look_but_not_run_code(start_stream_server, tmp_path):
+def test_a_read_only_user_can_look_but_not_run_code(jstream_start_server, tmp_path):
     """Jupyter's authorizer decides, as for kernels: listing is "read", registering and
     calling are "execute"; a user who may not start kernels may not run code here either."""
     (tmp_path / "read_only_authorizer.py").write_text(READ_ONLY_AUTHORIZER)
-    server = start_stream_server(
+    server = jstream_start_server(
         ["--JupyterStream.min_workers=0", "--ServerApp.authorizer_class=read_only_authorizer.ReadOnly"],
         env={"PYTHONPATH": str(tmp_path)},
     )
@@ -220,20 +220,20 @@ def test_a_read_only_user_can_look_but_not_run_code(start_stream_server, tmp_pat
         asyncio.run(open_calls_socket())
 
 
-def test_error_before_first_chunk_is_a_500_with_the_worker_traceback(stream_server):
+def test_error_before_first_chunk_is_a_500_with_the_worker_traceback(jstream_server):
     def broken(n: int = 1):
         raise ValueError(f"bad input {n}")
         yield "never"
 
-    stream_server.register(broken)
-    r = stream_server.get("stream/broken?n=3")
+    jstream_server.register(broken)
+    r = jstream_server.get("stream/broken?n=3")
     assert r.status_code == 500
     error = r.json()["error"]
     assert error["type"] == "ValueError" and error["message"] == "bad input 3"
     assert "in broken" in error["traceback"] and 'raise ValueError(f"bad input {n}")' in error["traceback"]
 
 
-def test_error_after_streaming_began(stream_server):
+def test_error_after_streaming_began(jstream_server):
     def fails_later():
         yield "data: one\n\n"
         raise KeyError("later")
@@ -242,24 +242,24 @@ def test_error_after_streaming_began(stream_server):
         yield {"one": 1}
         raise KeyError("later")
 
-    stream_server.register(fails_later)
-    with httpx.stream("GET", stream_server.url + "stream/fails_later", headers=stream_server.headers, timeout=30) as r:
+    jstream_server.register(fails_later)
+    with httpx.stream("GET", jstream_server.url + "stream/fails_later", headers=jstream_server.headers, timeout=30) as r:
         events = [e for _, e in read_events(r)]
     assert events[0] == "data: one"
     assert events[1].startswith("event: error\ndata: ")
     error = json.loads(events[1].split("data: ", 1)[1])
     assert error["type"] == "KeyError" and "later" in error["message"] and "in fails_later" in error["traceback"]
 
-    stream_server.register(fails_later_ndjson, media_type="application/x-ndjson")
+    jstream_server.register(fails_later_ndjson, media_type="application/x-ndjson")
     received = b""
     with pytest.raises(httpx.RemoteProtocolError):
-        with httpx.stream("GET", stream_server.url + "stream/fails_later_ndjson", headers=stream_server.headers, timeout=30) as r:
+        with httpx.stream("GET", jstream_server.url + "stream/fails_later_ndjson", headers=jstream_server.headers, timeout=30) as r:
             for chunk in r.iter_bytes():
                 received += chunk
     assert received == b'{"one":1}\n'  # the client saw a truncated body, not a clean end
 
 
-def test_client_disconnect_closes_the_generator(stream_server):
+def test_client_disconnect_closes_the_generator(jstream_server):
     marker = tempfile.mktemp(prefix="jupyter-stream-finally-")
 
     def endless(marker: str):
@@ -273,15 +273,15 @@ def test_client_disconnect_closes_the_generator(stream_server):
             with open(marker, "w") as f:
                 f.write("closed")
 
-    closed_after = seconds_until_finally(stream_server, stream_server.register(endless), marker)
+    closed_after = seconds_until_finally(jstream_server, jstream_server.register(endless), marker)
     assert closed_after is not None, "the generator's finally did not run"
     assert closed_after <= 1.0
     # every worker is free again
-    stream_server.wait_for_workers(2)
-    assert stream_server.wait_until_idle(), stream_server.workers()
+    jstream_server.wait_for_workers(2)
+    assert jstream_server.wait_until_idle(), jstream_server.workers()
 
 
-def test_async_generator_is_cancelled_on_disconnect(stream_server):
+def test_async_generator_is_cancelled_on_disconnect(jstream_server):
     marker = tempfile.mktemp(prefix="jupyter-stream-afinally-")
 
     async def waits(marker: str):
@@ -294,11 +294,11 @@ def test_async_generator_is_cancelled_on_disconnect(stream_server):
             with open(marker, "w") as f:
                 f.write("closed")
 
-    closed_after = seconds_until_finally(stream_server, stream_server.register(waits), marker)
+    closed_after = seconds_until_finally(jstream_server, jstream_server.register(waits), marker)
     assert closed_after is not None and closed_after <= 1.0
 
 
-def test_backpressure_pauses_the_generator(stream_server):
+def test_backpressure_pauses_the_generator(jstream_server):
     counter = tempfile.mktemp(prefix="jupyter-stream-count-")
 
     def firehose(path: str):
@@ -311,8 +311,8 @@ def test_backpressure_pauses_the_generator(stream_server):
             os.replace(path + ".tmp", path)  # readers never see a half-written count
             yield chunk
 
-    endpoint = stream_server.register(firehose, media_type="application/octet-stream")
-    with httpx.stream("GET", endpoint.url, params={"path": counter}, headers=stream_server.headers, timeout=30) as r:
+    endpoint = jstream_server.register(firehose, media_type="application/octet-stream")
+    with httpx.stream("GET", endpoint.url, params={"path": counter}, headers=jstream_server.headers, timeout=30) as r:
         stream = r.iter_raw(1 << 16)
         next(stream)  # read one piece, then stall
         time.sleep(2.0)
@@ -326,7 +326,7 @@ def test_backpressure_pauses_the_generator(stream_server):
     assert int(open(counter).read()) > 300
 
 
-def test_killed_worker_ends_the_stream_and_is_replaced(stream_server):
+def test_killed_worker_ends_the_stream_and_is_replaced(jstream_server):
     def forever():
         import os
 
@@ -338,10 +338,10 @@ def test_killed_worker_ends_the_stream_and_is_replaced(stream_server):
     def quick():
         yield "data: ok\n\n"
 
-    stream_server.register(forever)
-    stream_server.register(quick)
-    stream_server.wait_for_workers(2)
-    with httpx.stream("GET", stream_server.url + "stream/forever", headers=stream_server.headers, timeout=30) as r:
+    jstream_server.register(forever)
+    jstream_server.register(quick)
+    jstream_server.wait_for_workers(2)
+    with httpx.stream("GET", jstream_server.url + "stream/forever", headers=jstream_server.headers, timeout=30) as r:
         lines = r.iter_lines()
         pid = int(next(lines).split("data: ")[1])
         os.kill(pid, signal.SIGKILL)
@@ -351,23 +351,23 @@ def test_killed_worker_ends_the_stream_and_is_replaced(stream_server):
     assert "event: error" in rest
     error = json.loads(rest[rest.index("event: error") + 1].split("data: ", 1)[1])
     assert error["type"] == "WorkerDied" and "retry" in error["message"]
-    assert stream_server.get("stream/quick").text == "data: ok\n\n"
-    workers = stream_server.wait_for_workers(2)
+    assert jstream_server.get("stream/quick").text == "data: ok\n\n"
+    workers = jstream_server.wait_for_workers(2)
     assert pid not in [w["pid"] for w in workers]
-    assert stream_server.workers()["replaced"] >= 1
+    assert jstream_server.workers()["replaced"] >= 1
 
 
-def test_reregistering_replaces_without_breaking_streams_in_flight(stream_server):
+def test_reregistering_replaces_without_breaking_streams_in_flight(jstream_server):
     def versioned():
         for i in range(6):
             yield f"data: v1 {i}\n\n"
             time.sleep(0.1)
 
-    stream_server.register(versioned)
+    jstream_server.register(versioned)
     results = {}
 
     def consume():
-        results["old"] = stream_server.get("stream/versioned").text
+        results["old"] = jstream_server.get("stream/versioned").text
 
     t = threading.Thread(target=consume)
     t.start()
@@ -376,26 +376,26 @@ def test_reregistering_replaces_without_breaking_streams_in_flight(stream_server
     def versioned():  # noqa: F811 - the notebook re-runs the cell with new code
         yield "data: v2\n\n"
 
-    reply = stream_server.register(versioned)
-    assert stream_server.get("stream/versioned").text == "data: v2\n\n"
+    reply = jstream_server.register(versioned)
+    assert jstream_server.get("stream/versioned").text == "data: v2\n\n"
     t.join(10)
     assert results["old"] == "".join(f"data: v1 {i}\n\n" for i in range(6))
-    listed = stream_server.get("api/stream/endpoints").json()["endpoints"]
+    listed = jstream_server.get("api/stream/endpoints").json()["endpoints"]
     assert reply.url in [e["url"] for e in listed]
 
 
-def test_idle_sse_stream_gets_a_heartbeat(stream_server):
+def test_idle_sse_stream_gets_a_heartbeat(jstream_server):
     def quiet():
         yield "data: start\n\n"
         time.sleep(2.5)
         yield "data: end\n\n"
 
-    stream_server.register(quiet)
-    text = stream_server.get("stream/quiet").text
+    jstream_server.register(quiet)
+    text = jstream_server.get("stream/quiet").text
     assert text.startswith("data: start\n\n: keep-alive\n\n") and text.endswith("data: end\n\n")
 
 
-def test_a_slow_first_chunk_keeps_the_response_own_headers(stream_server):
+def test_a_slow_first_chunk_keeps_the_response_own_headers(jstream_server):
     """The heartbeat (1 s here) follows the media type the function returned, not the
     endpoint's default: a plain-text response waits quietly, with its own status and headers."""
 
@@ -411,18 +411,18 @@ def test_a_slow_first_chunk_keeps_the_response_own_headers(stream_server):
         raise RuntimeError("no data today")
         yield "never"
 
-    stream_server.register(report)  # registered as SSE, the default
-    r = stream_server.get("stream/report")
+    jstream_server.register(report)  # registered as SSE, the default
+    r = jstream_server.get("stream/report")
     assert r.status_code == 202 and r.headers["content-type"].startswith("text/plain"), r.headers
     assert r.headers["x-report"] == "42" and r.text == "ready\n"
     # an SSE stream that fails after heartbeats have begun ends with an error event
-    stream_server.register(waits_then_fails)
-    r = stream_server.get("stream/waits_then_fails")
+    jstream_server.register(waits_then_fails)
+    r = jstream_server.get("stream/waits_then_fails")
     assert r.status_code == 200 and r.text.startswith(": keep-alive")
     assert "event: error" in r.text and "no data today" in r.text
 
 
-def test_unpicklable_functions_get_a_clear_error(stream_server):
+def test_unpicklable_functions_get_a_clear_error(jstream_server):
     import pickle
 
     lock = threading.Lock()
@@ -432,6 +432,6 @@ def test_unpicklable_functions_get_a_clear_error(stream_server):
             yield "x"
 
     with pytest.raises(pickle.PicklingError, match="cannot send endpoint 'uses_lock' to the worker kernels"):
-        stream_server.register(uses_lock)
+        jstream_server.register(uses_lock)
     with pytest.raises(ValueError, match="invalid endpoint name"):
-        stream_server.register(lambda: iter(()), name="not a name")
+        jstream_server.register(lambda: iter(()), name="not a name")

@@ -15,7 +15,7 @@ import pytest
 
 import jupyter_stream
 from jupyter_stream import FunctionTimeoutError, StreamingResponse
-from jupyter_stream.functions import MAX_BATCH, MAX_IN_FLIGHT, register_function
+from jupyter_stream.client.functions import MAX_BATCH, MAX_IN_FLIGHT, register_function
 
 
 class CustomError(Exception):
@@ -23,8 +23,8 @@ class CustomError(Exception):
 
 
 @pytest.fixture()
-def register(stream_server):
-    return lambda fn, **kw: register_function(fn, connection=stream_server.connection, **kw)
+def register(jstream_server):
+    return lambda fn, **kw: register_function(fn, connection=jstream_server.connection, **kw)
 
 
 def test_remote_returns_values_and_streams_generators(register):
@@ -66,7 +66,7 @@ def test_sync_forms_work_inside_a_running_event_loop(register):
     assert asyncio.run(cell()) == (42, [2, 4, 6])
 
 
-def test_map_orders_both_ways(register, stream_server):
+def test_map_orders_both_ways(register, jstream_server):
     def slow_for_small(x):
         import time
 
@@ -74,7 +74,7 @@ def test_map_orders_both_ways(register, stream_server):
         return x
 
     f = register(slow_for_small)
-    stream_server.wait_for_workers(2)
+    jstream_server.wait_for_workers(2)
     assert list(f.map(range(20))) == list(range(20))
     unordered = list(f.map(range(20), order_outputs=False))
     assert sorted(unordered) == list(range(20)) and unordered[0] != 0  # item 0 is the slow one
@@ -159,7 +159,7 @@ def test_retries_rerun_failed_items(register):
     assert register(flaky, name="flaky_retry", retries=2).remote(13) == 13
 
 
-def test_timeout_limits_one_attempt(register, stream_server):
+def test_timeout_limits_one_attempt(register, jstream_server):
     def sleepy(seconds):
         import time
 
@@ -174,10 +174,10 @@ def test_timeout_limits_one_attempt(register, stream_server):
     assert f.remote(0.1) == 0.1  # the stuck worker was replaced; calls go on
     results = list(f.map([0.0, 30, 0.0], return_exceptions=True))
     assert results[0] == 0.0 and results[2] == 0.0 and isinstance(results[1], FunctionTimeoutError)
-    stream_server.wait_for_workers(2)
+    jstream_server.wait_for_workers(2)
 
 
-def test_killed_worker_loses_no_map_item(register, stream_server):
+def test_killed_worker_loses_no_map_item(register, jstream_server):
     def tag(x):
         import os
         import time
@@ -186,19 +186,19 @@ def test_killed_worker_loses_no_map_item(register, stream_server):
         return x, os.getpid()
 
     f = register(tag)
-    stream_server.wait_for_workers(2)
-    replaced = stream_server.workers()["replaced"]
+    jstream_server.wait_for_workers(2)
+    replaced = jstream_server.workers()["replaced"]
     results = []
     for value in f.map(range(3000)):
         results.append(value)
         if len(results) == 500:
             os.kill(value[1], signal.SIGKILL)
     assert [x for x, _ in results] == list(range(3000))  # each exactly once, in order
-    stream_server.wait_for_workers(2)
-    assert stream_server.workers()["replaced"] == replaced + 1
+    jstream_server.wait_for_workers(2)
+    assert jstream_server.workers()["replaced"] == replaced + 1
 
 
-def test_break_cancels_the_rest_and_frees_workers(register, stream_server):
+def test_break_cancels_the_rest_and_frees_workers(register, jstream_server):
     ran = tempfile.mkdtemp(prefix="jupyter-stream-ran-")
 
     def slow(x, ran=ran):
@@ -216,7 +216,7 @@ def test_break_cancels_the_rest_and_frees_workers(register, stream_server):
     time.sleep(1.0)
     count = len(os.listdir(ran))
     assert count < 100, f"{count} items ran after the consumer stopped"
-    assert stream_server.wait_until_idle(), stream_server.workers()
+    assert jstream_server.wait_until_idle(), jstream_server.workers()
     assert len(os.listdir(ran)) == count  # nothing more ran
 
 
@@ -252,7 +252,7 @@ def test_function_handles_pickle_as_references_and_work_inside_workers(register)
     assert register(caller).remote(f, 4) == (4, [0, 1, 2, 3])
 
 
-def test_reference_examples_through_curl(stream_server, register):
+def test_reference_examples_through_curl(jstream_server, register):
     """The reference page's examples with our names, served and read with curl --no-buffer."""
 
     def fake_video_render():
@@ -292,12 +292,12 @@ def test_reference_examples_through_curl(stream_server, register):
         return StreamingResponse(wrapper(segments), media_type="text/event-stream")
 
     for fn in (hook, mapped, transcribe_video):
-        stream_server.register(fn)
+        jstream_server.register(fn)
 
     def curl(path):
         start = time.monotonic()
         proc = subprocess.Popen(
-            ["curl", "--no-buffer", "-sS", "-H", f"Authorization: token {stream_server.token}", stream_server.url + path],
+            ["curl", "--no-buffer", "-sS", "-H", f"Authorization: token {jstream_server.token}", jstream_server.url + path],
             stdout=subprocess.PIPE,
         )
         lines = [(time.monotonic() - start, line.decode()) for line in proc.stdout if line.strip()]
@@ -305,15 +305,15 @@ def test_reference_examples_through_curl(stream_server, register):
         return lines
 
     hook_lines = curl("stream/hook")
-    assert [l for _, l in hook_lines] == [f"data: finished processing some data from GPU {i}\n" for i in range(5)]
+    assert [line for _, line in hook_lines] == [f"data: finished processing some data from GPU {i}\n" for i in range(5)]
     assert hook_lines[-1][0] - hook_lines[0][0] >= 0.7  # streamed as produced, not at the end
-    assert "".join(l for _, l in curl("stream/mapped")) == "".join(f"segment {i}\n" for i in range(10))
-    assert [l for _, l in curl("stream/transcribe_video?text=one%20two")] == ["data: ONE\n", "data: TWO\n"]
+    assert "".join(line for _, line in curl("stream/mapped")) == "".join(f"segment {i}\n" for i in range(10))
+    assert [line for _, line in curl("stream/transcribe_video?text=one%20two")] == ["data: ONE\n", "data: TWO\n"]
 
 
-def test_stream_function_magic(stream_server, notebook_kernel):
-    notebook_kernel.execute("%load_ext jupyter_stream")
-    outputs, reply = notebook_kernel.execute(textwrap.dedent(
+def test_stream_function_magic(jstream_server, jstream_notebook_kernel):
+    jstream_notebook_kernel.execute("%load_ext jupyter_stream")
+    outputs, reply = jstream_notebook_kernel.execute(textwrap.dedent(
         '''
         %%stream_function --retries 1 --timeout 30
         OFFSET = 100
@@ -322,22 +322,22 @@ def test_stream_function_magic(stream_server, notebook_kernel):
             return x + OFFSET
         '''
     ).lstrip())
-    assert reply["status"] == "ok", notebook_kernel.text(outputs)
-    outputs, reply = notebook_kernel.execute("print(shifted.remote(1), list(shifted.map(range(3))), type(shifted).__name__)")
-    text = notebook_kernel.text(outputs)
+    assert reply["status"] == "ok", jstream_notebook_kernel.text(outputs)
+    outputs, reply = jstream_notebook_kernel.execute("print(shifted.remote(1), list(shifted.map(range(3))), type(shifted).__name__)")
+    text = jstream_notebook_kernel.text(outputs)
     assert "101 [100, 101, 102] Function" in text
     # the map showed a progress widget whose plain-text fallback is a summary, not a repr
     widgets = [o for o in outputs if o["type"] == "display_data"]
     assert widgets and "application/vnd.jupyter.widget-view+json" in widgets[0]["data"]
     assert "shifted.map: 0/3 done" in widgets[0]["data"]["text/plain"]
-    outputs, _ = notebook_kernel.execute("list(shifted.map(range(3), progress=False))")
+    outputs, _ = jstream_notebook_kernel.execute("list(shifted.map(range(3), progress=False))")
     assert not [o for o in outputs if o["type"] == "display_data"]
-    outputs, reply = notebook_kernel.execute("%%stream_function --timeout -1\ndef f(x):\n    return x\n")
-    assert reply["status"] == "error" and "timeout must be a positive number" in notebook_kernel.text(outputs)
+    outputs, reply = jstream_notebook_kernel.execute("%%stream_function --timeout -1\ndef f(x):\n    return x\n")
+    assert reply["status"] == "error" and "timeout must be a positive number" in jstream_notebook_kernel.text(outputs)
 
 
-def test_unknown_function_is_a_clear_error(stream_server):
-    f = jupyter_stream.Function("never_registered", connection=stream_server.connection)
+def test_unknown_function_is_a_clear_error(jstream_server):
+    f = jupyter_stream.Function("never_registered", connection=jstream_server.connection)
     with pytest.raises(LookupError, match="no function named 'never_registered'"):
         f.remote()
 
@@ -360,10 +360,10 @@ def test_concurrent_callers_share_the_pool(register):
     assert all(results[k] == [x * x for x in range(k * 100, k * 100 + 50)] for k in range(4))
 
 
-def test_calls_from_a_worker_run_on_it_when_the_pool_is_full(start_stream_server):
+def test_calls_from_a_worker_run_on_it_when_the_pool_is_full(jstream_start_server):
     """With one worker, an endpoint that calls functions would wait forever for a second
     worker; its calls run on its own worker instead, in threads of their own."""
-    server = start_stream_server(["--JupyterStream.min_workers=1", "--JupyterStream.max_workers=1"])
+    server = jstream_start_server(["--JupyterStream.min_workers=1", "--JupyterStream.max_workers=1"])
 
     def square(x):
         import os
@@ -396,7 +396,7 @@ def test_calls_from_a_worker_run_on_it_when_the_pool_is_full(start_stream_server
     assert square_f.remote(5) == (25, worker["pid"])
 
 
-def test_an_input_that_kills_its_kernel_fails_instead_of_killing_them_all(register, stream_server):
+def test_an_input_that_kills_its_kernel_fails_instead_of_killing_them_all(register, jstream_server):
     def crash_on_five(x):
         import os
 
@@ -405,7 +405,7 @@ def test_an_input_that_kills_its_kernel_fails_instead_of_killing_them_all(regist
         return x
 
     f = register(crash_on_five)
-    replaced = stream_server.workers()["replaced"]
+    replaced = jstream_server.workers()["replaced"]
     results = list(f.map(range(10), return_exceptions=True))
     assert results[:5] == [0, 1, 2, 3, 4] and results[6:] == [6, 7, 8, 9]
     # 3 deaths with the item alone on its kernel, plus any before it was known to be the culprit
@@ -414,8 +414,8 @@ def test_an_input_that_kills_its_kernel_fails_instead_of_killing_them_all(regist
         f.remote(5)
     # three deaths for .remote; for .map three once the culprit ran alone, plus the few
     # it took to find it (a death is only counted against an item that ran alone)
-    assert stream_server.workers()["replaced"] - replaced <= 10
-    stream_server.wait_for_workers(2)
+    assert jstream_server.workers()["replaced"] - replaced <= 10
+    jstream_server.wait_for_workers(2)
 
 
 def test_large_arguments_inputs_and_results_travel(register):
@@ -435,7 +435,7 @@ def test_large_arguments_inputs_and_results_travel(register):
     assert list(f.map([b"y" * 8000] * 6000)) == [8000] * 6000
 
 
-def test_abandoned_calls_free_their_workers_and_the_connection(register, stream_server):
+def test_abandoned_calls_free_their_workers_and_the_connection(register, jstream_server):
     def slow(seconds):
         import time
 
@@ -460,11 +460,11 @@ def test_abandoned_calls_free_their_workers_and_the_connection(register, stream_
     assert slow_f.remote(0) == 0  # the process's connection still works
     unstarted = ticks_f.remote()  # never iterated: it must not hold a worker
     del unstarted
-    assert stream_server.wait_until_idle(), stream_server.workers()
+    assert jstream_server.wait_until_idle(), jstream_server.workers()
 
 
-def test_the_pool_never_grows_past_max_workers(start_stream_server):
-    server = start_stream_server(["--JupyterStream.min_workers=0", "--JupyterStream.max_workers=2"])
+def test_the_pool_never_grows_past_max_workers(jstream_start_server):
+    server = jstream_start_server(["--JupyterStream.min_workers=0", "--JupyterStream.max_workers=2"])
 
     def nap(x):
         import time
@@ -474,19 +474,28 @@ def test_the_pool_never_grows_past_max_workers(start_stream_server):
 
     f = register_function(nap, connection=server.connection)
     calls = [f.spawn(i) for i in range(6)]  # all arrive while no kernel is up yet
-    seen = 0
-    while not all(c._done for c in calls) and seen < 200:
-        info = server.workers()
-        assert len(info["workers"]) + info["starting"] <= 2, info
-        seen += 1
-        time.sleep(0.05)
-    assert [c.get(timeout=30) for c in calls] == list(range(6))
+    finished, sizes = threading.Event(), []
+
+    def watch():
+        while not finished.is_set():
+            info = server.workers()
+            sizes.append((len(info["workers"]) + info["starting"], info))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert [c.get(timeout=30) for c in calls] == list(range(6))
+    finally:
+        finished.set()
+        watcher.join()
+    assert sizes and max(size for size, _ in sizes) <= 2, max(sizes, key=lambda s: s[0])
 
 
-def test_a_function_that_failed_to_load_loads_once_its_module_is_there(start_stream_server, tmp_path, monkeypatch):
+def test_a_function_that_failed_to_load_loads_once_its_module_is_there(jstream_start_server, tmp_path, monkeypatch):
     """A module the notebook has and the worker lacks: a clear error, and the same worker
     loads the function once the module is installed there, without re-registering."""
-    server = start_stream_server(["--JupyterStream.min_workers=1", "--JupyterStream.max_workers=1"])
+    server = jstream_start_server(["--JupyterStream.min_workers=1", "--JupyterStream.max_workers=1"])
     module = "jupyter_stream_test_helper_" + os.urandom(4).hex()
     source = "def bump(x):\n    return x + 1\n"
     (tmp_path / f"{module}.py").write_text(source)

@@ -15,9 +15,9 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_magic_in_a_kernel_started_by_the_server(stream_server, notebook_kernel):
-    outputs, reply = notebook_kernel.execute("%load_ext jupyter_stream")
-    assert reply["status"] == "ok", notebook_kernel.text(outputs)
+def test_magic_in_a_kernel_started_by_the_server(jstream_server, jstream_notebook_kernel):
+    outputs, reply = jstream_notebook_kernel.execute("%load_ext jupyter_stream")
+    assert reply["status"] == "ok", jstream_notebook_kernel.text(outputs)
     cell = textwrap.dedent(
         '''
         %%stream_endpoint --name greet --media-type text/event-stream
@@ -31,38 +31,38 @@ def test_magic_in_a_kernel_started_by_the_server(stream_server, notebook_kernel)
                 yield f"data: {shout(GREETING)} {who} {i}\\n\\n"
         '''
     ).lstrip()
-    outputs, reply = notebook_kernel.execute(cell)
-    text = notebook_kernel.text(outputs)
+    outputs, reply = jstream_notebook_kernel.execute(cell)
+    text = jstream_notebook_kernel.text(outputs)
     assert reply["status"] == "ok", text
-    url = stream_server.url + "stream/greet"
+    url = jstream_server.url + "stream/greet"
     assert f'href="{url}"' in text and "curl --no-buffer" in text
-    outputs, _ = notebook_kernel.execute("print(greeter.url); print(type(greeter).__name__)")
-    assert notebook_kernel.text(outputs).split() == [url, "Endpoint"]
-    r = stream_server.get("stream/greet?who=jupyter&times=3")
+    outputs, _ = jstream_notebook_kernel.execute("print(greeter.url); print(type(greeter).__name__)")
+    assert jstream_notebook_kernel.text(outputs).split() == [url, "Endpoint"]
+    r = jstream_server.get("stream/greet?who=jupyter&times=3")
     assert r.text == "".join(f"data: HELLO jupyter {i}\n\n" for i in range(3))
 
     # re-running the cell with new code replaces the endpoint
-    outputs, reply = notebook_kernel.execute(cell.replace('"hello"', '"bye"'))
+    outputs, reply = jstream_notebook_kernel.execute(cell.replace('"hello"', '"bye"'))
     assert reply["status"] == "ok"
-    assert stream_server.get("stream/greet?times=1").text == "data: BYE world 0\n\n"
+    assert jstream_server.get("stream/greet?times=1").text == "data: BYE world 0\n\n"
 
 
-def test_magic_errors_are_clear(stream_server, notebook_kernel):
-    notebook_kernel.execute("%load_ext jupyter_stream")
-    outputs, reply = notebook_kernel.execute("%%stream_endpoint\nx = 1\n")
-    assert reply["status"] == "error" and "the cell defines no function" in notebook_kernel.text(outputs)
+def test_magic_errors_are_clear(jstream_server, jstream_notebook_kernel):
+    jstream_notebook_kernel.execute("%load_ext jupyter_stream")
+    outputs, reply = jstream_notebook_kernel.execute("%%stream_endpoint\nx = 1\n")
+    assert reply["status"] == "error" and "the cell defines no function" in jstream_notebook_kernel.text(outputs)
 
-    outputs, reply = notebook_kernel.execute(
+    outputs, reply = jstream_notebook_kernel.execute(
         "%%stream_endpoint\nimport threading\nLOCK = threading.Lock()\ndef locked():\n    with LOCK:\n        yield 'x'\n"
     )
-    text = notebook_kernel.text(outputs)
+    text = jstream_notebook_kernel.text(outputs)
     assert reply["status"] == "error" and "PicklingError" in text and "cannot send endpoint 'locked'" in text
 
-    outputs, reply = notebook_kernel.execute("%%stream_endpoint --name 'bad name'\ndef f():\n    yield 'x'\n")
-    assert reply["status"] == "error" and "invalid endpoint name" in notebook_kernel.text(outputs)
+    outputs, reply = jstream_notebook_kernel.execute("%%stream_endpoint --name 'bad name'\ndef f():\n    yield 'x'\n")
+    assert reply["status"] == "error" and "invalid endpoint name" in jstream_notebook_kernel.text(outputs)
 
-    outputs, reply = notebook_kernel.execute("%%stream_endpoint\ndef broken(:\n    pass\n")
-    assert reply["status"] == "error" and "SyntaxError" in notebook_kernel.text(outputs)
+    outputs, reply = jstream_notebook_kernel.execute("%%stream_endpoint\ndef broken(:\n    pass\n")
+    assert reply["status"] == "error" and "SyntaxError" in jstream_notebook_kernel.text(outputs)
 
 
 @contextlib.contextmanager
@@ -72,7 +72,7 @@ def serve(notebook, tmp_path, token="servetoken"):
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_stream.cli", "serve", str(REPO / "notebooks" / notebook),
+        [sys.executable, "-m", "jupyter_stream.server.cli", "serve", str(REPO / "notebooks" / notebook),
          "--port", str(port), "--token", token],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)},
@@ -98,7 +98,7 @@ def test_serve_quickstart_notebook(tmp_path):
         assert r.headers["content-type"] == "application/x-ndjson" and len(r.text.splitlines()) == 3
         r = httpx.get(base + "download?mib=8", headers=headers, timeout=30)
         assert len(r.content) == 8 << 20 and "attachment" in r.headers["content-disposition"]
-        events = [l for l in httpx.get(base + "stream_me", headers=headers, timeout=30).text.split("\n\n") if l]
+        events = [e for e in httpx.get(base + "stream_me", headers=headers, timeout=30).text.split("\n\n") if e]
         assert events == [f"data: some data {i}" for i in range(10)]
 
 

@@ -1,6 +1,6 @@
 """The map progress display's state machine: counts, rate, ETA, throttling, final state."""
 
-from jupyter_stream.progress import MIN_INTERVAL, MapProgress
+from jupyter_stream.client.progress import MIN_INTERVAL, MapProgress
 
 
 class Clock:
@@ -80,7 +80,7 @@ def test_success_and_cancelled_states():
 
 
 def test_no_display_outside_a_notebook_or_terminal():
-    from jupyter_stream.progress import display_for, start
+    from jupyter_stream.client.progress import display_for, start
 
     p = start("f.map", 3)  # pytest captures stderr: not a terminal, and no kernel here
     assert p.display is None and display_for(p) is None

@@ -41,7 +41,7 @@ class Client:
         while text not in self.received and time.monotonic() < deadline:
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not chunk:
                 break
@@ -65,9 +65,9 @@ def trivial_answers_within(server, seconds):
 
 
 @pytest.fixture(scope="module")
-def wedge_server(start_stream_server):
+def wedge_server(jstream_start_server):
     """The default pool's size (4 workers), with a short grace period."""
-    server = start_stream_server([
+    server = jstream_start_server([
         "--JupyterStream.min_workers=4", "--JupyterStream.max_workers=4",
         "--JupyterStream.cancel_grace_period=1.5", "--JupyterStream.worker_poll_interval=0.2",
     ])
@@ -191,22 +191,22 @@ def time_to_status(server, path):
     return r, status_after, time.monotonic() - start, body
 
 
-def test_responses_slow_to_start_send_their_status_after_a_second(stream_server):
+def test_responses_slow_to_start_send_their_status_after_a_second(jstream_server):
     """`commit_headers_after` (1 s): the status and headers go out before the first chunk."""
-    stream_server.register(slow_octets, media_type="application/octet-stream")
-    r, status_after, total, body = time_to_status(stream_server, "stream/slow_octets")
+    jstream_server.register(slow_octets, media_type="application/octet-stream")
+    r, status_after, total, body = time_to_status(jstream_server, "stream/slow_octets")
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     assert r.headers["transfer-encoding"] == "chunked"
     assert 0.8 <= status_after <= 2.0, status_after
     assert total >= 2.9 and body == b"\x00" * 10
     # the function itself is slow to return: the status is the registered media type's 200
-    stream_server.register(slow_to_return, media_type="text/plain")
-    r, status_after, total, body = time_to_status(stream_server, "stream/slow_to_return")
+    jstream_server.register(slow_to_return, media_type="text/plain")
+    r, status_after, total, body = time_to_status(jstream_server, "stream/slow_to_return")
     assert (r.status_code, r.headers["content-type"]) == (200, "text/plain") and status_after <= 2.0
     assert body == b"late"
     # a failure after the status went out cuts the body short, as other mid-stream failures
-    stream_server.register(fails_after_commit, media_type="application/octet-stream")
-    r, status_after, total, body = time_to_status(stream_server, "stream/fails_after_commit")
+    jstream_server.register(fails_after_commit, media_type="application/octet-stream")
+    r, status_after, total, body = time_to_status(jstream_server, "stream/fails_after_commit")
     assert r.status_code == 200 and status_after <= 2.0 and body == b"<cut off>"
 
 
@@ -238,18 +238,18 @@ def gone_module_pickle():
         del sys.modules[module.__name__]
 
 
-def test_persisted_registrations_come_back_after_a_restart(start_stream_server, tmp_path):
+def test_persisted_registrations_come_back_after_a_restart(jstream_start_server, tmp_path):
     import base64
     import json
 
     from jupyter_stream import wire
-    from jupyter_stream.functions import Function, register_function
+    from jupyter_stream.client.functions import Function, register_function
 
     persist_dir = tmp_path / "persisted"
     options = ["--JupyterStream.min_workers=1", f"--JupyterStream.persist_dir={persist_dir}"]
-    server = start_stream_server(options)
+    server = jstream_start_server(options)
     server.register(trivial)  # not persisted
-    from jupyter_stream.endpoint import register_endpoint
+    from jupyter_stream.client.endpoints import register_endpoint
 
     register_endpoint(ticks, connection=server.connection, persist=True)
     register_function(square, connection=server.connection, persist=True)
@@ -273,7 +273,7 @@ def test_persisted_registrations_come_back_after_a_restart(start_stream_server, 
     (persist_dir / "endpoint-garbage.json").write_text("{not json")
     server.stop()
 
-    restarted = start_stream_server(options)
+    restarted = jstream_start_server(options)
     deadline = time.monotonic() + 60
     while "restored function square" not in restarted.log() or "restored endpoint ticks" not in restarted.log():
         assert time.monotonic() < deadline, restarted.log()

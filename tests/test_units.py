@@ -1,13 +1,14 @@
 """Unit tests of the pure parts: SSE framing, chunk encoding, parameter binding."""
 
+import importlib
 import json
-import sys
 
 import pytest
 
 from jupyter_stream import sse
-from jupyter_stream.registry import EndpointSpec, ParameterError, check_name, describe_parameters
 from jupyter_stream.responses import encoder_for
+from jupyter_stream.server.registry import EndpointSpec, ParameterError
+from jupyter_stream.signatures import check_name, describe_parameters
 
 
 def test_sse_frames_fields_and_multiline_data():
@@ -77,7 +78,7 @@ def test_bad_names(name):
 
 
 def test_a_function_too_large_to_register_says_what_to_do(monkeypatch):
-    endpoint_module = sys.modules["jupyter_stream.endpoint"]
+    endpoint_module = importlib.import_module("jupyter_stream.client.endpoints")
     monkeypatch.setattr(endpoint_module, "MAX_FUNCTION_BYTES", 100_000)
     captured = b"x" * 200_000
 
@@ -89,7 +90,7 @@ def test_a_function_too_large_to_register_says_what_to_do(monkeypatch):
 def test_only_a_worker_can_name_itself_to_the_pool():
     from types import SimpleNamespace
 
-    from jupyter_stream.pool import WorkerPool
+    from jupyter_stream.server.pool import WorkerPool
 
     pool = WorkerPool()
     worker = SimpleNamespace(index=3, alive=True)

@@ -9,21 +9,22 @@ a map pulls its inputs lazily, keeping at most `MAX_IN_FLIGHT` of them outstandi
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
 import io
 import itertools
 import pickle
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import Any
 
-
-from . import wire
-from .client import ServerConnection, get_connection
-from .endpoint import pickle_function
-from .errors import rebuild
+from .. import wire
+from ..errors import rebuild
+from ..signatures import MAX_RETRIES, MAX_TIMEOUT, check_name
+from .calls import CallStream, call_client
+from .connection import ServerConnection, get_connection
+from .endpoints import pickle_function
 from .progress import MapProgress
 from .progress import start as start_progress
-from .registry import MAX_RETRIES, MAX_TIMEOUT, check_name
-from .remote import CallStream, call_client
 
 #: Map inputs sent but not yet handed to the caller, at most (bounds memory for huge inputs).
 MAX_IN_FLIGHT = 20_000
@@ -358,8 +359,7 @@ class Function:
                  return_exceptions: bool, progress: bool, form: str = "map") -> Iterator[Any]:
         state = self._start_map(order_outputs, return_exceptions, kwargs, total, progress, form)
         inputs = iter(inputs)
-        failed = True
-        try:
+        with _closing(state):
             while not state.finished:
                 if state.room:
                     items = list(itertools.islice(inputs, state.room))
@@ -368,12 +368,6 @@ class Function:
                 else:
                     frames = state.stream.take()
                 yield from state.results(frames)
-            failed = False
-        except GeneratorExit:
-            failed = False
-            raise
-        finally:
-            state.close(failed)
 
     def _map_aio(self, *iterables: Any, kwargs: dict | None = None, order_outputs: bool = True,
                  return_exceptions: bool = False, progress: bool = True) -> AsyncIterator[Any]:
@@ -388,8 +382,7 @@ class Function:
                            return_exceptions: bool, progress: bool, form: str = "map") -> AsyncIterator[Any]:
         state = self._start_map(order_outputs, return_exceptions, kwargs, total, progress, form)
         source = inputs.__aiter__() if hasattr(inputs, "__aiter__") else iter(inputs)
-        failed = True
-        try:
+        with _closing(state):
             while not state.finished:
                 if state.room:
                     items, want = [], state.room
@@ -405,12 +398,6 @@ class Function:
                     frames = await state.stream.atake()
                 for value in state.results(frames):
                     yield value
-            failed = False
-        except GeneratorExit:
-            failed = False
-            raise
-        finally:
-            state.close(failed)
 
     def _for_each(self, *iterables: Iterable, kwargs: dict | None = None, ignore_exceptions: bool = False,
                   progress: bool = True) -> None:
@@ -422,6 +409,21 @@ class Function:
         inputs = zip(*iterables) if all(hasattr(it, "__iter__") for it in iterables) else _azip(*iterables)
         async for _ in self._run_map_aio(inputs, _total(*iterables), kwargs, False, ignore_exceptions, progress, "for_each"):
             pass
+
+
+@contextlib.contextmanager
+def _closing(state: _MapState) -> Iterator[None]:
+    """Close a map when its caller is done with it: it failed if an exception left the
+    loop, and not if the caller simply stopped iterating (``break``: GeneratorExit)."""
+    failed = True
+    try:
+        yield
+        failed = False
+    except GeneratorExit:
+        failed = False
+        raise
+    finally:
+        state.close(failed)
 
 
 def _total(*iterables: Any) -> int | None:

@@ -12,13 +12,13 @@ import html
 import inspect
 import pickle
 import shlex
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-
-from . import wire
-from .client import ServerConnection, get_connection
-from .registry import MAX_FUNCTION_BYTES, check_media_type, check_name, describe_parameters
-from .responses import SSE
+from .. import wire
+from ..responses import SSE
+from ..signatures import MAX_FUNCTION_BYTES, check_media_type, check_name, describe_parameters
+from .connection import ServerConnection, get_connection
 
 
 class Endpoint:

@@ -15,8 +15,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 KINDS = ("endpoint", "function")
 

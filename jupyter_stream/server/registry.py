@@ -9,59 +9,32 @@ from __future__ import annotations
 
 import base64
 import binascii
-import inspect
 import json
 import math
-import re
 import time
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+from ..signatures import (
+    MAX_DOC,
+    MAX_FUNCTION_BYTES,
+    MAX_RETRIES,
+    MAX_TIMEOUT,
+    RegistrationError,
+    check_media_type,
+    check_name,
+    check_signature,
+)
+
 RESERVED_QUERY = {"token", "_xsrf"}
-SCALARS = {int: "int", float: "float", bool: "bool", str: "str"}
-TYPES = {"int", "float", "bool", "str", "list", "any"}
-ITEM_TYPES = {"int", "float", "bool", "str", "any"}
 
 #: Arrays and objects nested deeper than this in a JSON body are refused (a 400), so that
 #: no request can make the server or a worker recurse without bound.
 MAX_JSON_DEPTH = 32
-#: Largest pickled function a registration may carry.
-MAX_FUNCTION_BYTES = 256 * 1024 * 1024
-MAX_PARAMS = 256
-MAX_DOC = 64 * 1024
-MAX_RETRIES = 100
-MAX_TIMEOUT = 7 * 24 * 3600.0
-#: ``type/subtype`` and ``; key=value`` parameters, as RFC 9110 writes them (no controls).
-_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
-MEDIA_TYPE_RE = re.compile(rf'^{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\x00-\x1f\x7f]*"))*$')
 
 
 class ParameterError(ValueError):
     """A request's parameters do not fit the endpoint's signature (an HTTP 400)."""
-
-
-class RegistrationError(ValueError):
-    """A registration is malformed (an HTTP 400); the message says which field and why."""
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"invalid endpoint name {name!r}: use letters, digits, '_' and '-', "
-            "starting with a letter or '_', at most 64 characters"
-        )
-    return name
-
-
-def check_media_type(media_type: Any) -> str:
-    if not isinstance(media_type, str) or len(media_type) > 255 or not MEDIA_TYPE_RE.fullmatch(media_type):
-        raise RegistrationError(
-            f"invalid media type {media_type!r}: give one like 'text/event-stream', 'text/plain; charset=utf-8' "
-            "or 'application/x-ndjson' (type/subtype, no spaces or control characters)"
-        )
-    return media_type
 
 
 def json_depth(value: Any) -> int:
@@ -90,53 +63,6 @@ def loads_json(raw: bytes | str, what: str) -> Any:
     if json_depth(value) > MAX_JSON_DEPTH:
         raise ParameterError(too_deep)
     return value
-
-
-def _check_param(p: Any, index: int) -> dict[str, Any]:
-    where = f"signature parameter {index}"
-    if not isinstance(p, dict):
-        raise RegistrationError(f"{where} must be an object like {{\"name\": \"n\", \"type\": \"int\"}}, got {type(p).__name__}")
-    unknown = set(p) - {"name", "type", "item", "required", "optional", "default"}
-    if unknown:
-        raise RegistrationError(f"{where} has unknown fields {sorted(unknown)}; allowed: name, type, item, required, optional, default")
-    name = p.get("name")
-    if not isinstance(name, str) or not name.isidentifier():
-        raise RegistrationError(f"{where} needs a 'name' that is a Python identifier, got {name!r}")
-    if p.get("type", "any") not in TYPES:
-        raise RegistrationError(f"parameter {name!r} has type {p.get('type')!r}; use one of {sorted(TYPES)}")
-    if "item" in p and p["item"] not in ITEM_TYPES:
-        raise RegistrationError(f"parameter {name!r} has list item type {p['item']!r}; use one of {sorted(ITEM_TYPES)}")
-    for flag in ("required", "optional"):
-        if not isinstance(p.get(flag, False), bool):
-            raise RegistrationError(f"parameter {name!r}: {flag!r} must be true or false, got {p[flag]!r}")
-    default = p.get("default")
-    if not (default is None or isinstance(default, (str, int, float, bool))):
-        raise RegistrationError(f"parameter {name!r}: a default must be a JSON string, number, boolean or null")
-    return p
-
-
-def check_signature(signature: Any) -> dict[str, Any]:
-    """A registration's parameter description, as `describe_parameters` makes it."""
-    if signature is None:
-        return {"params": [], "var_keyword": True}
-    if not isinstance(signature, dict):
-        raise RegistrationError(
-            f"'signature' must be an object {{\"params\": [...], \"var_keyword\": false}}, got {type(signature).__name__}; "
-            "register with jupyter_stream.endpoint() or %%stream_endpoint, which describe the function for you"
-        )
-    unknown = set(signature) - {"params", "var_keyword"}
-    if unknown:
-        raise RegistrationError(f"'signature' has unknown fields {sorted(unknown)}; allowed: params, var_keyword")
-    params = signature.get("params", [])
-    if not isinstance(params, list) or len(params) > MAX_PARAMS:
-        raise RegistrationError(f"'signature.params' must be a list of at most {MAX_PARAMS} parameter objects")
-    params = [_check_param(p, i) for i, p in enumerate(params)]
-    names = [p["name"] for p in params]
-    if len(set(names)) != len(names):
-        raise RegistrationError(f"'signature.params' names a parameter twice: {names}")
-    if not isinstance(signature.get("var_keyword", False), bool):
-        raise RegistrationError("'signature.var_keyword' must be true or false")
-    return {"params": params, "var_keyword": signature.get("var_keyword", False)}
 
 
 REGISTRATION_FIELDS = {
@@ -183,7 +109,7 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
     if not isinstance(body.get("persist", False), bool):
         raise RegistrationError("'persist' must be true or false")
     if kind == "endpoint":
-        from .responses import SSE
+        from ..responses import SSE
 
         body["media_type"] = check_media_type(body["media_type"]) if body.get("media_type") is not None else SSE
         body["signature"] = check_signature(body.get("signature"))
@@ -200,52 +126,11 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout)
         or not 0 < timeout <= MAX_TIMEOUT
     ):
-        raise RegistrationError(f"'timeout' must be a number of seconds above 0 and at most {MAX_TIMEOUT:g} (7 days), or null for none; got {timeout!r}")
+        raise RegistrationError(
+            f"'timeout' must be a number of seconds above 0 and at most {MAX_TIMEOUT:g} (7 days), or null for none; got {timeout!r}"
+        )
     body["timeout"] = float(timeout) if timeout is not None else None
     return body
-
-
-def _type_name(annotation: Any) -> dict[str, Any]:
-    if annotation in SCALARS:
-        return {"type": SCALARS[annotation]}
-    origin = typing.get_origin(annotation)
-    if origin in (list, tuple, set, typing.List, typing.Sequence) or annotation in (list, tuple):
-        args = typing.get_args(annotation)
-        item = SCALARS.get(args[0], "any") if args else "any"
-        return {"type": "list", "item": item}
-    if origin is typing.Union or type(annotation).__name__ == "UnionType":
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return {**_type_name(args[0]), "optional": True}
-    return {"type": "any"}
-
-
-def describe_parameters(fn: Any) -> dict[str, Any]:
-    """JSON description of `fn`'s parameters: names, types from annotations, defaults."""
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:
-        hints = {}
-    params = []
-    var_keyword = False
-    for p in inspect.signature(fn).parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            var_keyword = True
-            continue
-        if p.kind in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY):
-            continue
-        annotation = hints.get(p.name, p.annotation)
-        desc: dict[str, Any] = {"name": p.name}
-        if annotation is inspect.Parameter.empty and p.default is not inspect.Parameter.empty:
-            annotation = type(p.default) if type(p.default) in SCALARS else Any
-        desc.update(_type_name(annotation))
-        if p.default is inspect.Parameter.empty:
-            desc["required"] = True
-        else:
-            desc["required"] = False
-            desc["default"] = p.default if isinstance(p.default, (int, float, str, bool, type(None))) else repr(p.default)
-        params.append(desc)
-    return {"params": params, "var_keyword": var_keyword}
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -295,6 +180,7 @@ class EndpointSpec:
     doc: str = ""
     persist: bool = False
     created: float = field(default_factory=time.time)
+    stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> str:
         parts = []
@@ -340,29 +226,60 @@ class EndpointSpec:
 
 
 @dataclass
-class EndpointStats:
-    """Live counters for one endpoint, shown by the API and the UI."""
+class FunctionSpec:
+    """A registered `%%stream_function`; replaced whole when re-registered."""
 
-    requests: int = 0
-    open_streams: int = 0
-    errors: int = 0
-    bytes_sent: int = 0
+    name: str
+    fn_hash: str
+    fn_blob: bytes
+    is_generator: bool = False
+    retries: int = 0
+    timeout: float | None = None
+    doc: str = ""
+    persist: bool = False
+    created: float = field(default_factory=time.time)
+    stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
 
-class EndpointRegistry:
-    """Name -> spec. A plain dict; specs are replaced, never mutated."""
+#: live counters of each kind, shown by the API and the UI
+ENDPOINT_STATS = ("requests", "open_streams", "errors", "bytes_sent")
+FUNCTION_STATS = ("calls", "items", "failed", "retried")
 
-    def __init__(self) -> None:
-        self.endpoints: dict[str, EndpointSpec] = {}
-        self.stats: dict[str, EndpointStats] = {}
 
-    def register(self, spec: EndpointSpec) -> None:
-        self.endpoints[spec.name] = spec
-        self.stats.setdefault(spec.name, EndpointStats())
+class Registry:
+    """Name -> spec, for one kind ("endpoint" or "function"). A spec is replaced whole when
+    its name is registered again (calls already running keep the one they started with);
+    a name's counters (`spec.stats`) carry over to the new spec and go with removal."""
 
-    def get(self, name: str) -> EndpointSpec | None:
-        return self.endpoints.get(name)
+    def __init__(self, kind: str, counters: tuple[str, ...]):
+        self.kind = kind
+        self.counters = counters
+        self.specs: dict[str, Any] = {}
+        self.stats: dict[str, dict[str, int]] = {}
+
+    def register(self, spec: Any) -> bool:
+        """Add or replace `spec`; returns whether it replaced one."""
+        replaced = spec.name in self.specs
+        spec.stats = self.stats.setdefault(spec.name, dict.fromkeys(self.counters, 0))
+        self.specs[spec.name] = spec
+        return replaced
+
+    def get(self, name: str) -> Any:
+        return self.specs.get(name)
 
     def remove(self, name: str) -> bool:
         self.stats.pop(name, None)
-        return self.endpoints.pop(name, None) is not None
+        return self.specs.pop(name, None) is not None
+
+    def values(self) -> list[Any]:
+        return list(self.specs.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
+
+    def __iter__(self) -> Any:
+        return iter(list(self.specs))
+
+    def not_found(self, name: str) -> str:
+        known = ", ".join(sorted(self.specs)) or "none registered yet"
+        return f"no {self.kind} named {name!r} ({self.kind}s: {known})"

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from . import wire
-from .pool import RemoteCall, WorkerError, WorkerKernel, WorkerPool
+from .. import wire
+from ..errors import WorkerError, error_info, gave_up_error
+from .kernels import RemoteCall, WorkerKernel
+from .pool import WorkerPool
+from .registry import FunctionSpec, Registry
 
 log = logging.getLogger("jupyter_stream")
 
@@ -37,34 +41,11 @@ def killed_alone(call: RemoteCall) -> bool:
     return call.worker.died_with == {call.id}
 
 
-@dataclass
-class FunctionSpec:
-    """A registered `%%stream_function`; replaced whole when re-registered."""
-
-    name: str
-    fn_hash: str
-    fn_blob: bytes
-    is_generator: bool = False
-    retries: int = 0
-    timeout: float | None = None
-    doc: str = ""
-    persist: bool = False
-    stats: dict[str, int] = field(default_factory=lambda: {"calls": 0, "items": 0, "failed": 0, "retried": 0})
-
-
-def gave_up_error(deaths: int) -> dict[str, Any]:
-    return {
-        "type": "WorkerDied", "module": "jupyter_stream", "traceback": "",
-        "message": f"the worker kernel died {deaths} times running this call, so it is not run again: "
-        "it is most likely what kills the kernel (os._exit, a crash in C code, running out of memory)",
-    }
-
-
 class RemoteRun:
     """One `.remote()` call. Retried on another worker if its worker dies before it has
     sent anything, or if it raises and `retries` allow."""
 
-    def __init__(self, session: "ClientSession", call_id: str, spec: FunctionSpec, args: bytes):
+    def __init__(self, session: ClientSession, call_id: str, spec: FunctionSpec, args: bytes):
         self.session, self.id, self.spec, self.args = session, call_id, spec, args
         self.attempts = 0
         self.deaths = 0  # of its kernel while it ran alone there
@@ -87,7 +68,7 @@ class RemoteRun:
         try:
             worker = await self.session.pool.acquire()
         except WorkerError as e:
-            self.session.end(self.id, {"type": "WorkerError", "module": "jupyter_stream", "message": str(e), "traceback": ""})
+            self.session.end(self.id, error_info("WorkerError", str(e)))
             return
         if self.cancelled:
             self.session.pool.release(worker)
@@ -96,11 +77,9 @@ class RemoteRun:
 
     def launch(self, worker: WorkerKernel) -> None:
         self.attempts += 1
-        self.call = worker.call(
-            self.spec.fn_hash, self.spec.fn_blob, extra_buffers=[self.args],
-            mode="values", pickled_args=True, timeout=self.spec.timeout,
+        self.call = worker.start_call(
+            self.spec.fn_hash, self.spec.fn_blob, self.on_output, mode="values", args=self.args, timeout=self.spec.timeout,
         )
-        self.call.on_output = self.on_output
 
     def on_output(self, data: dict[str, Any], buffers: list) -> None:
         if data.get("end") and data.get("error") and not self.sent_any and not self.cancelled:
@@ -126,8 +105,8 @@ class RemoteRun:
         self.session.send({"op": "out", "id": self.id, **out}, payload)
 
     def ack(self, nbytes: int) -> None:
-        if self.call is not None and not self.call.ended:
-            self.call.worker.send({"op": "ack", "id": self.call.id, "bytes": nbytes})
+        if self.call is not None:
+            self.call.ack(nbytes)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -140,9 +119,9 @@ class RemoteRun:
 class Lane:
     """A map's share of one worker: a long-running call that runs the items it is fed."""
 
-    def __init__(self, worker: WorkerKernel, call: RemoteCall):
+    def __init__(self, worker: WorkerKernel):
         self.worker = worker
-        self.call = call
+        self.call: RemoteCall
         self.inflight: dict[int, tuple[bytes, int]] = {}
         self.batch_size = 1
 
@@ -155,7 +134,7 @@ class MapRun:
     """A `.map()`: inputs arrive from the client in batches, go out to lanes in adaptive
     batches, and results go back as they complete (the client restores input order)."""
 
-    def __init__(self, session: "ClientSession", call_id: str, spec: FunctionSpec, kwargs: bytes):
+    def __init__(self, session: ClientSession, call_id: str, spec: FunctionSpec, kwargs: bytes):
         self.session, self.id, self.spec, self.kwargs = session, call_id, spec, kwargs
         self.pending: collections.deque[tuple[int, bytes, int]] = collections.deque()
         self.lanes: list[Lane] = []
@@ -208,17 +187,16 @@ class MapRun:
             worker = self.session.worker_now(allow_caller=not caller_has_lane) or await self.session.pool.acquire()
         except WorkerError as e:
             if not self.lanes:
-                self.fail_all({"type": "WorkerError", "module": "jupyter_stream", "message": str(e), "traceback": ""})
+                self.fail_all(error_info("WorkerError", str(e)))
             return
         if self.cancelled or self.finished or not self.pending:
             self.session.pool.release(worker)
             return
-        call = worker.call(
-            self.spec.fn_hash, self.spec.fn_blob, extra_buffers=[self.kwargs],
-            mode="map", pickled_args=True, timeout=self.spec.timeout,
+        lane = Lane(worker)
+        lane.call = worker.start_call(
+            self.spec.fn_hash, self.spec.fn_blob, functools.partial(self.on_output, lane), mode="map",
+            args=self.kwargs, timeout=self.spec.timeout,
         )
-        lane = Lane(worker, call)
-        call.on_output = lambda data, buffers: self.on_output(lane, data, buffers)
         self.lanes.append(lane)
         self.feed(lane)
 
@@ -244,7 +222,7 @@ class MapRun:
                 break
         if not indices:
             return
-        lane.worker.send({"op": "batch", "id": lane.call.id, "indices": indices, "sizes": sizes}, [b"".join(blobs)])
+        lane.call.send_batch(indices, sizes, b"".join(blobs))
 
     def on_output(self, lane: Lane, data: dict[str, Any], buffers: list) -> None:
         items = data.get("items")
@@ -332,7 +310,7 @@ class MapRun:
         for task in self.lane_tasks:
             task.cancel()
         for lane in self.lanes:
-            lane.worker.send({"op": "close", "id": lane.call.id})
+            lane.call.close_lane()
         self.session.end(self.id)
 
     def fail_all(self, error: dict[str, Any]) -> None:
@@ -368,7 +346,7 @@ def check_frame(header: dict[str, Any], payload: memoryview) -> None:
 class ClientSession:
     """The runs of one client connection, keyed by the client's call ids."""
 
-    def __init__(self, pool: WorkerPool, functions: dict[str, FunctionSpec], send: Callable[[bytes], None],
+    def __init__(self, pool: WorkerPool, functions: Registry, send: Callable[[bytes], None],
                  caller: WorkerKernel | None = None):
         self.pool = pool
         self.functions = functions
@@ -383,10 +361,8 @@ class ClientSession:
         own: its caller is waiting for it, so waiting for a free worker could wait forever
         (dask's `secede` solves the same problem the same way)."""
         worker = self.pool.try_acquire()
-        caller = self.caller
-        if worker is None and allow_caller and caller is not None and caller.alive and self.pool.full:
-            caller.load += 1
-            worker = caller
+        if worker is None and allow_caller and self.caller is not None:
+            worker = self.pool.lend_beside(self.caller)
         return worker
 
     def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
@@ -409,8 +385,7 @@ class ClientSession:
                 raise wire.FrameError(f"call id {call_id!r} is already in use")
             spec = self.functions.get(header.get("fn"))
             if spec is None:
-                known = ", ".join(sorted(self.functions)) or "none registered yet"
-                self.end(call_id, {"type": "LookupError", "module": "builtins", "message": f"no function named {header.get('fn')!r} (functions: {known})", "traceback": ""})
+                self.end(call_id, error_info("LookupError", self.functions.not_found(header["fn"]), "builtins"))
                 return
             spec.stats["calls"] += 1
             if header.get("kind") == "map":

@@ -18,13 +18,14 @@ from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Float, Int, List, Type, Unicode, default
+from traitlets import Bool, Enum, Float, Int, List, Type, Unicode, default
 
-from . import handlers, wire
+from .. import wire
+from . import handlers
+from .kernels import OutputQueue
 from .persist import RegistrationStore, StoredRegistration
 from .pool import WorkerPool
-from .registry import EndpointRegistry, EndpointSpec, RegistrationError, parse_registration
-from .scheduler import FunctionSpec
+from .registry import ENDPOINT_STATS, FUNCTION_STATS, EndpointSpec, FunctionSpec, RegistrationError, Registry, parse_registration
 
 #: Environment variables through which kernels started by this server find it.
 URL_ENV = "JUPYTER_STREAM_URL"
@@ -49,6 +50,12 @@ class JupyterStream(ExtensionApp):
         help="jupyter_client kernel manager for workers (e.g. a gateway or provisioner-backed one).",
     )
     worker_transport = Unicode("ipc", config=True, help="ZMQ transport to local worker kernels: 'ipc' (unix sockets, faster) or 'tcp'.")
+    worker_messages = Enum(
+        ["auto", "zmq", "channels"], "auto", config=True,
+        help="How the server exchanges messages with worker kernels: 'zmq' reads a kernel's IOPub socket "
+        "directly (local kernels, fastest), 'channels' goes through the kernel client's channel API (any "
+        "kernel client, e.g. a Kernel Gateway's); 'auto' uses zmq where the kernel client has ZMQ sockets.",
+    )
     worker_cwd = Unicode("", config=True, help="Working directory of worker kernels (default: the server's root_dir).")
     cancel_grace_period = Float(
         5.0, config=True,
@@ -69,7 +76,9 @@ class JupyterStream(ExtensionApp):
     )
     export_env = Bool(True, config=True, help=f"Set {URL_ENV}/{TOKEN_ENV} so kernels started by this server find it.")
     exit_with_pid = Int(0, config=True, help="Stop the server when the process with this pid exits (embedded servers).")
-    notebooks = List(Unicode(), config=True, help="Notebooks to run at startup so their endpoints register (used by `jupyter stream serve`).")
+    notebooks = List(
+        Unicode(), config=True, help="Notebooks to run at startup so their endpoints register (used by `jupyter stream serve`)."
+    )
 
     persist_dir = Unicode(
         "", config=True,
@@ -89,8 +98,9 @@ class JupyterStream(ExtensionApp):
         # the package's own loggers (pool, scheduler) write to the server's log
         logging.getLogger("jupyter_stream").parent = self.log
         self.store = RegistrationStore(self.persist_dir)
-        self.registry = EndpointRegistry()
-        self.functions: dict[str, FunctionSpec] = {}
+        self.endpoints = Registry("endpoint", ENDPOINT_STATS)
+        self.functions = Registry("function", FUNCTION_STATS)
+        self.registries = {"endpoint": self.endpoints, "function": self.functions}
         self.pool = WorkerPool(
             kernel_name=self.kernel_name,
             min_workers=self.min_workers,
@@ -102,6 +112,7 @@ class JupyterStream(ExtensionApp):
             kernel_manager_class=self.kernel_manager_class,
             transport=self.worker_transport,
             cancel_grace_period=self.cancel_grace_period,
+            worker_messages=self.worker_messages,
         )
         self.settings["jupyter_stream"] = self
 
@@ -132,12 +143,9 @@ class JupyterStream(ExtensionApp):
         spec: EndpointSpec | FunctionSpec
         if kind == "endpoint":
             spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], **common)
-            replaced = self.registry.get(name) is not None
-            self.registry.register(spec)
         else:
             spec = FunctionSpec(is_generator=body.get("generator", False), retries=body["retries"], timeout=body["timeout"], **common)
-            replaced = name in self.functions
-            self.functions[name] = spec
+        replaced = self.registries[kind].register(spec)
         if not restoring:
             if spec.persist:
                 self.store.save(kind, name, raw, spec.fn_hash)
@@ -147,13 +155,10 @@ class JupyterStream(ExtensionApp):
                       kind, name, " (persisted)" if spec.persist and not restoring else "")
         return spec, replaced
 
-    def remove_endpoint(self, name: str) -> bool:
-        self.store.remove("endpoint", name)
-        return self.registry.remove(name)
-
-    def remove_function(self, name: str) -> bool:
-        self.store.remove("function", name)
-        return self.functions.pop(name, None) is not None
+    def remove(self, kind: str, name: str) -> bool:
+        """Unregister (and forget, if persisted) an endpoint or function."""
+        self.store.remove(kind, name)
+        return self.registries[kind].remove(name)
 
     async def restore_persisted(self) -> None:
         """Register again what was persisted, once a worker has loaded each pickle; a
@@ -178,11 +183,12 @@ class JupyterStream(ExtensionApp):
         if fn_hash != item.fn_hash:
             raise RuntimeError("its pickle is corrupted (it does not match the hash it was stored with)")
         worker = await asyncio.wait_for(self.pool.acquire(), self.worker_startup_timeout + 30)
-        call = worker.call(fn_hash, body["blob"], mode="load")
-        while not call.ended:
-            await asyncio.wait_for(call.wait(), 60)
-        if call.error is not None:
-            raise RuntimeError(f"its pickle no longer loads on a worker ({call.error['type']}: {call.error['message']})")
+        output = OutputQueue()
+        worker.start_call(fn_hash, body["blob"], output, mode="load")
+        while not output.ended:
+            await asyncio.wait_for(output.wait(), 60)
+        if output.error is not None:
+            raise RuntimeError(f"its pickle no longer loads on a worker ({output.error['type']}: {output.error['message']})")
         self.register(item.kind, item.body, restoring=True)
 
     async def _exit_with(self, pid: int) -> None:
@@ -214,26 +220,11 @@ class JupyterStream(ExtensionApp):
     def endpoint_url(self, name: str) -> str:
         return f"{self.server_url}stream/{name}"
 
-    def function_info(self, spec: FunctionSpec) -> dict[str, Any]:
-        return {
-            "name": spec.name,
-            "generator": spec.is_generator,
-            "retries": spec.retries,
-            "timeout": spec.timeout,
-            "doc": spec.doc,
-            "persist": spec.persist,
-            "stats": dict(spec.stats),
-        }
-
-    def endpoint_info(self, spec: EndpointSpec) -> dict[str, Any]:
-        stats = self.registry.stats.get(spec.name)
-        return {
-            "name": spec.name,
-            "url": self.endpoint_url(spec.name),
-            "media_type": spec.media_type,
-            "parameters": spec.signature.get("params", []),
-            "doc": spec.doc,
-            "persist": spec.persist,
-            "created": spec.created,
-            "stats": vars(stats) if stats else {},
-        }
+    def info(self, spec: EndpointSpec | FunctionSpec) -> dict[str, Any]:
+        """What the API shows of an endpoint or function."""
+        common = {"name": spec.name, "doc": spec.doc, "persist": spec.persist, "created": spec.created,
+                  "stats": dict(spec.stats)}
+        if isinstance(spec, FunctionSpec):
+            return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout}
+        return {**common, "url": self.endpoint_url(spec.name), "media_type": spec.media_type,
+                "parameters": spec.signature.get("params", [])}

@@ -10,24 +10,24 @@ login cookie); unauthenticated API requests get 403 rather than a login redirect
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from typing import Any
 
+from jupyter_core.utils import ensure_async
 from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
-from jupyter_core.utils import ensure_async
 from tornado import httputil, web
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from . import wire
-from .pool import WorkerError
-from .registry import EndpointSpec, ParameterError, RegistrationError, loads_json
-from .scheduler import ClientSession, FunctionSpec
-from .responses import SSE
+from .. import wire
+from ..errors import WorkerError
+from ..responses import SSE
+from .kernels import OutputQueue
+from .registry import EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
+from .scheduler import ClientSession
 
 NOT_AUTHENTICATED = ("authenticate with the server's token: an 'Authorization: token ...' header, "
                      "?token=..., or JupyterLab's login cookie")
@@ -84,7 +84,7 @@ class EndpointHandler(StreamHandlerBase):
 
     call = None
     closed = False
-    waiting: "asyncio.Future | None" = None  # for a worker, while the request is queued
+    waiting: asyncio.Future | None = None  # for a worker, while the request is queued
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -139,21 +139,20 @@ class EndpointHandler(StreamHandlerBase):
         return body
 
     async def run_endpoint(self, name: str) -> None:
-        spec = self.stream.registry.get(name)
+        spec = self.stream.endpoints.get(name)
         if spec is None:
-            known = ", ".join(sorted(self.stream.registry.endpoints)) or "none registered yet"
-            raise web.HTTPError(404, f"no endpoint named {name!r} (endpoints: {known})")
+            raise web.HTTPError(404, self.stream.endpoints.not_found(name))
         try:
             kwargs = spec.bind(self.query_parameters(), self.parse_body())
         except ParameterError as e:
             raise web.HTTPError(400, str(e)) from None
-        stats = self.stream.registry.stats[name]
-        stats.requests += 1
-        stats.open_streams += 1
+        stats = spec.stats
+        stats["requests"] += 1
+        stats["open_streams"] += 1
         try:
             await self.relay(spec, kwargs, stats)
         finally:
-            stats.open_streams -= 1
+            stats["open_streams"] -= 1
 
     def query_parameters(self) -> dict[str, list[str]]:
         """The query string as text; tornado gives names as latin-1 and values as bytes."""
@@ -183,7 +182,9 @@ class EndpointHandler(StreamHandlerBase):
         if self.closed:
             self.stream.pool.release(worker)
             return
-        call = self.call = worker.call(spec.fn_hash, spec.fn_blob, mode="http", media_type=spec.media_type, kwargs=kwargs)
+        output = OutputQueue()
+        call = self.call = worker.start_call(spec.fn_hash, spec.fn_blob, output, mode="http",
+                                             media_type=spec.media_type, kwargs=kwargs)
         # The worker sends the response's start (status, headers, media type) as soon as
         # the function has returned its iterable. A response with nothing to send yet is
         # committed after `commit_headers_after` seconds anyway (as the registered media
@@ -198,7 +199,7 @@ class EndpointHandler(StreamHandlerBase):
                     timeout = heartbeat if sse else None
                 else:
                     timeout = commit_after
-                if not await call.wait(timeout):
+                if not await output.wait(timeout):
                     if not begun:
                         sse = self.begin({"media_type": spec.media_type})
                         begun = True
@@ -206,25 +207,25 @@ class EndpointHandler(StreamHandlerBase):
                         self.write(b": keep-alive\n\n")
                     await self.flush()
                     continue
-                if not begun and call.start is not None:
-                    sse = self.begin(call.start)
+                if not begun and output.start is not None:
+                    sse = self.begin(output.start)
                     begun = True
-                if call.chunks:
-                    data = call.take()
+                if output.chunks:
+                    data = output.take()
                     if self._headers_written:
                         # straight to the connection: no copy into the handler's buffer
                         await self.request.connection.write(data)
                     else:
                         self.write(data.tobytes())
                         await self.flush()
-                    stats.bytes_sent += data.nbytes
+                    stats["bytes_sent"] += data.nbytes
                     call.consumed(data.nbytes)
                     continue
-                if call.ended:
+                if output.ended:
                     break
-            if call.error is not None:
-                stats.errors += 1
-                self.failed(call.error, sse)
+            if output.error is not None:
+                stats["errors"] += 1
+                self.failed(output.error, sse)
         except StreamClosedError:
             call.cancel()
 
@@ -269,84 +270,51 @@ class EndpointHandler(StreamHandlerBase):
         return super().finish(*args, **kwargs)
 
 
-class EndpointsHandler(StreamHandlerBase):
-    """``GET|POST {base_url}api/stream/endpoints``: list endpoints, or register one."""
+class RegistrationsHandler(StreamHandlerBase):
+    """``GET|POST {base_url}api/stream/endpoints`` (or ``functions``): list, or register one."""
+
+    def initialize(self, kind: str) -> None:
+        self.kind = kind
 
     @web.authenticated
     @authorized
     def get(self) -> None:
-        self.finish(json.dumps({"endpoints": [self.stream.endpoint_info(s) for s in self.stream.registry.endpoints.values()]}))
+        self.finish(json.dumps({f"{self.kind}s": [self.stream.info(s) for s in self.stream.registries[self.kind].values()]}))
 
     @web.authenticated
     @authorized("execute")
     def post(self) -> None:
         try:
-            spec, replaced = self.stream.register("endpoint", self.request.body)
+            spec, replaced = self.stream.register(self.kind, self.request.body)
         except RegistrationError as e:
             raise web.HTTPError(400, f"bad registration: {e}") from None
         self.set_status(200 if replaced else 201)
-        self.finish(json.dumps({**self.stream.endpoint_info(spec), "replaced": replaced}))
+        self.finish(json.dumps({**self.stream.info(spec), "replaced": replaced}))
 
 
-class EndpointInfoHandler(StreamHandlerBase):
-    """``GET|DELETE {base_url}api/stream/endpoints/<name>``."""
+class RegistrationHandler(StreamHandlerBase):
+    """``GET|DELETE {base_url}api/stream/endpoints/<name>`` (or ``functions/<name>``)."""
 
-    @web.authenticated
-    @authorized
-    def get(self, name: str) -> None:
-        spec = self.stream.registry.get(name)
+    def initialize(self, kind: str) -> None:
+        self.kind = kind
+
+    def spec(self, name: str) -> EndpointSpec | FunctionSpec:
+        registry = self.stream.registries[self.kind]
+        spec = registry.get(name)
         if spec is None:
-            raise web.HTTPError(404, f"no endpoint named {name!r}")
-        self.finish(json.dumps(self.stream.endpoint_info(spec)))
-
-    @web.authenticated
-    @authorized
-    def delete(self, name: str) -> None:
-        if not self.stream.remove_endpoint(name):
-            raise web.HTTPError(404, f"no endpoint named {name!r}")
-        self.set_status(204)
-        self.finish()
-
-
-class FunctionsHandler(StreamHandlerBase):
-    """``GET|POST {base_url}api/stream/functions``: list functions, or register one."""
-
-    @web.authenticated
-    @authorized
-    def get(self) -> None:
-        self.finish(json.dumps({"functions": [self.stream.function_info(f) for f in self.stream.functions.values()]}))
-
-    @web.authenticated
-    @authorized("execute")
-    def post(self) -> None:
-        try:
-            spec, replaced = self.stream.register("function", self.request.body)
-        except RegistrationError as e:
-            raise web.HTTPError(400, f"bad registration: {e}") from None
-        self.set_status(200 if replaced else 201)
-        self.finish(json.dumps({**self.stream.function_info(spec), "replaced": replaced}))
-
-
-class FunctionInfoHandler(StreamHandlerBase):
-    """``GET|DELETE {base_url}api/stream/functions/<name>``."""
-
-    def spec(self, name: str) -> FunctionSpec:
-        spec = self.stream.functions.get(name)
-        if spec is None:
-            known = ", ".join(sorted(self.stream.functions)) or "none registered yet"
-            raise web.HTTPError(404, f"no function named {name!r} (functions: {known})")
+            raise web.HTTPError(404, registry.not_found(name))
         return spec
 
     @web.authenticated
     @authorized
     def get(self, name: str) -> None:
-        self.finish(json.dumps(self.stream.function_info(self.spec(name))))
+        self.finish(json.dumps(self.stream.info(self.spec(name))))
 
     @web.authenticated
     @authorized
     def delete(self, name: str) -> None:
         self.spec(name)
-        self.stream.remove_function(name)
+        self.stream.remove(self.kind, name)
         self.set_status(204)
         self.finish()
 
@@ -412,10 +380,10 @@ def default_handlers() -> list[tuple[str, type]]:
     name = r"(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)"
     return [
         (rf"/stream/{name}/?", EndpointHandler),
-        (r"/api/stream/endpoints/?", EndpointsHandler),
-        (rf"/api/stream/endpoints/{name}/?", EndpointInfoHandler),
+        (r"/api/stream/endpoints/?", RegistrationsHandler, {"kind": "endpoint"}),
+        (rf"/api/stream/endpoints/{name}/?", RegistrationHandler, {"kind": "endpoint"}),
         (r"/api/stream/workers/?", WorkersHandler),
-        (r"/api/stream/functions/?", FunctionsHandler),
-        (rf"/api/stream/functions/{name}/?", FunctionInfoHandler),
+        (r"/api/stream/functions/?", RegistrationsHandler, {"kind": "function"}),
+        (rf"/api/stream/functions/{name}/?", RegistrationHandler, {"kind": "function"}),
         (r"/api/stream/calls", CallsHandler),
     ]

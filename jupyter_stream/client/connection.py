@@ -23,7 +23,7 @@ import httpx
 URL_ENV = "JUPYTER_STREAM_URL"
 TOKEN_ENV = "JUPYTER_STREAM_TOKEN"
 
-_connection: "ServerConnection | None" = None
+_connection: ServerConnection | None = None
 
 
 class ServerNotFound(RuntimeError):

@@ -20,8 +20,9 @@ from typing import Any
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
 
-from . import wire
-from .client import ServerConnection, ServerNotFound
+from .. import wire
+from ..errors import error_info
+from .connection import ServerConnection, ServerNotFound
 
 log = logging.getLogger("jupyter_stream")
 
@@ -29,7 +30,7 @@ log = logging.getLogger("jupyter_stream")
 class CallStream:
     """Frames of one call as they arrive (from the loop thread), read from any thread or loop."""
 
-    def __init__(self, client: "CallClient", call_id: str):
+    def __init__(self, client: CallClient, call_id: str):
         self.client = client
         self.id = call_id
         self.frames: collections.deque = collections.deque()
@@ -130,8 +131,7 @@ class CallClient:
                 except Exception:  # one caller's trouble must not stop this reader: every call uses it
                     log.exception("jupyter_stream: could not deliver output of call %s", stream.id)
         self.ws = None
-        lost = {"type": "ConnectionError", "module": "builtins", "traceback": "",
-                "message": f"lost the connection to the Jupyter server at {self.connection.url}"}
+        lost = error_info("ConnectionError", f"lost the connection to the Jupyter server at {self.connection.url}", "builtins")
         for stream in list(self.calls.values()):
             stream.feed({"op": "out", "id": stream.id, "end": True, "error": lost}, memoryview(b""))
         self.calls.clear()

@@ -11,12 +11,10 @@ from running more than its credit window ahead of the HTTP client (backpressure)
 from __future__ import annotations
 
 import asyncio
-import collections
 import ctypes
 import inspect
 import os
 import pickle
-import queue
 import sys
 import threading
 import time
@@ -24,153 +22,12 @@ from typing import Any
 
 import cloudpickle
 
-from . import wire
-from .responses import StreamingResponse, encoder_for
+from .. import wire
+from ..errors import error_payload, timeout_error
+from ..responses import StreamingResponse, encoder_for
+from .calls import Call, CallCancelled, CallThreads, pack
 
-_worker: "Worker | None" = None
-
-
-#: Chunks this large travel as buffers of their own instead of being copied into a join.
-LARGE_CHUNK = 64 * 1024
-
-
-def pack(chunks: list[bytes]) -> list[bytes]:
-    """Join runs of small chunks into one buffer each; keep large chunks as they are."""
-    buffers: list[bytes] = []
-    small: list[bytes] = []
-    for chunk in chunks:
-        if len(chunk) >= LARGE_CHUNK:
-            if small:
-                buffers.append(b"".join(small))
-                small = []
-            buffers.append(chunk)
-        else:
-            small.append(chunk)
-    if small:
-        buffers.append(b"".join(small))
-    return buffers
-
-
-class CallCancelled(BaseException):
-    """Raised inside a call's thread when the server cancels it (a BaseException, so a
-    user's ``except Exception`` does not swallow it)."""
-
-
-class Call:
-    """One running call: its output buffer, credit and state, guarded by the worker lock."""
-
-    def __init__(self, worker: "Worker", call_id: str, window: int):
-        self.worker = worker
-        self.id = call_id
-        self.window = window
-        self.can_put = threading.Condition(worker.lock)
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.has_large = False
-        self.unacked = 0
-        self.dirty = False
-        self.sent_directly = False  # the first output skips the sender thread
-        self.start: dict[str, Any] | None = None
-        self.done = False
-        self.error: dict[str, Any] | None = None
-        self.cancelled = False
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.task: asyncio.Task | None = None
-        self.framed = False  # values: each put() is one pickled object; sizes are sent along
-        self.meta: list[list] = []  # map lanes: [index, ok] for each pickled result
-        self.fatal = False  # the call timed out: its thread may be stuck, restart the kernel
-        # map lanes only: batches of (index, pickled args) waiting to run
-        self.batches: collections.deque = collections.deque()
-        self.has_batch = threading.Condition(worker.lock)
-        self.closed = False
-        self.deadline: float | None = None
-        self.running_index: int | None = None
-        #: the thread running the call's code, while it runs (for `Worker.interrupt`)
-        self.thread: int | None = None
-
-    def put(self, data: bytes, meta: list | None = None, last: bool = False) -> None:
-        """Queue output bytes for the sender; block while the client is a window behind.
-        The first output of a call is sent right here, saving a thread hop on the time to
-        first byte; so is a call's `last` and only output (a plain return value), which
-        goes out with the call's end: a `.remote()` costs one message back, not two."""
-        worker = self.worker
-        with worker.lock:
-            while self.unacked + self.pending_bytes >= self.window and not self.cancelled:
-                self.can_put.wait()
-            if self.cancelled or self.done:
-                raise CallCancelled()
-            self.pending.append(data)
-            if meta is not None:
-                self.meta.append(meta)
-            self.pending_bytes += len(data)
-            if len(data) >= LARGE_CHUNK:
-                self.has_large = True
-            self.done = last
-            if self.dirty:  # the sender has this call queued (and ships its end too)
-                return
-            self.dirty = True
-            if self.sent_directly and not last:
-                worker.dirty.append(self)
-                worker.has_output.notify()
-                return
-            self.sent_directly = True
-            message = worker.take_output(self)
-        worker.send(*message)
-
-    def announce(self) -> None:
-        """Send the response's start (status, headers, media type) now, before the first
-        chunk: the server then knows the real media type, so a slow first chunk gets SSE
-        heartbeats only on an SSE response."""
-        worker = self.worker
-        with worker.lock:
-            if self.dirty:
-                return
-            self.dirty = True
-            message = worker.take_output(self)
-        worker.send(*message)
-
-    def finish(self, error: dict[str, Any] | None = None) -> None:
-        """Mark the call as ended; the sender ships the end (and error) with the last bytes."""
-        with self.worker.lock:
-            if self.done:
-                return
-            self.done = True
-            self.error = error
-            if not self.dirty:
-                self.dirty = True
-                self.worker.dirty.append(self)
-                self.worker.has_output.notify()
-
-
-class CallThreads:
-    """Threads that run calls, kept alive between calls: each call gets a thread of its own
-    (it may block for as long as it streams), without paying a thread start per call."""
-
-    def __init__(self) -> None:
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self.idle = 0
-        self.lock = threading.Lock()
-
-    def submit(self, fn: Any, *args: Any) -> None:
-        with self.lock:
-            spawn = self.idle == 0
-            if not spawn:
-                self.idle -= 1
-        if spawn:
-            threading.Thread(target=self.run, args=((fn, args),), name="jupyter-stream-call", daemon=True).start()
-        else:
-            self.tasks.put((fn, args))
-
-    def run(self, task: Any) -> None:
-        while True:
-            fn, args = task
-            try:
-                fn(*args)
-            except CallCancelled:  # an interrupt that arrived as the call was ending
-                pass
-            with self.lock:
-                self.idle += 1
-            task = self.tasks.get()
+_worker: Worker | None = None
 
 
 class Worker:
@@ -320,7 +177,7 @@ class Worker:
         except CallCancelled:
             pass
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-            error = wire.error_payload(exc, pickled=mode != "http")
+            error = error_payload(exc, pickled=mode != "http")
         finally:
             while True:
                 try:
@@ -353,7 +210,7 @@ class Worker:
             except CallCancelled:
                 raise
             except BaseException as exc:  # noqa: BLE001 - the item fails, the lane goes on
-                result, ok = dumps(wire.error_payload(exc, pickled=True)), False
+                result, ok = dumps(error_payload(exc, pickled=True)), False
             if timeout:
                 with lock:
                     call.deadline = None
@@ -387,7 +244,7 @@ class Worker:
                         call.running_index = None
                         call.fatal = True
             for call, index in expired:
-                error = wire.timeout_payload()
+                error = timeout_error()
                 if index is not None:
                     try:
                         call.put(wire.dumps(error), [index, False])

@@ -33,14 +33,14 @@ async def run_notebook(path: str, kernel_name: str = "python3", timeout: int = 6
 async def run_notebooks(app: Any, paths: list[str]) -> None:
     """Run each notebook, then print the endpoints now registered."""
     for path in paths:
-        before = set(app.registry.endpoints)
+        before = set(app.endpoints)
         try:
             await run_notebook(path, app.kernel_name)
         except CellExecutionError as e:
             print(f"jupyter-stream: a cell of {path} failed; endpoints registered before it are served:\n{e}", file=sys.stderr, flush=True)
         except Exception as e:  # a missing file, a kernel that would not start
             print(f"jupyter-stream: could not run {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        names = [n for n in app.registry.endpoints if n not in before] or sorted(app.registry.endpoints)
+        names = [n for n in app.endpoints if n not in before] or sorted(app.endpoints)
         print(describe_endpoints(app, names, path), flush=True)
 
 
@@ -50,7 +50,7 @@ def describe_endpoints(app: Any, names: list[str], source: str) -> str:
     token = app.token
     lines = [f"jupyter-stream: serving {len(names)} endpoint(s) from {source}"]
     for name in names:
-        spec = app.registry.get(name)
+        spec = app.endpoints.get(name)
         url = app.endpoint_url(name)
         auth = f"-H {shlex.quote('Authorization: token ' + token)} " if token else ""
         lines.append(f"  {name}  ({spec.media_type}; {spec.describe()})")

@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .endpoint import register_endpoint
+from .endpoints import register_endpoint
 from .functions import register_function
 
 
@@ -49,6 +49,18 @@ class StreamMagics(Magics):
             raise UsageError(f"%%{magic}: {name!r} is not a function after running the cell")
         return fn
 
+    def _register_cell(self, magic: Any, line: str, cell: str, register: Any) -> Any:
+        """Run the cell, register the function it defines with `register(fn, args)`, and bind
+        its name to the handle; a bad name or option is a `UsageError` saying what to fix."""
+        args = parse_argstring(magic, line)
+        fn = self._run_and_get_function(cell, magic.__name__)
+        try:
+            handle = register(fn, args)
+        except ValueError as e:
+            raise UsageError(f"%%{magic.__name__}: {e}") from None
+        self.shell.user_ns[fn.__name__] = handle
+        return handle
+
     @magic_arguments()
     @argument("--name", default=None, help="URL name of the endpoint (default: the function's name).")
     @argument("--media-type", default=None, help="Response media type (default: text/event-stream).")
@@ -56,14 +68,10 @@ class StreamMagics(Magics):
     @cell_magic
     def stream_endpoint(self, line: str, cell: str) -> Any:
         """Serve the generator this cell defines as a streaming HTTP endpoint."""
-        args = parse_argstring(self.stream_endpoint, line)
-        fn = self._run_and_get_function(cell, "stream_endpoint")
-        try:
-            handle = register_endpoint(fn, args.name, args.media_type, persist=args.persist)
-        except ValueError as e:  # a bad name
-            raise UsageError(f"%%stream_endpoint: {e}") from None
-        self.shell.user_ns[fn.__name__] = handle
-        return handle
+        return self._register_cell(
+            self.stream_endpoint, line, cell,
+            lambda fn, args: register_endpoint(fn, args.name, args.media_type, persist=args.persist),
+        )
 
     @magic_arguments()
     @argument("--name", default=None, help="Name of the function on the server (default: its own name).")
@@ -73,14 +81,10 @@ class StreamMagics(Magics):
     @cell_magic
     def stream_function(self, line: str, cell: str) -> Any:
         """Run the function this cell defines on worker kernels: .remote(), .map(), ..."""
-        args = parse_argstring(self.stream_function, line)
-        fn = self._run_and_get_function(cell, "stream_function")
-        try:
-            handle = register_function(fn, args.name, args.retries, args.timeout, persist=args.persist)
-        except ValueError as e:
-            raise UsageError(f"%%stream_function: {e}") from None
-        self.shell.user_ns[fn.__name__] = handle
-        return None
+        self._register_cell(
+            self.stream_function, line, cell,
+            lambda fn, args: register_function(fn, args.name, args.retries, args.timeout, persist=args.persist),
+        )
 
 
 def load_ipython_extension(ipython: Any) -> None:

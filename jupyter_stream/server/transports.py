@@ -1,0 +1,149 @@
+"""How the server exchanges comm messages with one worker kernel: the transport seam.
+
+`WorkerKernel` speaks the protocol (`wire`); a transport only carries its messages, so
+that where a kernel comes from decides how it is reached, not what is said:
+
+- `ZmqTransport` reads the kernel's IOPub ZMQ socket directly, subscribed to this comm
+  and the kernel's prints only (zmq drops the two status messages a kernel publishes
+  for every request before they reach this process), and unpacks only what it routes.
+  The fast path, for kernels whose client has ZMQ sockets (local kernels, provisioners).
+- `ChannelTransport` goes through the kernel client's channel API (``get_iopub_msg``,
+  ``channel.send``) and nothing else, so any jupyter_client kernel client works,
+  including a Kernel/Enterprise Gateway's, whose channels are a WebSocket.
+
+Both send through the client's channels: the comm is opened on the shell channel, later
+messages go on the control channel once the worker says it takes them there (ipykernel
+handles control messages without a hop to the kernel's main thread).
+
+Usage, as `WorkerKernel.start` does it::
+
+    transport = transport_class(kc, "auto")(kc, comm_id, on_comm_msg, on_stream)
+    transport.start()                 # begin routing IOPub
+    transport.open_comm(target)       # the worker answers with a "ready" comm message
+    transport.use_control()           # if it said it takes control messages
+    transport.send({"op": ...}, [buffer, ...])
+    transport.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from ..errors import WorkerError
+
+log = logging.getLogger("jupyter_stream")
+
+#: a comm message's ``data`` and its binary buffers
+OnCommMessage = Callable[[dict[str, Any], list], None]
+#: a print from the kernel: stream name ("stdout", "stderr") and text
+OnStream = Callable[[str, str], None]
+
+MODES = ("auto", "zmq", "channels")
+
+
+class WorkerTransport:
+    """Carries one comm's messages between the server and a worker kernel."""
+
+    def __init__(self, kc: Any, comm_id: str, on_comm_msg: OnCommMessage, on_stream: OnStream):
+        self.kc = kc
+        self.comm_id = comm_id
+        self.on_comm_msg = on_comm_msg
+        self.on_stream = on_stream
+        self.closed = False
+        self._channel = kc.shell_channel
+        self._reader: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Begin reading the kernel's IOPub; called once the worker code is loaded."""
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        raise NotImplementedError
+
+    def open_comm(self, target_name: str) -> None:
+        self.kc.shell_channel.send(
+            self.kc.session.msg("comm_open", {"comm_id": self.comm_id, "target_name": target_name, "data": {}})
+        )
+
+    def use_control(self) -> None:
+        """Send from now on on the control channel (the worker said it takes them there)."""
+        self._channel = self.kc.control_channel
+
+    def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
+        msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
+        if buffers:
+            msg["buffers"] = buffers
+        self._channel.send(msg)
+
+    def route(self, msg_type: str, content: dict[str, Any], buffers: list) -> None:
+        if msg_type == "comm_msg":
+            if content.get("comm_id") == self.comm_id:
+                self.on_comm_msg(content["data"], buffers)
+        elif msg_type == "stream":
+            self.on_stream(content.get("name", ""), content.get("text", ""))
+
+    def close(self) -> None:
+        self.closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+class ZmqTransport(WorkerTransport):
+    """Reads the IOPub socket directly: only this comm's messages and prints arrive."""
+
+    def start(self) -> None:
+        iopub = self.kc.iopub_channel.socket
+        iopub.setsockopt(zmq.UNSUBSCRIBE, b"")
+        for topic in (f"comm-{self.comm_id}".encode(), b"stream."):
+            iopub.setsockopt(zmq.SUBSCRIBE, topic)
+        super().start()
+
+    async def _read(self) -> None:
+        socket = self.kc.iopub_channel.socket
+        session = self.kc.session
+        while not self.closed:
+            try:
+                frames = await socket.recv_multipart(copy=False)
+                _, frames = session.feed_identities(frames, copy=False)
+                msg = session.deserialize(frames, content=False, copy=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a closed socket when the kernel goes away, or a bad signature
+                log.debug("worker comm %s: error reading IOPub", self.comm_id, exc_info=True)
+                await asyncio.sleep(0.01)
+                continue
+            self.route(msg["header"]["msg_type"], session.unpack(msg["content"]), msg["buffers"])
+
+
+class ChannelTransport(WorkerTransport):
+    """Reads through the kernel client's channel API: works with any kernel client."""
+
+    async def _read(self) -> None:
+        while not self.closed:
+            try:
+                msg = await self.kc.get_iopub_msg()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the channel closed under us, or a message it could not read
+                log.debug("worker comm %s: error reading IOPub", self.comm_id, exc_info=True)
+                await asyncio.sleep(0.01)
+                continue
+            self.route(msg["header"]["msg_type"], msg["content"], msg.get("buffers") or [])
+
+
+def transport_class(kc: Any, mode: str) -> type[WorkerTransport]:
+    """The transport for kernel client `kc`: `mode` is "zmq", "channels" or "auto" (ZMQ
+    where the client has ZMQ sockets, the channel API otherwise)."""
+    has_zmq = isinstance(getattr(kc.iopub_channel, "socket", None), zmq.Socket)
+    if mode == "channels" or (mode == "auto" and not has_zmq):
+        return ChannelTransport
+    if mode in ("zmq", "auto") and has_zmq:
+        return ZmqTransport
+    if mode == "zmq":
+        raise WorkerError(f"JupyterStream.worker_messages is 'zmq' but {type(kc).__name__} has no ZMQ sockets; use 'auto'")
+    raise WorkerError(f"JupyterStream.worker_messages must be one of {', '.join(MODES)}, not {mode!r}")
