@@ -169,7 +169,7 @@ class Ours(System):
     def stop(self) -> None:
         conn = getattr(self, "conn", None)
         if conn is not None:
-            client = getattr(conn, "_call_client", None)
+            client = getattr(conn, "_calls_socket", None)
             if client is not None and client.ws is not None:
                 with contextlib.suppress(Exception):
                     client.loop.call_soon_threadsafe(client.ws.close)

@@ -79,3 +79,12 @@ def test_workers_report_their_transport(jstream_server):
     forced = os.environ.get("JUPYTER_STREAM_TEST_WORKER_MESSAGES")
     expected = "ChannelTransport" if forced == "channels" else "ZmqTransport"
     assert {w["transport"] for w in jstream_server.wait_for_workers(1)} == {expected}
+
+
+def test_ruff_is_clean():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", str(PACKAGE.parent)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -1,5 +1,5 @@
-"""The client end of remote calls: one WebSocket to the server per process, driven by a
-private event-loop thread.
+"""The calls socket: the client end of `%%stream_function` calls, one WebSocket to the
+server per process (`CallsSocket`), driven by a private event-loop thread.
 
 The private loop is what lets synchronous calls (``f.remote()``, ``for x in f.map(...)``)
 work inside a notebook cell, where ipykernel's own loop is already running: the caller's
@@ -30,7 +30,7 @@ log = logging.getLogger("jupyter_stream")
 class CallStream:
     """Frames of one call as they arrive (from the loop thread), read from any thread or loop."""
 
-    def __init__(self, client: CallClient, call_id: str):
+    def __init__(self, client: CallsSocket, call_id: str):
         self.client = client
         self.id = call_id
         self.frames: collections.deque = collections.deque()
@@ -88,7 +88,7 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-class CallClient:
+class CallsSocket:
     """This process's WebSocket to the server's ``api/stream/calls``, shared by all calls."""
 
     def __init__(self, connection: ServerConnection):
@@ -152,9 +152,9 @@ class CallClient:
             self.ws.write_message(frame, binary=True)
 
 
-def call_client(connection: ServerConnection) -> CallClient:
-    """The shared `CallClient` of `connection`, made on first use."""
-    client = getattr(connection, "_call_client", None)
+def calls_socket(connection: ServerConnection) -> CallsSocket:
+    """The shared `CallsSocket` of `connection`, made on first use."""
+    client = getattr(connection, "_calls_socket", None)
     if client is None:
-        client = connection._call_client = CallClient(connection)
+        client = connection._calls_socket = CallsSocket(connection)
     return client

@@ -1,7 +1,7 @@
 """`Function` handles: Modal's call forms for `%%stream_function` functions.
 
 ``.remote()``, ``.map()``, ``.starmap()``, ``.for_each()`` and ``.spawn()`` each have an
-``.aio`` form. Calls go to the server over this process's WebSocket (`remote.CallClient`);
+``.aio`` form. Calls go to the server over this process's calls socket (`calls.CallsSocket`);
 the server runs them on worker kernels. Inputs are pickled here, results unpickled here;
 a map pulls its inputs lazily, keeping at most `MAX_IN_FLIGHT` of them outstanding.
 """
@@ -20,7 +20,7 @@ from typing import Any
 from .. import wire
 from ..errors import rebuild
 from ..signatures import MAX_RETRIES, MAX_TIMEOUT, check_name
-from .calls import CallStream, call_client
+from .calls import CallStream, calls_socket
 from .connection import ServerConnection, get_connection
 from .endpoints import pickle_function
 from .progress import MapProgress
@@ -279,7 +279,7 @@ class Function:
     # -- .remote ------------------------------------------------------------------------
 
     def _start(self, args: tuple, kwargs: dict) -> CallStream:
-        return call_client(self.connection).start({"fn": self.name, "kind": "remote"}, wire.dumps((args, kwargs)))
+        return calls_socket(self.connection).start({"fn": self.name, "kind": "remote"}, wire.dumps((args, kwargs)))
 
     def _remote(self, *args: Any, **kwargs: Any) -> Any:
         if self.is_generator:
@@ -343,7 +343,7 @@ class Function:
                 f"{self.name!r} is a generator function and cannot be mapped: call "
                 f"{self.name}.remote(...) for each input and iterate what it yields"
             )
-        stream = call_client(self.connection).start({"fn": self.name, "kind": "map"}, wire.dumps(((), kwargs or {})))
+        stream = calls_socket(self.connection).start({"fn": self.name, "kind": "map"}, wire.dumps(((), kwargs or {})))
         return _MapState(stream, order_outputs, return_exceptions, start_progress(f"{self.name}.{form}", total, progress))
 
     def _map(self, *iterables: Iterable, kwargs: dict | None = None, order_outputs: bool = True,

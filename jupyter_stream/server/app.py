@@ -184,7 +184,7 @@ class JupyterStream(ExtensionApp):
             raise RuntimeError("its pickle is corrupted (it does not match the hash it was stored with)")
         worker = await asyncio.wait_for(self.pool.acquire(), self.worker_startup_timeout + 30)
         output = OutputQueue()
-        worker.start_call(fn_hash, body["blob"], output, mode="load")
+        worker.start_run(fn_hash, body["blob"], output, mode="load")
         while not output.ended:
             await asyncio.wait_for(output.wait(), 60)
         if output.error is not None:

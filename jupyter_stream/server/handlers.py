@@ -82,7 +82,7 @@ class StreamHandlerBase(APIHandler):
 class EndpointHandler(StreamHandlerBase):
     """``GET|POST {base_url}stream/<name>``: run the endpoint on a worker, stream its output."""
 
-    call = None
+    run = None  # the endpoint function running on a worker
     closed = False
     waiting: asyncio.Future | None = None  # for a worker, while the request is queued
 
@@ -183,7 +183,7 @@ class EndpointHandler(StreamHandlerBase):
             self.stream.pool.release(worker)
             return
         output = OutputQueue()
-        call = self.call = worker.start_call(spec.fn_hash, spec.fn_blob, output, mode="http",
+        run = self.run = worker.start_run(spec.fn_hash, spec.fn_blob, output, mode="http",
                                              media_type=spec.media_type, kwargs=kwargs)
         # The worker sends the response's start (status, headers, media type) as soon as
         # the function has returned its iterable. A response with nothing to send yet is
@@ -219,7 +219,7 @@ class EndpointHandler(StreamHandlerBase):
                         self.write(data.tobytes())
                         await self.flush()
                     stats["bytes_sent"] += data.nbytes
-                    call.consumed(data.nbytes)
+                    run.consumed(data.nbytes)
                     continue
                 if output.ended:
                     break
@@ -227,7 +227,7 @@ class EndpointHandler(StreamHandlerBase):
                 stats["errors"] += 1
                 self.failed(output.error, sse)
         except StreamClosedError:
-            call.cancel()
+            run.cancel()
 
     def begin(self, start: dict[str, Any]) -> bool:
         """Send the status line and headers; returns whether this is an SSE stream."""
@@ -261,8 +261,8 @@ class EndpointHandler(StreamHandlerBase):
         self.closed = True
         if self.waiting is not None:
             self.waiting.cancel()
-        if self.call is not None:
-            self.call.cancel()
+        if self.run is not None:
+            self.run.cancel()
 
     def finish(self, *args: Any, **kwargs: Any) -> Any:
         # APIHandler.finish would otherwise force Content-Type: application/json on a stream

@@ -1,5 +1,5 @@
 """One worker kernel as the server sees it (`WorkerKernel`), and the server's end of each
-call running there (`RemoteCall`).
+call running there (`Run`).
 
 `WorkerKernel` speaks the server's side of the worker protocol (`wire`): the typed
 methods here are the only place its messages are built, and `on_comm_msg` the only place
@@ -30,7 +30,7 @@ log = logging.getLogger("jupyter_stream")
 OnOutput = Callable[[dict[str, Any], list], None]
 
 
-class RemoteCall:
+class Run:
     """The server's end of one call running on a worker: its output goes to `on_output`
     (called with each ``out`` message's data and buffers, the end included), and the
     typed methods below are everything the server may tell the worker about it."""
@@ -63,7 +63,7 @@ class RemoteCall:
 
     def _end(self) -> None:
         self.ended = True
-        self.worker.call_ended(self)
+        self.worker.run_ended(self)
 
     def ack(self, nbytes: int) -> None:
         """The consumer has taken `nbytes` more: the worker may run that much further."""
@@ -147,7 +147,7 @@ class WorkerKernel:
         self.km = km
         self.kc: Any = None
         self.comm_id = uuid.uuid4().hex
-        self.calls: dict[str, RemoteCall] = {}
+        self.runs: dict[str, Run] = {}
         self.functions: set[str] = set()
         self.load = 0
         self.acked_seq = 0
@@ -200,19 +200,19 @@ class WorkerKernel:
         self.alive = True
 
     def on_comm_msg(self, data: dict[str, Any], buffers: list) -> None:
-        """Route a message from the worker: call output to its `RemoteCall`."""
+        """Route a message from the worker: call output to its `Run`."""
         seq = data.get("seq")
         if seq is not None and seq - self.acked_seq >= wire.ACK_MESSAGES_EVERY:
             self.acked_seq = seq  # the worker's sender may run further ahead
             self.transport.send(wire.acked_message(seq))
         op = data.get("op")
         if op == "out":
-            call = self.calls.get(data["id"])
+            run = self.runs.get(data["id"])
             fatal = data.get("fatal")
             if fatal:
                 self.alive = False  # before the call's end frees it: offer it to no one
-            if call is not None:
-                call.feed(data, buffers)
+            if run is not None:
+                run.feed(data, buffers)
             if fatal:
                 self.retire()
         elif op == "ready" and self._ready is not None and not self._ready.done():
@@ -223,67 +223,67 @@ class WorkerKernel:
         if text:
             log.info("[%s %s] %s", self.name, name, text)
 
-    def start_call(
+    def start_run(
         self, fn_hash: str, fn_blob: bytes, on_output: OnOutput, *, mode: str, args: bytes | None = None,
         kwargs: dict[str, Any] | None = None, media_type: str | None = None, timeout: float | None = None,
         window: int = wire.DEFAULT_WINDOW,
-    ) -> RemoteCall:
+    ) -> Run:
         """Start a call of function `fn_hash` (see `wire` for the modes); its pickle travels
         only if this worker lacks it, `args` is a pickled ``(args, kwargs)``."""
-        call = RemoteCall(self, uuid.uuid4().hex[:16], window, on_output)
-        self.calls[call.id] = call
+        run = Run(self, uuid.uuid4().hex[:16], window, on_output)
+        self.runs[run.id] = run
         if not self.alive:  # replaced between being handed out and this call: fail it
             # on the next loop turn, once the caller holds the call
-            asyncio.get_running_loop().call_soon(call.fail, worker_died_error("replaced before the call started"))
-            return call
+            asyncio.get_running_loop().call_soon(run.fail, worker_died_error("replaced before the call started"))
+            return run
         send_fn = fn_hash not in self.functions
         buffers = ([fn_blob] if send_fn else []) + ([args] if args is not None else [])
-        message = wire.call_message(call.id, fn_hash, send_fn, mode, window, media_type=media_type, kwargs=kwargs,
+        message = wire.call_message(run.id, fn_hash, send_fn, mode, window, media_type=media_type, kwargs=kwargs,
                                     pickled_args=True if args is not None else None, timeout=timeout)
         self.transport.send(message, buffers)
         self.functions.add(fn_hash)
-        return call
+        return run
 
-    def call_ended(self, call: RemoteCall) -> None:
-        if self.calls.pop(call.id, None) is not None and not call.abandoned:
+    def run_ended(self, run: Run) -> None:
+        if self.runs.pop(run.id, None) is not None and not run.abandoned:
             self.pool.release(self)
 
-    def abandon(self, call: RemoteCall) -> None:
+    def abandon(self, run: Run) -> None:
         """A cancelled call stops counting against this kernel now, whatever its code is
         doing; it still has `cancel_grace_period` seconds to stop by itself. Then its thread
         is interrupted, and after as long again the kernel is replaced in the background."""
-        if call.id not in self.calls or call.abandoned:
+        if run.id not in self.runs or run.abandoned:
             return
-        call.abandoned = True
+        run.abandoned = True
         self.pool.release(self)
         grace = self.pool.cancel_grace_period
         loop = asyncio.get_running_loop()
-        loop.call_later(grace, self._interrupt_if_running, call)
-        loop.call_later(2 * grace, self._recycle_if_running, call)
+        loop.call_later(grace, self._interrupt_if_running, run)
+        loop.call_later(2 * grace, self._recycle_if_running, run)
 
     @property
     def abandoned(self) -> int:
         """Calls cancelled here whose code has not stopped yet."""
-        return sum(1 for call in self.calls.values() if call.abandoned)
+        return sum(1 for run in self.runs.values() if run.abandoned)
 
-    def _interrupt_if_running(self, call: RemoteCall) -> None:
-        if not call.ended and call.id in self.calls and self.alive:
+    def _interrupt_if_running(self, run: Run) -> None:
+        if not run.ended and run.id in self.runs and self.alive:
             log.info("jupyter_stream: a cancelled call on %s has not stopped after %g s; interrupting its thread",
                      self.name, self.pool.cancel_grace_period)
-            call.interrupt()
+            run.interrupt()
 
-    def _recycle_if_running(self, call: RemoteCall) -> None:
-        if not call.ended and call.id in self.calls and self.alive:
+    def _recycle_if_running(self, run: Run) -> None:
+        if not run.ended and run.id in self.runs and self.alive:
             self.pool.recycle(self, f"a cancelled call did not stop within {2 * self.pool.cancel_grace_period:g} s "
                                     "(blocked in C code or a long sleep)")
 
     def died(self, reason: str) -> None:
-        """Fail every call in flight: the kernel is gone."""
+        """Fail every run in flight: the kernel is gone."""
         self.alive = False
-        self.died_with = set(self.calls)  # which calls might have killed it
+        self.died_with = set(self.runs)  # which runs might have killed it
         error = worker_died_error(reason)
-        for call in list(self.calls.values()):
-            call.fail(error)
+        for run in list(self.runs.values()):
+            run.fail(error)
 
     def retire(self) -> None:
         """Replace this kernel now (a call timed out and its thread may be stuck): it

@@ -3,8 +3,9 @@ fanned out over lanes on several workers, with retries, timeouts and nothing los
 worker dies.
 
 A client (notebook kernel, script, or a worker calling another function) holds one
-WebSocket (`handlers.CallsHandler`); its `ClientSession` turns frames into runs and runs'
-output back into frames. The server never unpickles user data: arguments and results
+calls socket (`handlers.CallsHandler`); its `ClientSession` turns frames into calls
+(`RemoteCall`, `MapCall`), each carried out by one or more runs on workers (`kernels.Run`),
+and the runs' output back into frames. The server never unpickles user data: arguments and results
 travel as opaque pickles, the scheduler only reads the JSON headers around them.
 """
 
@@ -19,14 +20,15 @@ from typing import Any
 
 from .. import wire
 from ..errors import WorkerError, error_info, gave_up_error
-from .kernels import RemoteCall, WorkerKernel
+from .kernels import Run, WorkerKernel
 from .pool import WorkerPool
 from .registry import FunctionSpec, Registry
 
 log = logging.getLogger("jupyter_stream")
 
-#: Largest batch of map items sent to a lane at once; batches start at 1 item and double.
-MAX_BATCH = 1024
+#: Largest batch of map items sent to a lane at once; batches start at 1 item and double
+#: (`client.functions.MAX_BATCH` is another thing: inputs per message from the client).
+MAX_LANE_BATCH = 1024
 
 #: A call (or map item) whose worker kernel dies this many times while running it alone is
 #: not run again: it is most likely what kills the kernel (os._exit, a crash in C code,
@@ -36,12 +38,12 @@ MAX_DEATHS = 3
 MAX_SHARED_DEATHS = 10
 
 
-def killed_alone(call: RemoteCall) -> bool:
-    """Whether `call` was the only one on its kernel when the kernel died."""
-    return call.worker.died_with == {call.id}
+def killed_alone(run: Run) -> bool:
+    """Whether `run` was the only one on its kernel when the kernel died."""
+    return run.worker.died_with == {run.id}
 
 
-class RemoteRun:
+class RemoteCall:
     """One `.remote()` call. Retried on another worker if its worker dies before it has
     sent anything, or if it raises and `retries` allow."""
 
@@ -51,7 +53,7 @@ class RemoteRun:
         self.deaths = 0  # of its kernel while it ran alone there
         self.shared_deaths = 0
         self.sent_any = False
-        self.call: RemoteCall | None = None
+        self.run: Run | None = None
         self.cancelled = False
         self.task: asyncio.Task | None = None
         self.attempt()
@@ -77,7 +79,7 @@ class RemoteRun:
 
     def launch(self, worker: WorkerKernel) -> None:
         self.attempts += 1
-        self.call = worker.start_call(
+        self.run = worker.start_run(
             self.spec.fn_hash, self.spec.fn_blob, self.on_output, mode="values", args=self.args, timeout=self.spec.timeout,
         )
 
@@ -85,7 +87,7 @@ class RemoteRun:
         if data.get("end") and data.get("error") and not self.sent_any and not self.cancelled:
             died = data["error"].get("type") == "WorkerDied"
             if died:
-                self.deaths += killed_alone(self.call)
+                self.deaths += killed_alone(self.run)
                 self.shared_deaths += 1
             gave_up = self.deaths >= MAX_DEATHS or self.shared_deaths >= MAX_SHARED_DEATHS
             if (died and not gave_up) or (not died and self.attempts <= self.spec.retries):
@@ -101,17 +103,17 @@ class RemoteRun:
         if data.get("end"):
             if data.get("error"):
                 self.spec.stats["failed"] += 1
-            self.session.runs.pop(self.id, None)
+            self.session.calls.pop(self.id, None)
         self.session.send({"op": "out", "id": self.id, **out}, payload)
 
     def ack(self, nbytes: int) -> None:
-        if self.call is not None:
-            self.call.ack(nbytes)
+        if self.run is not None:
+            self.run.ack(nbytes)
 
     def cancel(self) -> None:
         self.cancelled = True
-        if self.call is not None:
-            self.call.cancel()
+        if self.run is not None:
+            self.run.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
@@ -121,7 +123,7 @@ class Lane:
 
     def __init__(self, worker: WorkerKernel):
         self.worker = worker
-        self.call: RemoteCall
+        self.run: Run
         self.inflight: dict[int, tuple[bytes, int]] = {}
         self.batch_size = 1
 
@@ -130,7 +132,7 @@ class Lane:
         return 2 * self.batch_size - len(self.inflight)
 
 
-class MapRun:
+class MapCall:
     """A `.map()`: inputs arrive from the client in batches, go out to lanes in adaptive
     batches, and results go back as they complete (the client restores input order)."""
 
@@ -166,8 +168,8 @@ class MapRun:
         for task in self.lane_tasks:
             task.cancel()
         for lane in self.lanes:
-            lane.call.cancel()
-        self.session.runs.pop(self.id, None)
+            lane.run.cancel()
+        self.session.calls.pop(self.id, None)
 
     # -- lanes --------------------------------------------------------------------------
 
@@ -193,7 +195,7 @@ class MapRun:
             self.session.pool.release(worker)
             return
         lane = Lane(worker)
-        lane.call = worker.start_call(
+        lane.run = worker.start_run(
             self.spec.fn_hash, self.spec.fn_blob, functools.partial(self.on_output, lane), mode="map",
             args=self.kwargs, timeout=self.spec.timeout,
         )
@@ -202,7 +204,7 @@ class MapRun:
 
     def feed(self, lane: Lane) -> None:
         room = lane.room
-        if room <= 0 or not self.pending or lane.call.ended:
+        if room <= 0 or not self.pending or lane.run.ended:
             return
         # a suspect (see `blame`) runs alone on its lane, so that a death can be blamed on it
         suspects = self.suspects
@@ -222,17 +224,17 @@ class MapRun:
                 break
         if not indices:
             return
-        lane.call.send_batch(indices, sizes, b"".join(blobs))
+        lane.run.send_batch(indices, sizes, b"".join(blobs))
 
     def on_output(self, lane: Lane, data: dict[str, Any], buffers: list) -> None:
         items = data.get("items")
         if items:
             self.on_results(lane, items, data["sizes"], buffers[0])
-            lane.call.consumed(buffers[0].nbytes)  # forwarded: the lane may send more
+            lane.run.consumed(buffers[0].nbytes)  # forwarded: the lane may send more
         if data.get("end"):
             self.lane_ended(lane, data)
         elif not self.cancelled:
-            lane.batch_size = min(lane.batch_size * 2, MAX_BATCH)
+            lane.batch_size = min(lane.batch_size * 2, MAX_LANE_BATCH)
             self.feed(lane)
         self.maybe_finish()
 
@@ -290,7 +292,7 @@ class MapRun:
         killing kernel after kernel."""
         index = next(iter(lane.inflight))
         self.shared_deaths[index] = self.shared_deaths.get(index, 0) + 1
-        if len(lane.inflight) == 1 and killed_alone(lane.call):
+        if len(lane.inflight) == 1 and killed_alone(lane.run):
             self.deaths[index] = self.deaths.get(index, 0) + 1
         if self.deaths.get(index, 0) < MAX_DEATHS and self.shared_deaths[index] < MAX_SHARED_DEATHS:
             self.suspects.add(index)
@@ -310,7 +312,7 @@ class MapRun:
         for task in self.lane_tasks:
             task.cancel()
         for lane in self.lanes:
-            lane.call.close_lane()
+            lane.run.close_lane()
         self.session.end(self.id)
 
     def fail_all(self, error: dict[str, Any]) -> None:
@@ -344,7 +346,7 @@ def check_frame(header: dict[str, Any], payload: memoryview) -> None:
 
 
 class ClientSession:
-    """The runs of one client connection, keyed by the client's call ids."""
+    """The calls of one client connection, keyed by the client's call ids."""
 
     def __init__(self, pool: WorkerPool, functions: Registry, send: Callable[[bytes], None],
                  caller: WorkerKernel | None = None):
@@ -353,7 +355,7 @@ class ClientSession:
         self._send = send
         #: the worker kernel this client runs in, when a function calls another one
         self.caller = caller
-        self.runs: dict[str, Any] = {}
+        self.calls: dict[str, Any] = {}
 
     def worker_now(self, allow_caller: bool = True) -> WorkerKernel | None:
         """An idle worker, or None. A call made from inside a worker while every worker is
@@ -369,7 +371,7 @@ class ClientSession:
         self._send(wire.encode_frame(header, payload))
 
     def end(self, call_id: str, error: dict[str, Any] | None = None) -> None:
-        self.runs.pop(call_id, None)
+        self.calls.pop(call_id, None)
         header: dict[str, Any] = {"op": "out", "id": call_id, "end": True}
         if error is not None:
             header["error"] = error
@@ -381,7 +383,7 @@ class ClientSession:
         check_frame(header, payload)
         op, call_id = header["op"], header["id"]
         if op == "call":
-            if call_id in self.runs:
+            if call_id in self.calls:
                 raise wire.FrameError(f"call id {call_id!r} is already in use")
             spec = self.functions.get(header.get("fn"))
             if spec is None:
@@ -389,29 +391,29 @@ class ClientSession:
                 return
             spec.stats["calls"] += 1
             if header.get("kind") == "map":
-                self.runs[call_id] = MapRun(self, call_id, spec, payload.tobytes())
+                self.calls[call_id] = MapCall(self, call_id, spec, payload.tobytes())
             else:
-                self.runs[call_id] = RemoteRun(self, call_id, spec, payload.tobytes())
+                self.calls[call_id] = RemoteCall(self, call_id, spec, payload.tobytes())
             return
-        run = self.runs.get(call_id)
-        if run is None:  # ended, or cancelled: frames already on their way are dropped
+        call = self.calls.get(call_id)
+        if call is None:  # ended, or cancelled: frames already on their way are dropped
             return
-        if op in ("items", "inputs_done") and not isinstance(run, MapRun):
+        if op in ("items", "inputs_done") and not isinstance(call, MapCall):
             raise wire.FrameError(f"{op!r} is for map calls; call {call_id!r} is a remote call")
-        if op == "ack" and not isinstance(run, RemoteRun):
+        if op == "ack" and not isinstance(call, RemoteCall):
             raise wire.FrameError(f"'ack' is for remote calls; call {call_id!r} is a map")
         if op == "items":
-            run.add_items(header["indices"], header["sizes"], payload)
+            call.add_items(header["indices"], header["sizes"], payload)
         elif op == "inputs_done":
-            run.end_of_inputs()
+            call.end_of_inputs()
         elif op == "ack":
-            run.ack(header["bytes"])
+            call.ack(header["bytes"])
         elif op == "cancel":
-            run.cancel()
-            self.runs.pop(call_id, None)
+            call.cancel()
+            self.calls.pop(call_id, None)
 
     def close(self) -> None:
         """The client went away: stop everything it started."""
-        for run in list(self.runs.values()):
-            run.cancel()
-        self.runs.clear()
+        for call in list(self.calls.values()):
+            call.cancel()
+        self.calls.clear()

@@ -1,10 +1,10 @@
-"""The worker side: runs inside a worker kernel (ipykernel) and executes calls.
+"""The worker side: runs inside a worker kernel (ipykernel) and carries out the server's runs.
 
 The pool bootstraps each kernel with `wire.BOOTSTRAP`, which calls `register()`. The
-server then opens a comm; every call gets a thread that runs the user's function and
+server then opens a comm; every run gets a thread that runs the user's function and
 iterates its output, and one sender thread per kernel ships whatever output has piled up
 since its last send as a single IOPub message. A tight generator therefore goes out in
-large batches while a slow one is flushed the moment it yields. The sender stops a call
+large batches while a slow one is flushed the moment it yields. The sender stops a run
 from running more than its credit window ahead of the HTTP client (backpressure).
 """
 
@@ -25,7 +25,7 @@ import cloudpickle
 from .. import wire
 from ..errors import error_payload, timeout_error
 from ..responses import StreamingResponse, encoder_for
-from .calls import Call, CallCancelled, CallThreads, pack
+from .runs import Run, RunCancelled, RunThreads, pack
 
 _worker: Worker | None = None
 
@@ -38,14 +38,14 @@ class Worker:
         self.functions: dict[str, Any] = {}
         self.pickled: dict[str, bytes] = {}  # functions received and not loaded yet
         self.loading = threading.Lock()
-        self.calls: dict[str, Call] = {}
+        self.runs: dict[str, Run] = {}
         self.lock = threading.Lock()
         self.has_output = threading.Condition(self.lock)
-        self.dirty: list[Call] = []
+        self.dirty: list[Run] = []
         self.seq = 0  # messages the sender thread has sent, and the server has acknowledged
         self.acked_seq = 0
-        self.threads = CallThreads()
-        self.watched: set[Call] = set()
+        self.threads = RunThreads()
+        self.watched: set[Run] = set()
         self.watchdog: threading.Thread | None = None
         from IPython import get_ipython
 
@@ -75,84 +75,84 @@ class Worker:
                 self.acked_seq = max(self.acked_seq, data["seq"])
                 self.has_output.notify()
         elif op == "ack":
-            call = self.calls.get(data["id"])
-            if call is not None:
+            run = self.runs.get(data["id"])
+            if run is not None:
                 with self.lock:
-                    call.unacked -= data["bytes"]
-                    call.can_put.notify()
+                    run.unacked -= data["bytes"]
+                    run.can_put.notify()
         elif op == "call":
-            self.start_call(data, msg.get("buffers") or [])
+            self.start_run(data, msg.get("buffers") or [])
         elif op == "batch":
             self.add_batch(data, msg["buffers"][0])
         elif op == "close":
-            call = self.calls.get(data["id"])
-            if call is not None:
+            run = self.runs.get(data["id"])
+            if run is not None:
                 with self.lock:
-                    call.closed = True
-                    call.has_batch.notify()
+                    run.closed = True
+                    run.has_batch.notify()
         elif op == "cancel":
             self.cancel(data["id"])
         elif op == "interrupt":
             self.interrupt(data["id"])
 
-    def start_call(self, data: dict[str, Any], buffers: list) -> None:
-        call = Call(self, data["id"], data.get("window", wire.DEFAULT_WINDOW))
-        self.calls[call.id] = call
+    def start_run(self, data: dict[str, Any], buffers: list) -> None:
+        run = Run(self, data["id"], data.get("window", wire.DEFAULT_WINDOW))
+        self.runs[run.id] = run
         if data.get("send_fn") and data["fn"] not in self.functions:
             self.pickled[data["fn"]] = bytes(buffers[0])
-        self.threads.submit(self.run_call, call, data, buffers)
+        self.threads.submit(self.execute, run, data, buffers)
 
     def add_batch(self, data: dict[str, Any], payload: Any) -> None:
         """More map items for a lane: (index, pickled args) pairs cut from one buffer."""
-        call = self.calls.get(data["id"])
-        if call is None:
+        run = self.runs.get(data["id"])
+        if run is None:
             return
         view, items, offset = memoryview(payload), [], 0
         for index, size in zip(data["indices"], data["sizes"]):
             items.append((index, view[offset : offset + size]))
             offset += size
         with self.lock:
-            call.batches.extend(items)
-            call.has_batch.notify()
+            run.batches.extend(items)
+            run.has_batch.notify()
 
     def cancel(self, call_id: str) -> None:
-        call = self.calls.get(call_id)
-        if call is None:
+        run = self.runs.get(call_id)
+        if run is None:
             return
         with self.lock:
-            call.cancelled = True
-            call.batches.clear()
-            call.can_put.notify_all()
-            call.has_batch.notify_all()
-        if call.loop is not None and call.task is not None:
-            call.loop.call_soon_threadsafe(call.task.cancel)
+            run.cancelled = True
+            run.batches.clear()
+            run.can_put.notify_all()
+            run.has_batch.notify_all()
+        if run.loop is not None and run.task is not None:
+            run.loop.call_soon_threadsafe(run.task.cancel)
 
     def interrupt(self, call_id: str) -> None:
-        """Raise `CallCancelled` in the thread of a cancelled call whose code did not stop
+        """Raise `RunCancelled` in the thread of a cancelled call whose code did not stop
         (it never yields, or ignores the cancel). Python delivers it at the thread's next
-        bytecode; code blocked in C (a long sleep, a native call) is not reached, and the
+        bytecode; code blocked in C (a long sleep, a native run) is not reached, and the
         server replaces the kernel if the call still runs later."""
-        call = self.calls.get(call_id)
-        if call is None:
+        run = self.runs.get(call_id)
+        if run is None:
             return
         with self.lock:
-            if call.cancelled and call.thread is not None:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(call.thread), ctypes.py_object(CallCancelled))
+            if run.cancelled and run.thread is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(run.thread), ctypes.py_object(RunCancelled))
 
-    def settle(self, call: Call) -> None:
+    def settle(self, run: Run) -> None:
         """The call's code is done: no interrupt may reach its thread (reused for the next
-        call) from now on, and one already raised but not yet delivered is withdrawn."""
+        run) from now on, and one already raised but not yet delivered is withdrawn."""
         with self.lock:
-            ident, call.thread = call.thread, None
+            ident, run.thread = run.thread, None
         if ident is not None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
 
     # -- running a call (its own thread) ----------------------------------------------
 
-    def run_call(self, call: Call, data: dict[str, Any], buffers: list) -> None:
+    def execute(self, run: Run, data: dict[str, Any], buffers: list) -> None:
         error = None
         mode = data.get("mode", "http")
-        call.thread = threading.get_ident()
+        run.thread = threading.get_ident()
         try:
             fn = self.function(data["fn"])
             if mode == "load":  # the server only checks that the pickle loads here
@@ -162,95 +162,95 @@ class Worker:
                 args, more = cloudpickle.loads(buffers[-1])
                 kwargs.update(more)
             if mode == "map":
-                self.run_lane(call, fn, kwargs, data.get("timeout"))
+                self.run_lane(run, fn, kwargs, data.get("timeout"))
                 return
             if data.get("timeout"):
-                call.deadline = time.monotonic() + data["timeout"]
-                self.watch(call)
+                run.deadline = time.monotonic() + data["timeout"]
+                self.watch(run)
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):  # an async def function
-                asyncio.run(self.await_then_emit(call, result, mode, data.get("media_type")))
+                asyncio.run(self.await_then_emit(run, result, mode, data.get("media_type")))
             else:
-                pending = self.emit(call, result, mode, data.get("media_type"))
+                pending = self.emit(run, result, mode, data.get("media_type"))
                 if pending is not None:
                     asyncio.run(pending)
-        except CallCancelled:
+        except RunCancelled:
             pass
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             error = error_payload(exc, pickled=mode != "http")
         finally:
             while True:
                 try:
-                    self.settle(call)
+                    self.settle(run)
                     break
-                except CallCancelled:  # the interrupt landed here, after the user's code
+                except RunCancelled:  # the interrupt landed here, after the user's code
                     continue
-            call.finish(error)
+            run.finish(error)
 
-    def run_lane(self, call: Call, fn: Any, kwargs: dict[str, Any], timeout: float | None) -> None:
+    def run_lane(self, run: Run, fn: Any, kwargs: dict[str, Any], timeout: float | None) -> None:
         """A map lane: run the items the server sends, one after another, until closed."""
-        call.framed = True
-        call.start = {}
+        run.framed = True
+        run.start = {}
         loads, dumps = pickle.loads, wire.dumps
-        lock, batches = self.lock, call.batches
+        lock, batches = self.lock, run.batches
         if timeout:
-            self.watch(call)
+            self.watch(run)
         while True:
             with lock:
-                while not batches and not call.closed and not call.cancelled:
-                    call.has_batch.wait()
-                if call.cancelled or (call.closed and not batches):
+                while not batches and not run.closed and not run.cancelled:
+                    run.has_batch.wait()
+                if run.cancelled or (run.closed and not batches):
                     return
                 index, blob = batches.popleft()
                 if timeout:
-                    call.running_index = index
-                    call.deadline = time.monotonic() + timeout
+                    run.running_index = index
+                    run.deadline = time.monotonic() + timeout
             try:
                 result, ok = dumps(fn(*loads(blob), **kwargs)), True
-            except CallCancelled:
+            except RunCancelled:
                 raise
             except BaseException as exc:  # noqa: BLE001 - the item fails, the lane goes on
                 result, ok = dumps(error_payload(exc, pickled=True)), False
             if timeout:
                 with lock:
-                    call.deadline = None
-                    if call.running_index != index:  # the watchdog already failed this item
+                    run.deadline = None
+                    if run.running_index != index:  # the watchdog already failed this item
                         continue
-            call.put(result, [index, ok])
+            run.put(result, [index, ok])
 
     # -- timeouts (watchdog thread) ---------------------------------------------------
 
-    def watch(self, call: Call) -> None:
+    def watch(self, run: Run) -> None:
         with self.lock:
-            self.watched.add(call)
+            self.watched.add(run)
             if self.watchdog is None:
                 self.watchdog = threading.Thread(target=self.watch_loop, name="jupyter-stream-watchdog", daemon=True)
                 self.watchdog.start()
 
     def watch_loop(self) -> None:
         """Fail calls (or map items) that run past their timeout. Their thread cannot be
-        stopped from outside, so the call is marked fatal and the server replaces this kernel."""
+        stopped from outside, so the run is marked fatal and the server replaces this kernel."""
         while True:
             time.sleep(0.02)
             now = time.monotonic()
             expired = []
             with self.lock:
-                for call in list(self.watched):
-                    if call.done:
-                        self.watched.discard(call)
-                    elif call.deadline is not None and now > call.deadline:
-                        expired.append((call, call.running_index))
-                        call.deadline = None
-                        call.running_index = None
-                        call.fatal = True
-            for call, index in expired:
+                for run in list(self.watched):
+                    if run.done:
+                        self.watched.discard(run)
+                    elif run.deadline is not None and now > run.deadline:
+                        expired.append((run, run.running_index))
+                        run.deadline = None
+                        run.running_index = None
+                        run.fatal = True
+            for run, index in expired:
                 error = timeout_error()
                 if index is not None:
                     try:
-                        call.put(wire.dumps(error), [index, False])
-                    except CallCancelled:
+                        run.put(wire.dumps(error), [index, False])
+                    except RunCancelled:
                         pass
-                call.finish(error)
+                run.finish(error)
 
     def function(self, key: str) -> Any:
         """The function `key`, unpickled once. One thread loads it while calls that arrive
@@ -275,18 +275,18 @@ class Worker:
                     del self.pickled[key]
         return fn
 
-    async def await_then_emit(self, call: Call, awaitable: Any, mode: str, media_type: str | None) -> None:
-        call.loop = asyncio.get_running_loop()
-        call.task = asyncio.current_task()
+    async def await_then_emit(self, run: Run, awaitable: Any, mode: str, media_type: str | None) -> None:
+        run.loop = asyncio.get_running_loop()
+        run.task = asyncio.current_task()
         try:
             result = await awaitable
         except asyncio.CancelledError:
-            raise CallCancelled() from None
-        pending = self.emit(call, result, mode, media_type)
+            raise RunCancelled() from None
+        pending = self.emit(run, result, mode, media_type)
         if pending is not None:
             await pending
 
-    def emit(self, call: Call, result: Any, mode: str, media_type: str | None) -> Any:
+    def emit(self, run: Run, result: Any, mode: str, media_type: str | None) -> Any:
         """Send what the function returned: HTTP chunks encoded for the media type, or
         pickled values. Sync iterables are drained here; for async ones the coroutine
         that drains them is returned, to run in an event loop."""
@@ -296,7 +296,7 @@ class Worker:
                 status, headers = result.status_code, result.headers
                 media_type = result.media_type or media_type
                 result = result.body_iterator
-            call.start = {"status": status, "headers": headers, "media_type": media_type}
+            run.start = {"status": status, "headers": headers, "media_type": media_type}
             encode = encoder_for(media_type)
             if result is None:
                 return None
@@ -304,19 +304,19 @@ class Worker:
                 hasattr(result, "__iter__") or hasattr(result, "__aiter__")
             )
         else:
-            call.framed = True
+            run.framed = True
             streaming = inspect.isgenerator(result) or inspect.isasyncgen(result)
-            call.start = {"stream": streaming}
+            run.start = {"stream": streaming}
             encode = wire.dumps
             single = not streaming
         if single:
-            call.put(encode(result), last=True)
+            run.put(encode(result), last=True)
             return None
         if mode == "http":
-            call.announce()
+            run.announce()
         if hasattr(result, "__aiter__"):
-            return self.drain_async(call, result, encode)
-        put = call.put
+            return self.drain_async(run, result, encode)
+        put = run.put
         try:
             for chunk in result:
                 put(encode(chunk))
@@ -325,17 +325,17 @@ class Worker:
                 result.close()
         return None
 
-    async def drain_async(self, call: Call, result: Any, encode: Any) -> None:
-        call.loop = asyncio.get_running_loop()
-        call.task = asyncio.current_task()
-        if call.cancelled:
-            raise CallCancelled()
-        put = call.put
+    async def drain_async(self, run: Run, result: Any, encode: Any) -> None:
+        run.loop = asyncio.get_running_loop()
+        run.task = asyncio.current_task()
+        if run.cancelled:
+            raise RunCancelled()
+        put = run.put
         try:
             async for chunk in result:
                 put(encode(chunk))
         except asyncio.CancelledError:
-            raise CallCancelled() from None
+            raise RunCancelled() from None
         finally:
             aclose = getattr(result, "aclose", None)
             if aclose is not None:
@@ -344,41 +344,41 @@ class Worker:
     # -- sending (sender thread) ------------------------------------------------------
 
     def send_loop(self) -> None:
-        """Ship what has piled up, one message per call, numbered; wait while the server
+        """Ship what has piled up, one message per run, numbered; wait while the server
         is `MAX_UNACKED_MESSAGES` behind (IOPub would drop messages past its limit)."""
         while True:
             with self.lock:
                 while not self.dirty or self.seq - self.acked_seq >= wire.MAX_UNACKED_MESSAGES:
                     self.has_output.wait()
                 batch, self.dirty = self.dirty, []
-                messages = [self.take_output(call) for call in batch]
+                messages = [self.take_output(run) for run in batch]
                 first, self.seq = self.seq + 1, self.seq + len(messages)
             for seq, (out, buffers) in enumerate(messages, first):
                 out["seq"] = seq
                 self.send(out, buffers)
 
-    def take_output(self, call: Call) -> tuple[dict[str, Any], list[bytes]]:
+    def take_output(self, run: Run) -> tuple[dict[str, Any], list[bytes]]:
         """The next message for `call`: its pending bytes joined, and its start/end. Holds the lock."""
-        call.dirty = False
-        out: dict[str, Any] = {"op": "out", "id": call.id}
-        if call.framed:
-            out["sizes"] = [len(b) for b in call.pending]
-            if call.meta:
-                out["items"], call.meta = call.meta, []
-        buffers = pack(call.pending) if call.has_large and not call.framed else [b"".join(call.pending)]
-        call.pending.clear()
-        call.has_large = False
-        call.unacked += call.pending_bytes
-        call.pending_bytes = 0
-        if call.start is not None:
-            out["start"], call.start = call.start, None
-        if call.done:
+        run.dirty = False
+        out: dict[str, Any] = {"op": "out", "id": run.id}
+        if run.framed:
+            out["sizes"] = [len(b) for b in run.pending]
+            if run.meta:
+                out["items"], run.meta = run.meta, []
+        buffers = pack(run.pending) if run.has_large and not run.framed else [b"".join(run.pending)]
+        run.pending.clear()
+        run.has_large = False
+        run.unacked += run.pending_bytes
+        run.pending_bytes = 0
+        if run.start is not None:
+            out["start"], run.start = run.start, None
+        if run.done:
             out["end"] = True
-            if call.error is not None:
-                out["error"] = call.error
-            if call.fatal:
+            if run.error is not None:
+                out["error"] = run.error
+            if run.fatal:
                 out["fatal"] = True
-            self.calls.pop(call.id, None)
+            self.runs.pop(run.id, None)
         return out, buffers
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:

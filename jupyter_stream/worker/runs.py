@@ -1,5 +1,5 @@
-"""One call running on a worker: its output buffer, credit and state (`Call`), and the
-threads calls run in (`CallThreads`). The `Worker` (see `runtime`) owns the lock they
+"""One call running on a worker: its output buffer, credit and state (`Run`), and the
+threads calls run in (`RunThreads`). The `Worker` (see `runtime`) owns the lock they
 share and ships their output."""
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ def pack(chunks: list[bytes]) -> list[bytes]:
     return buffers
 
 
-class CallCancelled(BaseException):
+class RunCancelled(BaseException):
     """Raised inside a call's thread when the server cancels it (a BaseException, so a
     user's ``except Exception`` does not swallow it)."""
 
 
-class Call:
+class Run:
     """One running call: its output buffer, credit and state, guarded by the worker lock."""
 
     def __init__(self, worker: Worker, call_id: str, window: int):
@@ -73,7 +73,7 @@ class Call:
 
     def put(self, data: bytes, meta: list | None = None, last: bool = False) -> None:
         """Queue output bytes for the sender; block while the client is a window behind.
-        The first output of a call is sent right here, saving a thread hop on the time to
+        The first output of a run is sent right here, saving a thread hop on the time to
         first byte; so is a call's `last` and only output (a plain return value), which
         goes out with the call's end: a `.remote()` costs one message back, not two."""
         worker = self.worker
@@ -81,7 +81,7 @@ class Call:
             while self.unacked + self.pending_bytes >= self.window and not self.cancelled:
                 self.can_put.wait()
             if self.cancelled or self.done:
-                raise CallCancelled()
+                raise RunCancelled()
             self.pending.append(data)
             if meta is not None:
                 self.meta.append(meta)
@@ -125,7 +125,7 @@ class Call:
                 self.worker.has_output.notify()
 
 
-class CallThreads:
+class RunThreads:
     """Threads that run calls, kept alive between calls: each call gets a thread of its own
     (it may block for as long as it streams), without paying a thread start per call."""
 
@@ -149,7 +149,7 @@ class CallThreads:
             fn, args = task
             try:
                 fn(*args)
-            except CallCancelled:  # an interrupt that arrived as the call was ending
+            except RunCancelled:  # an interrupt that arrived as the call was ending
                 pass
             with self.lock:
                 self.idle += 1
