@@ -104,6 +104,10 @@ def test_clients_leaving_blocked_generators_do_not_wedge_the_server(wedge_server
     info = server.workers()
     assert sum(w["busy"] for w in info["workers"]) == 0, info
     assert len(open(log).read().split()) == 4, "a request whose client left while queued was started"
+    deadline = time.monotonic() + 1.0  # the handlers are done too, not waiting for the stuck code
+    while server.get("api/stream/endpoints/blocked").json()["stats"]["open_streams"]:
+        assert time.monotonic() < deadline, server.get("api/stream/endpoints/blocked").json()
+        time.sleep(0.05)
     # the stuck calls are interrupted (no effect in a sleep) and then their kernels are
     # replaced, while the server keeps answering
     deadline = time.monotonic() + 60

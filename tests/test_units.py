@@ -78,7 +78,7 @@ def test_bad_names(name):
 
 
 def test_a_function_too_large_to_register_says_what_to_do(monkeypatch):
-    endpoint_module = importlib.import_module("jupyter_stream.client.endpoints")
+    endpoint_module = importlib.import_module("jupyter_stream.client.registration")
     monkeypatch.setattr(endpoint_module, "MAX_FUNCTION_BYTES", 100_000)
     captured = b"x" * 200_000
 

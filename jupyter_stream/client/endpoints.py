@@ -1,24 +1,21 @@
 """`Endpoint` handles and registering a function as a streaming endpoint.
 
 `endpoint()` is the decorator for scripts; `%%stream_endpoint` is a thin wrapper over
-`register_endpoint`. The function is cloudpickled here, in the caller's process, so the
-helpers and globals it uses from the notebook travel with it.
+`register_endpoint`, which adds the endpoint's fields (media type, parameters) to the
+shared `registration.register`.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import inspect
-import pickle
 import shlex
 from collections.abc import Callable
 from typing import Any
 
-from .. import wire
 from ..responses import SSE
-from ..signatures import MAX_FUNCTION_BYTES, check_media_type, check_name, describe_parameters
-from .connection import ServerConnection, get_connection
+from ..signatures import check_media_type, describe_parameters
+from .connection import ServerConnection
+from .registration import register
 
 
 class Endpoint:
@@ -79,28 +76,6 @@ def _in_notebook_kernel() -> bool:
     return type(get_ipython()).__name__ == "ZMQInteractiveShell"
 
 
-
-
-def pickle_function(fn: Callable, what: str) -> bytes:
-    """cloudpickle `fn`, turning a failure into an error that says what to change."""
-    try:
-        blob = wire.cloudpickle_dumps(fn)
-    except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as e:
-        raise pickle.PicklingError(
-            f"cannot send {what} to the worker kernels: cloudpickle failed with {type(e).__name__}: {e}. "
-            "Everything the function uses from the notebook is pickled with it; create objects such as "
-            "locks, open files, sockets, clients or loaded models inside the function (or in a module "
-            "the workers can import) instead of capturing them from the notebook."
-        ) from e
-    if len(blob) > MAX_FUNCTION_BYTES:
-        raise ValueError(
-            f"{what} pickles to {len(blob) / 1e6:,.0f} MB with what it captures from the notebook, more than "
-            f"the {MAX_FUNCTION_BYTES / 1e6:,.0f} MB a registration may carry: load large data inside the "
-            "function (from a file or URL the workers can reach) instead of capturing it"
-        )
-    return blob
-
-
 def register_endpoint(
     fn: Callable,
     name: str | None = None,
@@ -112,24 +87,10 @@ def register_endpoint(
     The endpoint belongs to the server: it stays after this kernel stops, until it is
     deleted or the server stops; with `persist` it is also registered again when the
     server restarts."""
-    if not callable(fn):
-        raise TypeError(f"an endpoint must be a function, got {type(fn).__name__}")
-    name = check_name(name or fn.__name__)
     media_type = check_media_type(media_type or SSE)
-    blob = pickle_function(fn, f"endpoint {name!r}")
-    conn = connection or get_connection()
-    reply = conn.request(
-        "POST",
-        "api/stream/endpoints",
-        json={
-            "name": name,
-            "media_type": media_type,
-            "signature": describe_parameters(fn),
-            "doc": inspect.getdoc(fn) or "",
-            "function": base64.b64encode(blob).decode(),
-            "persist": bool(persist),
-        },
-    ).json()
+    name, reply, conn = register(
+        "endpoint", fn, name, connection, persist, media_type=media_type, signature=describe_parameters(fn) if callable(fn) else None,
+    )
     return Endpoint(name, conn.endpoint_url(name), reply.get("media_type", media_type), fn, conn)
 
 

@@ -8,7 +8,6 @@ a map pulls its inputs lazily, keeping at most `MAX_IN_FLIGHT` of them outstandi
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import inspect
 import io
@@ -19,12 +18,12 @@ from typing import Any
 
 from .. import wire
 from ..errors import rebuild
-from ..signatures import MAX_RETRIES, MAX_TIMEOUT, check_name
+from ..signatures import MAX_RETRIES, MAX_TIMEOUT
 from .calls import CallStream, calls_socket
 from .connection import ServerConnection, get_connection
-from .endpoints import pickle_function
 from .progress import MapProgress
 from .progress import start as start_progress
+from .registration import register
 
 #: Map inputs sent but not yet handed to the caller, at most (bounds memory for huge inputs).
 MAX_IN_FLIGHT = 20_000
@@ -456,29 +455,12 @@ def register_function(
 ) -> Function:
     """Register `fn` with the server so workers can run it; returns its `Function` handle.
     Like endpoints, it belongs to the server (see `register_endpoint`)."""
-    if not callable(fn):
-        raise TypeError(f"a stream function must be a function, got {type(fn).__name__}")
-    name = check_name(name or fn.__name__)
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
         raise ValueError(f"retries must be a whole number from 0 to {MAX_RETRIES}")
     if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError(f"timeout must be a positive number of seconds, at most {MAX_TIMEOUT:g} (7 days)")
-    blob = pickle_function(fn, f"function {name!r}")
     is_generator = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
-    conn = connection or get_connection()
-    conn.request(
-        "POST",
-        "api/stream/functions",
-        json={
-            "name": name,
-            "function": base64.b64encode(blob).decode(),
-            "generator": is_generator,
-            "retries": retries,
-            "timeout": timeout,
-            "doc": inspect.getdoc(fn) or "",
-            "persist": bool(persist),
-        },
-    )
+    name, _, conn = register("function", fn, name, connection, persist, generator=is_generator, retries=retries, timeout=timeout)
     return Function(name, is_generator, fn, conn)
 
 

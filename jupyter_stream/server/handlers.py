@@ -182,7 +182,7 @@ class EndpointHandler(StreamHandlerBase):
         if self.closed:
             self.stream.pool.release(worker)
             return
-        output = OutputQueue()
+        output = self.output = OutputQueue()
         run = self.run = worker.start_run(spec.fn_hash, spec.fn_blob, output, mode="http",
                                              media_type=spec.media_type, kwargs=kwargs)
         # The worker sends the response's start (status, headers, media type) as soon as
@@ -199,6 +199,8 @@ class EndpointHandler(StreamHandlerBase):
                     timeout = heartbeat if sse else None
                 else:
                     timeout = commit_after
+                if self.closed:
+                    return
                 if not await output.wait(timeout):
                     if not begun:
                         sse = self.begin({"media_type": spec.media_type})
@@ -263,6 +265,7 @@ class EndpointHandler(StreamHandlerBase):
             self.waiting.cancel()
         if self.run is not None:
             self.run.cancel()
+            self.output.wake()  # the relay stops now, even if the run's code does not
 
     def finish(self, *args: Any, **kwargs: Any) -> Any:
         # APIHandler.finish would otherwise force Content-Type: application/json on a stream

@@ -118,6 +118,10 @@ class OutputQueue:
         if data.get("end"):
             self.ended = True
             self.error = data.get("error")
+        self.wake()
+
+    def wake(self) -> None:
+        """Let the reader look again (new output, or its client left)."""
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
