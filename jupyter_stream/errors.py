@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import json
 import pickle
 import traceback
 from typing import Any
@@ -88,6 +89,14 @@ def worker_died_error(reason: str) -> dict[str, Any]:
 def gave_up_error(deaths: int) -> dict[str, Any]:
     return error_info("WorkerDied", f"the worker kernel died {deaths} times running this call, so it is not run again: "
                       "it is most likely what kills the kernel (os._exit, a crash in C code, running out of memory)")
+
+
+def error_body(error: dict[str, Any]) -> str:
+    """What an HTTP client sees of a failed endpoint, as the 500's body and as an SSE
+    ``event: error``'s data alike: ``{"error": {"type", "message", "traceback"}}`` (the
+    shape OpenAI-style clients look for)."""
+    shown = {k: error[k] for k in ("type", "message", "traceback") if k in error}
+    return json.dumps({"error": shown})
 
 
 def rebuild(payload: dict[str, Any]) -> BaseException:

@@ -42,7 +42,7 @@ def sse(data: Any = "", event: str | None = None, id: str | None = None, retry: 
     """Frame one Server-Sent Event. Non-str `data` is JSON-encoded; multi-line data is split
     over several ``data:`` lines, as the SSE spec requires."""
     if not isinstance(data, str):
-        data = json.dumps(data, separators=(",", ":"))
+        data = json.dumps(data, separators=(",", ":"), ensure_ascii=False)  # UTF-8, as other chunks
     lines = []
     if event is not None:
         lines.append(f"event: {_one_line(event, 'event')}")
@@ -58,6 +58,38 @@ def _one_line(value: str, field: str) -> str:
     if "\n" in value or "\r" in value:
         raise ValueError(f"SSE {field} must be a single line, got {value!r}")
     return value
+
+
+def plain_response(result: Any, media_type: str | None) -> tuple[bytes, str] | None:
+    """A function's return value as one whole response, the way FastAPI sends it, or None
+    when it is something to stream (a generator, an iterator, any other iterable).
+
+    Without a declared `media_type`: `str` is ``text/plain``, `bytes` is
+    ``application/octet-stream``, and a dict, list, number, bool or None is one
+    ``application/json`` document. With one, a str or bytes goes out as it is, and a
+    dict, number or bool is encoded once for that media type (a list then streams its
+    items, as before values were told apart)."""
+    if isinstance(result, str):
+        return result.encode(), media_type or "text/plain; charset=utf-8"
+    if isinstance(result, (bytes, bytearray, memoryview)):
+        return bytes(result), media_type or "application/octet-stream"
+    if media_type is None and (result is None or isinstance(result, (dict, list, tuple, int, float, bool))):
+        return _json_document(result), "application/json"
+    if result is None:
+        return b"", media_type or "application/json"
+    if isinstance(result, (dict, int, float, bool)) or not (hasattr(result, "__iter__") or hasattr(result, "__aiter__")):
+        return (encoder_for(media_type)(result) if media_type else _json_document(result)), media_type or "application/json"
+    return None
+
+
+def _json_document(value: Any) -> bytes:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except TypeError as e:
+        raise TypeError(
+            f"cannot send a return value of type {type(value).__name__} as JSON ({e}): return a dict, list, str, "
+            "bytes or number, or yield chunks to stream"
+        ) from None
 
 
 def encoder_for(media_type: str | None) -> Callable[[Any], bytes]:

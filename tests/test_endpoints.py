@@ -247,7 +247,7 @@ def test_error_after_streaming_began(jstream_server):
         events = [e for _, e in read_events(r)]
     assert events[0] == "data: one"
     assert events[1].startswith("event: error\ndata: ")
-    error = json.loads(events[1].split("data: ", 1)[1])
+    error = json.loads(events[1].split("data: ", 1)[1])["error"]  # the same object as a 500's body
     assert error["type"] == "KeyError" and "later" in error["message"] and "in fails_later" in error["traceback"]
 
     jstream_server.register(fails_later_ndjson, media_type="application/x-ndjson")
@@ -349,7 +349,7 @@ def test_killed_worker_ends_the_stream_and_is_replaced(jstream_server):
         rest = list(lines)
     assert time.monotonic() - killed_at <= 2.0
     assert "event: error" in rest
-    error = json.loads(rest[rest.index("event: error") + 1].split("data: ", 1)[1])
+    error = json.loads(rest[rest.index("event: error") + 1].split("data: ", 1)[1])["error"]
     assert error["type"] == "WorkerDied" and "retry" in error["message"]
     assert jstream_server.get("stream/quick").text == "data: ok\n\n"
     workers = jstream_server.wait_for_workers(2)

@@ -73,9 +73,10 @@ def serve(notebook, tmp_path, token="servetoken"):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter_stream.server.cli", "serve", str(REPO / "notebooks" / notebook),
-         "--port", str(port), "--token", token],
+         "--port", str(port), "--token", token,
+         "--ServerApp.open_browser=False"],  # also one of serve's own defaults: the user's wins
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)},
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path), "JUPYTER_DATA_DIR": str(tmp_path / "data")},
     )
     printed = []
     try:

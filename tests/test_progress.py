@@ -79,9 +79,16 @@ def test_success_and_cancelled_states():
     assert stopped.summary().endswith("■ cancelled")
 
 
-def test_no_display_outside_a_notebook_or_terminal():
-    from jupyter_stream.client.progress import display_for, start
+def test_outside_a_notebook_or_terminal_the_summary_is_printed_once_at_the_end(capsys):
+    from jupyter_stream.client.progress import SummaryDisplay, start
 
     p = start("f.map", 3)  # pytest captures stderr: not a terminal, and no kernel here
-    assert p.display is None and display_for(p) is None
+    assert isinstance(p.display, SummaryDisplay)
+    p.on_sent(3)
+    p.on_results(3)
+    p.render(force=True)
+    assert capsys.readouterr().err == ""  # nothing while it runs
+    p.finish("success")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("f.map: 3/3 done")
     assert start("f.map", 3, enabled=False).display is None

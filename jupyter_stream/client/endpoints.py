@@ -87,11 +87,12 @@ def register_endpoint(
     The endpoint belongs to the server: it stays after this kernel stops, until it is
     deleted or the server stops; with `persist` it is also registered again when the
     server restarts."""
-    media_type = check_media_type(media_type or SSE)
+    if media_type is not None:  # undeclared: streams are SSE, values are sent as FastAPI does
+        check_media_type(media_type)
     name, reply, conn = register(
         "endpoint", fn, name, connection, persist, media_type=media_type, signature=describe_parameters(fn) if callable(fn) else None,
     )
-    return Endpoint(name, conn.endpoint_url(name), reply.get("media_type", media_type), fn, conn)
+    return Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn)
 
 
 def endpoint(

@@ -4,7 +4,8 @@
 every `MIN_INTERVAL` seconds, so a fast map costs a few renders per second, not one per
 item, and stays far below jupyter-server's IOPub rate limits. In a notebook the display
 is an ipywidgets bar whose plain-text fallback (nbconvert, consoles) is a summary line,
-never a widget repr; in a terminal it is a line on stderr; elsewhere nothing.
+never a widget repr; in a terminal it is a line on stderr, rewritten in place; elsewhere
+(a script whose stderr is a file) the summary line once, at the end.
 """
 
 from __future__ import annotations
@@ -181,6 +182,15 @@ class StderrDisplay:
         sys.stderr.flush()
 
 
+class SummaryDisplay:
+    """Where nothing can be redrawn (a script's stderr in a file or a pipe): the summary
+    line once, when the map ends."""
+
+    def update(self, progress: MapProgress) -> None:
+        if progress.state != "running":
+            print(progress.summary(), file=sys.stderr, flush=True)
+
+
 def display_for(progress: MapProgress) -> Any:
     """The display that fits where this process runs, or None for none."""
     if os.environ.get("JUPYTER_STREAM_WORKER"):
@@ -196,9 +206,9 @@ def display_for(progress: MapProgress) -> Any:
             return WidgetDisplay(progress)
         except ImportError:
             return None
-    if sys.stderr is not None and sys.stderr.isatty():
-        return StderrDisplay()
-    return None
+    if sys.stderr is None:
+        return None
+    return StderrDisplay() if sys.stderr.isatty() else SummaryDisplay()
 
 
 def start(label: str, total: int | None, enabled: bool = True) -> MapProgress:

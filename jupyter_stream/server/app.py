@@ -21,6 +21,7 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Enum, Float, Int, List, Type, Unicode, default
 
 from .. import wire
+from ..responses import SSE
 from . import handlers
 from .kernels import OutputQueue
 from .persist import RegistrationStore, StoredRegistration
@@ -226,5 +227,6 @@ class JupyterStream(ExtensionApp):
                   "stats": dict(spec.stats)}
         if isinstance(spec, FunctionSpec):
             return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout}
-        return {**common, "url": self.endpoint_url(spec.name), "media_type": spec.media_type,
+        return {**common, "url": self.endpoint_url(spec.name), "media_type": spec.media_type or SSE,
+                "media_type_declared": spec.media_type is not None,
                 "parameters": spec.signature.get("params", [])}

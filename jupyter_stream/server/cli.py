@@ -30,7 +30,9 @@ def serve_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
         argv.append(f"--IdentityProvider.token={args.token}")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         argv.append("--ServerApp.allow_root=True")  # containers run as root
-    return argv + extra
+    # an option the user gives replaces ours (traitlets refuses one given twice)
+    given = {option.split("=", 1)[0] for option in extra if option.startswith("--")}
+    return [option for option in argv if option.split("=", 1)[0] not in given or "JupyterStream.notebooks" in option] + extra
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import wire
-from ..errors import WorkerError
+from ..errors import WorkerError, error_body
 from ..responses import SSE
 from .kernels import OutputQueue
 from .registry import EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
@@ -203,7 +203,7 @@ class EndpointHandler(StreamHandlerBase):
                     return
                 if not await output.wait(timeout):
                     if not begun:
-                        sse = self.begin({"media_type": spec.media_type})
+                        sse = self.begin({"media_type": spec.media_type or SSE})
                         begun = True
                     if sse:
                         self.write(b": keep-alive\n\n")
@@ -251,9 +251,9 @@ class EndpointHandler(StreamHandlerBase):
             self.clear()  # not the response's own headers: this is an error now
             self.set_status(500)
             self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps({"error": error}))
+            self.finish(error_body(error))
         elif sse:
-            self.write(f"event: error\ndata: {json.dumps(error)}\n\n")
+            self.write(f"event: error\ndata: {error_body(error)}\n\n")
         else:
             # Close without the final chunk so the client sees a truncated response.
             self.request.connection.stream.close()

@@ -109,9 +109,8 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
     if not isinstance(body.get("persist", False), bool):
         raise RegistrationError("'persist' must be true or false")
     if kind == "endpoint":
-        from ..responses import SSE
-
-        body["media_type"] = check_media_type(body["media_type"]) if body.get("media_type") is not None else SSE
+        # None: not declared; the worker picks it from what the function returns
+        body["media_type"] = check_media_type(body["media_type"]) if body.get("media_type") is not None else None
         body["signature"] = check_signature(body.get("signature"))
         return body
     if not isinstance(body.get("generator", False), bool):
@@ -175,7 +174,7 @@ class EndpointSpec:
     name: str
     fn_hash: str
     fn_blob: bytes
-    media_type: str
+    media_type: str | None  # as declared at registration; None lets the return value decide
     signature: dict[str, Any]
     doc: str = ""
     persist: bool = False

@@ -53,7 +53,7 @@ def describe_endpoints(app: Any, names: list[str], source: str) -> str:
         spec = app.endpoints.get(name)
         url = app.endpoint_url(name)
         auth = f"-H {shlex.quote('Authorization: token ' + token)} " if token else ""
-        lines.append(f"  {name}  ({spec.media_type}; {spec.describe()})")
+        lines.append(f"  {name}  ({spec.media_type or 'media type by return value'}; {spec.describe()})")
         lines.append(f"    {url}")
         lines.append(f"    curl --no-buffer {auth}{shlex.quote(url)}")
     lines.append("Press Ctrl-C to stop.")

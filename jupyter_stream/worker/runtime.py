@@ -24,7 +24,7 @@ import cloudpickle
 
 from .. import wire
 from ..errors import error_payload, timeout_error
-from ..responses import StreamingResponse, encoder_for
+from ..responses import SSE, StreamingResponse, encoder_for, plain_response
 from .runs import Run, RunCancelled, RunThreads, pack
 
 _worker: Worker | None = None
@@ -296,6 +296,14 @@ class Worker:
                 status, headers = result.status_code, result.headers
                 media_type = result.media_type or media_type
                 result = result.body_iterator
+            else:
+                plain = plain_response(result, media_type)
+                if plain is not None:  # a value, not a stream: one response, as FastAPI sends it
+                    body, media_type = plain
+                    run.start = {"status": status, "headers": headers, "media_type": media_type}
+                    run.put(body, last=True)
+                    return None
+            media_type = media_type or SSE
             run.start = {"status": status, "headers": headers, "media_type": media_type}
             encode = encoder_for(media_type)
             if result is None:
