@@ -40,11 +40,12 @@ _PUBLIC = {
     "WorkerDied": "errors",
     "WorkerError": "errors",
     "StreamingResponse": "responses",
+    "Request": "responses",
     "sse": "responses",
 }
 
 __all__ = [
-    "Endpoint", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "ServerConnection",
+    "Endpoint", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
     "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
     "serve_forever", "sse",
 ]
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from .client.endpoints import Endpoint, endpoint
     from .client.functions import Function, FunctionCall, function
     from .errors import FunctionTimeoutError, RemoteError, WorkerDied, WorkerError
-    from .responses import StreamingResponse, sse
+    from .responses import Request, StreamingResponse, sse
 
 
 def __getattr__(name: str) -> Any:

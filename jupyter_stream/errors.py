@@ -33,6 +33,11 @@ class WorkerError(RuntimeError):
     """No worker kernel could be started or bootstrapped to run a call."""
 
 
+class RequestError(ValueError):
+    """A request's JSON body does not fit the dataclass or pydantic model the endpoint asks
+    for (the client gets a 422 naming what is wrong)."""
+
+
 class RemoteTraceback(Exception):
     """Carries the worker's traceback text as the ``__cause__`` of a re-raised exception
     (as `concurrent.futures` does for process pools)."""
@@ -45,7 +50,8 @@ class RemoteTraceback(Exception):
         return "\n\n" + self.tb.rstrip()
 
 
-_OURS = {"FunctionTimeoutError": FunctionTimeoutError, "WorkerDied": WorkerDied, "WorkerError": WorkerError}
+_OURS = {"FunctionTimeoutError": FunctionTimeoutError, "WorkerDied": WorkerDied, "WorkerError": WorkerError,
+         "RequestError": RequestError}
 
 
 def error_info(type_name: str, message: str, module: str = "jupyter_stream", traceback: str = "") -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""What an endpoint function returns, and how its chunks become bytes.
+"""What an endpoint function returns, how its chunks become bytes, and the `Request` it
+may ask for.
 
 `StreamingResponse` mirrors Starlette's / FastAPI's class of the same name so code from
 Modal's docs works unchanged. `encoder_for` is used on the worker, where chunks are
@@ -9,10 +10,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
+
+
+@dataclass
+class Request:
+    """The HTTP request an endpoint is answering, for a parameter annotated
+    ``request: jupyter_stream.Request``: method, path, headers (lower-case names),
+    query (each name's values), the client's address, and the SSE ``Last-Event-ID`` a
+    reconnecting EventSource sends, so a stream can resume where it left off. The
+    credentials are left out: no ``Authorization`` or ``Cookie`` header, no ``token``."""
+
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+    query: dict[str, list[str]] = field(default_factory=dict)
+    client: str | None = None
+    last_event_id: str | None = None
 
 
 class StreamingResponse:

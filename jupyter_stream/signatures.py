@@ -8,6 +8,7 @@ both: early in the notebook cell, and again by the server, which trusts no clien
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import typing
@@ -15,7 +16,9 @@ from typing import Any
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 SCALARS = {int: "int", float: "float", bool: "bool", str: "str"}
-TYPES = {"int", "float", "bool", "str", "list", "any"}
+#: "object": a dict, dataclass or pydantic model, bound to the JSON body as FastAPI does;
+#: "request": the `responses.Request` itself
+TYPES = {"int", "float", "bool", "str", "list", "any", "object", "request"}
 ITEM_TYPES = {"int", "float", "bool", "str", "any"}
 
 #: Largest pickled function a registration may carry.
@@ -55,9 +58,16 @@ def _check_param(p: Any, index: int) -> dict[str, Any]:
     where = f"signature parameter {index}"
     if not isinstance(p, dict):
         raise RegistrationError(f"{where} must be an object like {{\"name\": \"n\", \"type\": \"int\"}}, got {type(p).__name__}")
-    unknown = set(p) - {"name", "type", "item", "required", "optional", "default"}
+    unknown = set(p) - {"name", "type", "item", "required", "optional", "default", "fields"}
     if unknown:
-        raise RegistrationError(f"{where} has unknown fields {sorted(unknown)}; allowed: name, type, item, required, optional, default")
+        raise RegistrationError(
+            f"{where} has unknown fields {sorted(unknown)}; allowed: name, type, item, required, optional, default, fields"
+        )
+    fields = p.get("fields", [])
+    if not isinstance(fields, list) or len(fields) > MAX_PARAMS or not all(
+        isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("type", "any"), str) for f in fields
+    ):
+        raise RegistrationError(f"{where}: 'fields' must be a list of {{\"name\", \"type\"}} objects (a body's fields)")
     name = p.get("name")
     if not isinstance(name, str) or not name.isidentifier():
         raise RegistrationError(f"{where} needs a 'name' that is a Python identifier, got {name!r}")
@@ -98,9 +108,27 @@ def check_signature(signature: Any) -> dict[str, Any]:
     return {"params": params, "var_keyword": signature.get("var_keyword", False)}
 
 
+def _body_fields(annotation: Any) -> list[dict[str, str]] | None:
+    """The fields of a dataclass or pydantic model (what its JSON body holds), else None."""
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        hints = typing.get_type_hints(annotation)
+        return [{"name": f.name, "type": _type_name(hints.get(f.name, Any))["type"]} for f in dataclasses.fields(annotation)]
+    model_fields = getattr(annotation, "model_fields", None)  # pydantic v2
+    if isinstance(annotation, type) and isinstance(model_fields, dict):
+        return [{"name": name, "type": _type_name(field.annotation)["type"]} for name, field in model_fields.items()]
+    return None
+
+
 def _type_name(annotation: Any) -> dict[str, Any]:
     if annotation in SCALARS:
         return {"type": SCALARS[annotation]}
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        return {"type": "object"}
+    if isinstance(annotation, type) and annotation.__module__ == "jupyter_stream.responses" and annotation.__name__ == "Request":
+        return {"type": "request"}
+    fields = _body_fields(annotation)
+    if fields is not None:
+        return {"type": "object", "fields": fields}
     origin = typing.get_origin(annotation)
     if origin in (list, tuple, set, list, typing.Sequence) or annotation in (list, tuple):
         args = typing.get_args(annotation)

@@ -14,7 +14,9 @@ Server -> worker (``data["op"]``):
             or ``"load"`` (only unpickle the function: the call ends, with the error if
             it does not load). ``kwargs`` holds JSON
             keyword arguments; a pickled ``(args, kwargs)`` may follow in the next buffer
-            when ``pickled_args`` is true.
+            when ``pickled_args`` is true. ``request`` (for an endpoint with a
+            ``Request`` parameter) holds that parameter's name (``param``) and the
+            request's method, path, headers, query, client and ``last_event_id``.
 ``ack``     the server has written ``bytes`` more bytes of call ``id`` to its client (or
             forwarded that much of a map lane's results); the worker may run that much
             further ahead (credit-based backpressure).
@@ -95,7 +97,7 @@ ACK_MESSAGES_EVERY = 64
 
 def call_message(call_id: str, fn_hash: str, send_fn: bool, mode: str, window: int, **fields: Any) -> dict[str, Any]:
     """``call``: run function `fn_hash` (its pickle follows in buffer 0 when `send_fn`);
-    `fields` are ``media_type``, ``kwargs``, ``pickled_args`` and ``timeout``."""
+    `fields` are ``media_type``, ``kwargs``, ``pickled_args``, ``timeout`` and ``request``."""
     return {"op": "call", "id": call_id, "fn": fn_hash, "send_fn": send_fn, "mode": mode, "window": window,
             **{k: v for k, v in fields.items() if v is not None}}
 

@@ -2,9 +2,11 @@
 is one response, a dict-like parameter takes the JSON body, and `request: Request` gives
 the request itself."""
 
+import dataclasses
 import json
 
 import httpx
+import pydantic
 
 
 def test_returned_values_are_one_response_as_in_fastapi(jstream_server):
@@ -64,3 +66,72 @@ def test_returned_values_are_one_response_as_in_fastapi(jstream_server):
     assert listed["as_dict"]["media_type_declared"] is False and listed["declared_text"]["media_type"] == "text/csv"
     r = httpx.get(s.url + "stream/as_dict", headers=s.headers, timeout=10)
     assert r.json() == {"a": 1, "é": [1, 2]}
+
+
+@dataclasses.dataclass
+class Greeting:
+    name: str
+    times: int = 1
+
+
+class Order(pydantic.BaseModel):  # at module level, as in a notebook cell
+    item: str
+    quantity: int
+
+
+def test_a_single_dict_or_model_parameter_takes_the_whole_body(jstream_server):
+    def goodbye(data: dict):
+        return {"bye": data["name"]}
+
+    def greet(greeting: Greeting, loud: bool = False):
+        text = f"hello {greeting.name}" * greeting.times
+        return text.upper() if loud else text
+
+    def order(o: Order):
+        yield {"item": o.item, "quantity": o.quantity, "kind": type(o).__name__}
+
+    s = jstream_server
+    for fn in (goodbye, greet):
+        s.register(fn)
+    s.register(order, media_type="application/x-ndjson")
+    post = lambda name, **kw: httpx.post(s.url + f"stream/{name}", headers=s.headers, timeout=30, **kw)  # noqa: E731
+    assert post("goodbye", json={"name": "Ada"}).json() == {"bye": "Ada"}  # the Modal example that said "unknown parameter"
+    assert post("greet?loud=yes", json={"name": "ada", "times": 2}).text == "HELLO ADAHELLO ADA"
+    assert json.loads(post("order", json={"item": "tea", "quantity": 2}).text) == {"item": "tea", "quantity": 2, "kind": "Order"}
+    # what a wrong body gets: the expected body in the 400, the model's own complaint in a 422
+    missing = s.get("stream/greet")
+    assert missing.status_code == 400
+    assert 'takes a JSON body as \'greeting\': send {"name": str, "times": int}' in missing.json()["message"]
+    not_object = post("goodbye", content=b"[1, 2]")
+    assert not_object.status_code == 400 and "JSON object" in not_object.json()["message"]
+    bad_fields = post("greet", json={"nom": "x"})
+    assert bad_fields.status_code == 422 and "does not fit Greeting" in bad_fields.json()["error"]["message"]
+    bad_model = post("order", json={"item": "tea", "quantity": "many"})
+    assert bad_model.status_code == 422 and "quantity" in bad_model.json()["error"]["message"]
+
+
+def test_request_access_and_resuming_from_last_event_id(jstream_server):
+    from jupyter_stream import Request, sse
+
+    def resumable(request: Request, n: int = 5):
+        start = int(request.last_event_id) + 1 if request.last_event_id else 0
+        for i in range(start, n):
+            yield sse({"tick": i}, id=i)
+
+    def echo(request: Request, x: int = 0):
+        return {"method": request.method, "path": request.path, "client": request.client,
+                "agent": request.headers.get("user-agent"), "query": request.query,
+                "secrets": [h for h in request.headers if h in ("authorization", "cookie")]}
+
+    s = jstream_server
+    s.register(resumable)
+    s.register(echo)
+    full = s.get("stream/resumable").text
+    assert full.count("data: ") == 5 and full.startswith("id: 0\n")
+    resumed = httpx.get(s.url + "stream/resumable", headers={**s.headers, "Last-Event-ID": "2"}, timeout=30).text
+    assert resumed.startswith("id: 3\n") and resumed.count("data: ") == 2
+    seen = httpx.get(s.url + f"stream/echo?x=1&token={s.token}", headers={**s.headers, "User-Agent": "probe"}, timeout=30).json()
+    assert seen == {"method": "GET", "path": "/stream/echo", "client": "127.0.0.1", "agent": "probe",
+                    "query": {"x": ["1"]}, "secrets": []}
+    assert s.get("api/stream/endpoints/echo").json()["parameters"][0] == {"name": "request", "type": "request", "required": True}
+    assert "no parameters" not in s.get("stream/echo?y=1").json()["message"]  # the signature names x, not the request

@@ -93,7 +93,7 @@ def serve(notebook, tmp_path, token="servetoken"):
 def test_serve_quickstart_notebook(tmp_path):
     with serve("quickstart.ipynb", tmp_path) as (out, base, headers):
         token = "servetoken"
-        for name in ("stream_me", "squares", "download", "progress"):
+        for name in ("stream_me", "squares", "download", "progress", "ticker"):
             assert f"curl --no-buffer -H 'Authorization: token {token}' {base}{name}" in out, out
         r = httpx.get(base + "squares?n=3&scale=2", headers=headers, timeout=30)
         assert r.headers["content-type"] == "application/x-ndjson" and len(r.text.splitlines()) == 3
@@ -101,6 +101,8 @@ def test_serve_quickstart_notebook(tmp_path):
         assert len(r.content) == 8 << 20 and "attachment" in r.headers["content-disposition"]
         events = [e for e in httpx.get(base + "stream_me", headers=headers, timeout=30).text.split("\n\n") if e]
         assert events == [f"data: some data {i}" for i in range(10)]
+        resumed = httpx.get(base + "ticker?n=10", headers={**headers, "Last-Event-ID": "7"}, timeout=30).text
+        assert resumed == 'id: 8\ndata: {"tick":8}\n\nid: 9\ndata: {"tick":9}\n\n'
 
 
 def test_serve_remote_functions_notebook(tmp_path):

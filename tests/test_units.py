@@ -15,6 +15,7 @@ def test_sse_frames_fields_and_multiline_data():
     assert sse("hi") == "data: hi\n\n"
     assert sse("a\nb", event="up", id=3, retry=100) == "event: up\nid: 3\nretry: 100\ndata: a\ndata: b\n\n"
     assert sse({"x": 1}) == 'data: {"x":1}\n\n'
+    assert sse({"café": "é"}) == 'data: {"café":"é"}\n\n'  # UTF-8, as every other object chunk
     with pytest.raises(ValueError, match="single line"):
         sse("x", event="a\nb")
 

@@ -18,6 +18,8 @@ import httpx
 REFRESH = 1.0
 #: Lines of a tried stream kept on the card.
 MAX_LINES = 40
+#: Lines of the endpoint's printed output shown on the card.
+PRINTED_LINES = 10
 
 
 class EndpointCard:
@@ -39,8 +41,10 @@ class EndpointCard:
         self.try_button.add_class("jupyter-stream-try")
         self.events = widgets.HTML("")
         self.events.add_class("jupyter-stream-events")
+        self.printed = widgets.HTML("")  # what the endpoint's code printed lately (never on the response)
+        self.printed.add_class("jupyter-stream-printed")
         self.try_button.on_click(self._toggle_try)
-        self.widget = widgets.VBox([self.header, widgets.HBox([self.try_button, self.counters]), self.events])
+        self.widget = widgets.VBox([self.header, widgets.HBox([self.try_button, self.counters]), self.events, self.printed])
         self.widget.add_class("jupyter-stream-card")
         self._trying: threading.Event | None = None
         self._closed = threading.Event()
@@ -78,6 +82,17 @@ class EndpointCard:
             value = self._counters_html(info.get("stats", {}))
             if value != self.counters.value:
                 self.counters.value = value
+            printed = self._printed_html(info.get("output", []))
+            if printed != self.printed.value:
+                self.printed.value = printed
+
+    @staticmethod
+    def _printed_html(output: list[dict[str, Any]]) -> str:
+        if not output:
+            return ""
+        lines = "\n".join(f"[{o.get('worker')}] {o.get('line', '')}" for o in output[-PRINTED_LINES:])
+        return ('<details open><summary>worker output</summary>'
+                f'<pre class="jupyter-stream-printed-lines">{html.escape(lines)}</pre></details>')
 
     # -- "Try it" ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import inspect
 import io
 import itertools
 import pickle
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
@@ -77,6 +78,18 @@ def _values(header: dict[str, Any], payload: memoryview) -> list[Any]:
     return [pickle.loads(blob) for blob in wire.split(payload, sizes)]
 
 
+def relay_printed(header: dict[str, Any], prefix: bool = False) -> None:
+    """Write what the remote code printed (a frame's ``print``) to this process's stdout
+    and stderr: in a notebook, the cell that made the call. With `prefix`, each line is
+    tagged with the worker that printed it (a map on several workers)."""
+    for stream, text in header.get("print", ()):
+        if prefix:
+            text = "".join(f"[{header.get('worker')}] {line}" for line in text.splitlines(keepends=True))
+        out = sys.stderr if stream == "stderr" else sys.stdout
+        out.write(text)
+        out.flush()
+
+
 def _raise_if_error(header: dict[str, Any]) -> None:
     if header.get("error"):
         raise rebuild(header["error"])
@@ -93,6 +106,7 @@ class FunctionCall:
 
     def _consume(self, frames: list) -> None:
         for header, payload in frames:
+            relay_printed(header)
             values = _values(header, payload)
             if values:
                 self._value = values[-1]
@@ -131,6 +145,7 @@ class _StreamedValues:
     def accept(self, frames: list) -> list[Any]:
         values = []
         for header, payload in frames:
+            relay_printed(header)
             values.extend(_values(header, payload))
             self.consumed += payload.nbytes
             if header.get("end"):
@@ -159,6 +174,7 @@ class _MapState:
         self.inputs_done = False
         self.finished = False
         self.batch = FIRST_BATCH
+        self.printers: set[str | None] = set()  # workers whose prints were relayed
 
     @property
     def room(self) -> int:
@@ -184,6 +200,9 @@ class _MapState:
         """Values ready to hand to the caller, in order when ordered."""
         ready = []
         for header, payload in frames:
+            if "print" in header:
+                self.printers.add(header.get("worker"))
+                relay_printed(header, prefix=len(self.printers) > 1 or (self.progress.lanes or 0) > 1)
             items = header.get("items")
             if "lanes" in header:
                 self.progress.on_lanes(header["lanes"])

@@ -228,5 +228,6 @@ class JupyterStream(ExtensionApp):
         if isinstance(spec, FunctionSpec):
             return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout}
         return {**common, "url": self.endpoint_url(spec.name), "media_type": spec.media_type or SSE,
+                "output": list(spec.output),
                 "media_type_declared": spec.media_type is not None,
                 "parameters": spec.signature.get("params", [])}

@@ -26,7 +26,7 @@ from .. import wire
 from ..errors import WorkerError, error_body
 from ..responses import SSE
 from .kernels import OutputQueue
-from .registry import EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
+from .registry import RESERVED_QUERY, EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
 from .scheduler import ClientSession
 
 NOT_AUTHENTICATED = ("authenticate with the server's token: an 'Authorization: token ...' header, "
@@ -168,6 +168,26 @@ class EndpointHandler(StreamHandlerBase):
                 ) from None
         return query
 
+    def printed(self, spec: EndpointSpec, worker: str, printed: list) -> None:
+        """What the endpoint's code printed: to the server log, naming the endpoint and the
+        request, and to the endpoint's recent output (the card's live view)."""
+        request = f"{self.request.method} {self.request.path} from {self.request.remote_ip}"
+        for stream, text in printed:
+            for line in text.splitlines():
+                self.log.info("jupyter_stream: [%s %s %s %s] %s", spec.name, request, worker, stream, line)
+                spec.output.append({"time": time.time(), "worker": worker, "stream": stream, "line": line})
+
+    def request_info(self, param: str) -> dict[str, Any]:
+        """What a `Request` parameter gets: the request without its credentials."""
+        headers: dict[str, str] = {}
+        for name, value in self.request.headers.get_all():
+            if name.lower() not in ("authorization", "cookie"):
+                key = name.lower()
+                headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        query = {k: v for k, v in self.query_parameters().items() if k not in RESERVED_QUERY}
+        return {"param": param, "method": self.request.method, "path": self.request.path, "headers": headers,
+                "query": query, "client": self.request.remote_ip, "last_event_id": self.request.headers.get("Last-Event-ID")}
+
     async def relay(self, spec: EndpointSpec, kwargs: dict[str, Any], stats: Any) -> None:
         """Start the call on a worker and copy its output to the client as it arrives."""
         self.waiting = asyncio.ensure_future(self.stream.pool.acquire())
@@ -182,9 +202,10 @@ class EndpointHandler(StreamHandlerBase):
         if self.closed:
             self.stream.pool.release(worker)
             return
-        output = self.output = OutputQueue()
+        output = self.output = OutputQueue(on_print=lambda printed: self.printed(spec, worker.name, printed))
+        request = self.request_info(spec.request_parameter) if spec.request_parameter else None
         run = self.run = worker.start_run(spec.fn_hash, spec.fn_blob, output, mode="http",
-                                             media_type=spec.media_type, kwargs=kwargs)
+                                          media_type=spec.media_type, kwargs=kwargs, request=request)
         # The worker sends the response's start (status, headers, media type) as soon as
         # the function has returned its iterable. A response with nothing to send yet is
         # committed after `commit_headers_after` seconds anyway (as the registered media
@@ -249,7 +270,9 @@ class EndpointHandler(StreamHandlerBase):
         self.log.warning("jupyter_stream: endpoint %s failed: %s: %s", self.request.path, error["type"], error["message"])
         if not self._headers_written:
             self.clear()  # not the response's own headers: this is an error now
-            self.set_status(500)
+            # a body that does not fit the endpoint's model is the client's mistake, as in FastAPI
+            is_request_error = error.get("type") == "RequestError" and str(error.get("module")).startswith("jupyter_stream")
+            self.set_status(422 if is_request_error else 500)
             self.set_header("Content-Type", "application/json")
             self.finish(error_body(error))
         elif sse:

@@ -102,7 +102,9 @@ class OutputQueue:
     """A call's output kept until its reader takes it (the HTTP handler): the response's
     start, the chunks (views of the IOPub frames, not copies) and the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_print: Callable[[list], None] | None = None) -> None:
+        #: takes what the function printed ([stream, text] pairs): it never joins the response
+        self.on_print = on_print
         self.start: dict[str, Any] | None = None
         self.chunks: collections.deque[memoryview] = collections.deque()
         self.ended = False
@@ -110,6 +112,8 @@ class OutputQueue:
         self._wakeup: asyncio.Future | None = None
 
     def __call__(self, data: dict[str, Any], buffers: list) -> None:
+        if data.get("print") and self.on_print is not None:
+            self.on_print(data["print"])
         if "start" in data:
             self.start = data["start"]
         for buffer in buffers:
@@ -230,7 +234,7 @@ class WorkerKernel:
     def start_run(
         self, fn_hash: str, fn_blob: bytes, on_output: OnOutput, *, mode: str, args: bytes | None = None,
         kwargs: dict[str, Any] | None = None, media_type: str | None = None, timeout: float | None = None,
-        window: int = wire.DEFAULT_WINDOW,
+        window: int = wire.DEFAULT_WINDOW, request: dict[str, Any] | None = None,
     ) -> Run:
         """Start a call of function `fn_hash` (see `wire` for the modes); its pickle travels
         only if this worker lacks it, `args` is a pickled ``(args, kwargs)``."""
@@ -243,7 +247,7 @@ class WorkerKernel:
         send_fn = fn_hash not in self.functions
         buffers = ([fn_blob] if send_fn else []) + ([args] if args is not None else [])
         message = wire.call_message(run.id, fn_hash, send_fn, mode, window, media_type=media_type, kwargs=kwargs,
-                                    pickled_args=True if args is not None else None, timeout=timeout)
+                                    pickled_args=True if args is not None else None, timeout=timeout, request=request)
         self.transport.send(message, buffers)
         self.functions.add(fn_hash)
         return run

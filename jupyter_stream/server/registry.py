@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import json
 import math
 import time
@@ -27,6 +28,8 @@ from ..signatures import (
 )
 
 RESERVED_QUERY = {"token", "_xsrf"}
+#: lines of printed output kept per endpoint
+RECENT_OUTPUT = 50
 
 #: Arrays and objects nested deeper than this in a JSON body are refused (a 400), so that
 #: no request can make the server or a worker recurse without bound.
@@ -160,6 +163,7 @@ def _from_json(kind: str, name: str, value: Any) -> Any:
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
         "str": isinstance(value, str),
+        "object": isinstance(value, dict),
     }.get(kind, True)
     if not ok:
         raise ParameterError(f"parameter {name!r} must be {kind}, got {type(value).__name__} {value!r}")
@@ -180,18 +184,38 @@ class EndpointSpec:
     persist: bool = False
     created: float = field(default_factory=time.time)
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    #: the last lines its code printed, for the endpoint card's live view
+    output: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_OUTPUT), repr=False, compare=False)
 
     def describe(self) -> str:
         parts = []
         for p in self.signature.get("params", []):
+            if p["type"] == "request":
+                continue
+            if p["type"] == "object":
+                parts.append(f"{p['name']} (JSON body {expected_body(p)}{', required' if p.get('required') else ''})")
+                continue
             kind = p["type"] + (f"[{p['item']}]" if p["type"] == "list" else "")
             parts.append(f"{p['name']} ({kind}{', required' if p.get('required') else ''})")
         return ", ".join(parts) or "no parameters"
+
+    @property
+    def body_parameter(self) -> dict[str, Any] | None:
+        """The parameter that takes the whole JSON body: the only one annotated as a dict,
+        dataclass or pydantic model (as FastAPI binds a single body parameter)."""
+        objects = [p for p in self.signature.get("params", []) if p.get("type") == "object"]
+        return objects[0] if len(objects) == 1 else None
+
+    @property
+    def request_parameter(self) -> str | None:
+        """The parameter annotated `jupyter_stream.Request`, if any: it gets the request."""
+        return next((p["name"] for p in self.signature.get("params", []) if p.get("type") == "request"), None)
 
     def bind(self, query: dict[str, list[str]], body: dict[str, Any] | None) -> dict[str, Any]:
         """Keyword arguments from query strings and a JSON object body, converted by type."""
         params = {p["name"]: p for p in self.signature.get("params", [])}
         var_keyword = self.signature.get("var_keyword", False)
+        body_parameter = self.body_parameter
         kwargs: dict[str, Any] = {}
         for name, values in query.items():
             if name in RESERVED_QUERY:
@@ -201,27 +225,47 @@ class EndpointSpec:
                 if not var_keyword:
                     raise ParameterError(f"unknown parameter {name!r}; endpoint {self.name!r} takes {self.describe()}")
                 kwargs[name] = values[-1]
+            elif p["type"] in ("object", "request"):
+                raise ParameterError(f"parameter {name!r} does not come from the query; endpoint {self.name!r} takes {self.describe()}")
             elif p["type"] == "list":
                 items = [v for value in values for v in value.split(",")] if len(values) == 1 else values
                 kwargs[name] = [_from_text(p.get("item", "any"), name, v) for v in items]
             else:
                 kwargs[name] = _from_text(p["type"], name, values[-1])
-        for name, value in (body or {}).items():
-            p = params.get(name)
-            if p is None:
-                if not var_keyword:
-                    raise ParameterError(f"unknown parameter {name!r}; endpoint {self.name!r} takes {self.describe()}")
-            elif p["type"] == "list":
-                if not isinstance(value, list):
-                    raise ParameterError(f"parameter {name!r} must be a list, got {type(value).__name__}")
-                value = [_from_json(p.get("item", "any"), name, v) for v in value]
-            elif value is not None or not p.get("optional"):
-                value = _from_json(p["type"], name, value)
-            kwargs[name] = value
-        missing = [n for n, p in params.items() if p.get("required") and n not in kwargs]
+        if body_parameter is not None:
+            if body is not None:
+                kwargs[body_parameter["name"]] = body  # the whole body, as FastAPI binds one model
+        else:
+            for name, value in (body or {}).items():
+                p = params.get(name)
+                if p is None:
+                    if not var_keyword:
+                        raise ParameterError(f"unknown parameter {name!r}; endpoint {self.name!r} takes {self.describe()}")
+                elif p["type"] == "request":
+                    raise ParameterError(f"parameter {name!r} is the request itself; it does not come from the body")
+                elif p["type"] == "list":
+                    if not isinstance(value, list):
+                        raise ParameterError(f"parameter {name!r} must be a list, got {type(value).__name__}")
+                    value = [_from_json(p.get("item", "any"), name, v) for v in value]
+                elif value is not None or not p.get("optional"):
+                    value = _from_json(p["type"], name, value)
+                kwargs[name] = value
+        missing = [n for n, p in params.items() if p.get("required") and n not in kwargs and p["type"] != "request"]
         if missing:
+            if body_parameter is not None and missing[0] == body_parameter["name"]:
+                raise ParameterError(
+                    f"endpoint {self.name!r} takes a JSON body as {missing[0]!r}: send {expected_body(body_parameter)}"
+                )
             raise ParameterError(f"missing required parameter {missing[0]!r}; endpoint {self.name!r} takes {self.describe()}")
         return kwargs
+
+
+def expected_body(p: dict[str, Any]) -> str:
+    """What a body parameter's JSON looks like, for error messages."""
+    fields = p.get("fields")
+    if not fields:
+        return "a JSON object"
+    return "{" + ", ".join(f'"{f["name"]}": {f.get("type", "any")}' for f in fields) + "}"
 
 
 @dataclass

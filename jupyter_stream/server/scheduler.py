@@ -84,7 +84,13 @@ class RemoteCall:
         )
 
     def on_output(self, data: dict[str, Any], buffers: list) -> None:
+        printed = data.get("print")
+        if printed:  # what the function printed goes to the caller, tagged with its worker
+            data = {**data, "worker": self.run.worker.name}
         if data.get("end") and data.get("error") and not self.sent_any and not self.cancelled:
+            if printed:  # this attempt printed before it failed: show it even if it is run again
+                self.session.send({"op": "out", "id": self.id, "print": printed, "worker": data["worker"]})
+                data = {k: v for k, v in data.items() if k != "print"}
             died = data["error"].get("type") == "WorkerDied"
             if died:
                 self.deaths += killed_alone(self.run)
@@ -96,7 +102,7 @@ class RemoteCall:
                 return
             if died:
                 data = {**data, "error": gave_up_error(self.shared_deaths)}
-        out = {k: data[k] for k in ("start", "sizes", "end", "error") if k in data}
+        out = {k: data[k] for k in ("start", "sizes", "end", "error", "print", "worker") if k in data}
         payload = buffers[0] if buffers else b""
         if payload:
             self.sent_any = True
@@ -227,6 +233,8 @@ class MapCall:
         lane.run.send_batch(indices, sizes, b"".join(blobs))
 
     def on_output(self, lane: Lane, data: dict[str, Any], buffers: list) -> None:
+        if data.get("print") and not self.cancelled:
+            self.session.send({"op": "out", "id": self.id, "print": data["print"], "worker": lane.worker.name})
         items = data.get("items")
         if items:
             self.on_results(lane, items, data["sizes"], buffers[0])

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .runtime import Worker
 
+#: Characters of printed text a run may have waiting for the sender (then it is dropped).
+MAX_PRINTED = 1 << 20
+
 #: Chunks this large travel as buffers of their own instead of being copied into a join.
 LARGE_CHUNK = 64 * 1024
 
@@ -70,6 +73,30 @@ class Run:
         self.running_index: int | None = None
         #: the thread running the call's code, while it runs (for `Worker.interrupt`)
         self.thread: int | None = None
+        #: what the run's code printed since the last message: [stream name, text] pairs
+        self.printed: list[list[str]] = []
+        self.printed_chars = 0
+
+    def print(self, stream: str, text: str) -> None:
+        """Text the run's code wrote to stdout or stderr: it goes to the caller with the
+        run's next message (many prints of a fast loop travel together). Past
+        `MAX_PRINTED` characters waiting, more is dropped with a note, so printing cannot
+        outrun the caller without bound."""
+        worker = self.worker
+        with worker.lock:
+            if self.printed_chars >= MAX_PRINTED:
+                return
+            self.printed_chars += len(text)
+            if self.printed_chars >= MAX_PRINTED:
+                text += "\n[jupyter-stream: output dropped: the caller is not reading it fast enough]\n"
+            if self.printed and self.printed[-1][0] == stream:
+                self.printed[-1][1] += text
+            else:
+                self.printed.append([stream, text])
+            if not self.dirty and not self.done:
+                self.dirty = True
+                worker.dirty.append(self)
+                worker.has_output.notify()
 
     def put(self, data: bytes, meta: list | None = None, last: bool = False) -> None:
         """Queue output bytes for the sender; block while the client is a window behind.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import inspect
+import io
 import os
 import pickle
 import sys
@@ -25,9 +26,43 @@ import cloudpickle
 from .. import wire
 from ..errors import error_payload, timeout_error
 from ..responses import SSE, StreamingResponse, encoder_for, plain_response
+from . import arguments
 from .runs import Run, RunCancelled, RunThreads, pack
 
 _worker: Worker | None = None
+#: the run whose code this thread is running, if any (see `RunOutput`)
+_running = threading.local()
+
+
+class RunOutput(io.TextIOBase):
+    """A worker's ``sys.stdout`` / ``sys.stderr``: what a run's code writes (print,
+    logging, warnings, tracebacks) goes back to whoever made the call, with the run's
+    output; what other threads write goes to the kernel's own stream (the server log)."""
+
+    def __init__(self, name: str, fallback: Any):
+        self.name = name
+        self.fallback = fallback
+
+    def write(self, text: str) -> int:
+        run = getattr(_running, "run", None)
+        if run is None or not text:
+            return self.fallback.write(text)
+        run.print(self.name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        if getattr(_running, "run", None) is None:
+            self.fallback.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.fallback, "encoding", "utf-8")
+
+    def fileno(self) -> int:
+        return self.fallback.fileno()
 
 
 class Worker:
@@ -58,6 +93,8 @@ class Worker:
         handlers = getattr(self.kernel, "control_handlers", None)
         if isinstance(handlers, dict):
             handlers["comm_msg"] = self.on_control_msg
+        sys.stdout = RunOutput("stdout", sys.stdout)
+        sys.stderr = RunOutput("stderr", sys.stderr)
         threading.Thread(target=self.send_loop, name="jupyter-stream-sender", daemon=True).start()
         self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0], "control": isinstance(handlers, dict)})
 
@@ -153,6 +190,7 @@ class Worker:
         error = None
         mode = data.get("mode", "http")
         run.thread = threading.get_ident()
+        _running.run = run
         try:
             fn = self.function(data["fn"])
             if mode == "load":  # the server only checks that the pickle loads here
@@ -164,6 +202,8 @@ class Worker:
             if mode == "map":
                 self.run_lane(run, fn, kwargs, data.get("timeout"))
                 return
+            if mode == "http":
+                kwargs = arguments.prepare(fn, kwargs, data.get("request"))
             if data.get("timeout"):
                 run.deadline = time.monotonic() + data["timeout"]
                 self.watch(run)
@@ -179,6 +219,7 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             error = error_payload(exc, pickled=mode != "http")
         finally:
+            _running.run = None
             while True:
                 try:
                     self.settle(run)
@@ -380,6 +421,9 @@ class Worker:
         run.pending_bytes = 0
         if run.start is not None:
             out["start"], run.start = run.start, None
+        if run.printed:
+            out["print"], run.printed = run.printed, []
+            run.printed_chars = 0
         if run.done:
             out["end"] = True
             if run.error is not None:
