@@ -9,6 +9,8 @@ import shutil
 import httpx
 import pytest
 
+from jupyter_stream import Request
+
 
 def chat(prompt: str = "hi"):
     """An OpenAI-style token stream whose model fails midway."""
@@ -122,3 +124,39 @@ def test_a_browser_eventsource_gets_the_server_event_then_its_own(endpoints):
     # then the browser's own: the connection closed, and it is about to reconnect (and rerun
     # the endpoint) unless the listener closes it
     assert seen[1] == {"kind": "Event", "data": None, "readyState": EVENTSOURCE_CONNECTING}
+
+
+def ticker(request: Request, n: int = 6):
+    """At most 3 events per connection, then it hangs up: the browser reconnects."""
+    from jupyter_stream import sse
+
+    start = int(request.last_event_id) + 1 if request.last_event_id else 0
+    for i in range(start, min(start + 3, n)):
+        yield sse({"tick": i}, id=i, retry=100)
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
+def test_a_browser_eventsource_resumes_from_its_last_event_id(server):
+    """A reconnecting EventSource sends Last-Event-ID by itself: the stream goes on where
+    it stopped instead of starting over."""
+    from playwright.sync_api import sync_playwright
+
+    server.register(ticker)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(bypass_csp=True)
+        page.goto(server.url + f"api/stream/workers?token={server.token}")
+        ticks = page.evaluate(
+            """(url) => new Promise((resolve) => {
+                const ticks = [];
+                const source = new EventSource(url);
+                source.onmessage = (event) => {
+                    ticks.push([JSON.parse(event.data).tick, event.lastEventId]);
+                    if (ticks.length === 6) { source.close(); resolve(ticks); }
+                };
+                setTimeout(() => { source.close(); resolve(ticks); }, 15000);
+            })""",
+            server.url + f"stream/ticker?token={server.token}",
+        )
+        browser.close()
+    assert ticks == [[i, str(i)] for i in range(6)]  # 0-2, then 3-5 after the reconnect
