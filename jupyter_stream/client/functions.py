@@ -78,13 +78,24 @@ def _values(header: dict[str, Any], payload: memoryview) -> list[Any]:
     return [pickle.loads(blob) for blob in wire.split(payload, sizes)]
 
 
-def relay_printed(header: dict[str, Any], prefix: bool = False) -> None:
+def relay_printed(header: dict[str, Any], prefix: bool = False, midline: set | None = None) -> None:
     """Write what the remote code printed (a frame's ``print``) to this process's stdout
     and stderr: in a notebook, the cell that made the call. With `prefix`, each line is
-    tagged with the worker that printed it (a map on several workers)."""
+    tagged with the worker that printed it (a map on several workers); `midline` keeps,
+    across frames, which worker's stream stopped in the middle of a line (that line's
+    rest comes untagged)."""
+    worker = header.get("worker")
     for stream, text in header.get("print", ()):
         if prefix:
-            text = "".join(f"[{header.get('worker')}] {line}" for line in text.splitlines(keepends=True))
+            lines = text.splitlines(keepends=True)
+            key = (worker, stream)
+            continued = midline is not None and key in midline
+            text = "".join(line if continued and i == 0 else f"[{worker}] {line}" for i, line in enumerate(lines))
+            if midline is not None:
+                if text.endswith(("\n", "\r")):
+                    midline.discard(key)
+                else:
+                    midline.add(key)
         out = sys.stderr if stream == "stderr" else sys.stdout
         out.write(text)
         out.flush()
@@ -175,6 +186,7 @@ class _MapState:
         self.finished = False
         self.batch = FIRST_BATCH
         self.printers: set[str | None] = set()  # workers whose prints were relayed
+        self.midline: set[tuple] = set()  # (worker, stream) whose last print ended mid-line
 
     @property
     def room(self) -> int:
@@ -202,7 +214,7 @@ class _MapState:
         for header, payload in frames:
             if "print" in header:
                 self.printers.add(header.get("worker"))
-                relay_printed(header, prefix=len(self.printers) > 1 or (self.progress.lanes or 0) > 1)
+                relay_printed(header, len(self.printers) > 1 or (self.progress.lanes or 0) > 1, self.midline)
             items = header.get("items")
             if "lanes" in header:
                 self.progress.on_lanes(header["lanes"])
