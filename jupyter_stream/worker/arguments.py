@@ -24,6 +24,8 @@ def _model_of(annotation: Any) -> Any:
 
 
 def prepare(fn: Any, kwargs: dict[str, Any], request: dict[str, Any] | None) -> dict[str, Any]:
+    if request is None and not any(isinstance(value, dict) for value in kwargs.values()):
+        return kwargs  # the common case, on the hot path: nothing to convert
     if request is not None:
         request = dict(request)
         param = request.pop("param")
