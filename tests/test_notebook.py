@@ -93,6 +93,7 @@ def serve(notebook, tmp_path, token="servetoken"):
 def test_serve_quickstart_notebook(tmp_path):
     with serve("quickstart.ipynb", tmp_path) as (out, base, headers):
         token = "servetoken"
+        assert "open this file in a browser" not in out and "without encryption" not in out, out
         for name in ("stream_me", "squares", "download", "progress", "ticker"):
             assert f"curl --no-buffer -H 'Authorization: token {token}' {base}{name}" in out, out
         r = httpx.get(base + "squares?n=3&scale=2", headers=headers, timeout=30)
@@ -152,3 +153,37 @@ def test_script_without_a_server_starts_an_embedded_one(tmp_path):
         time.sleep(0.2)
     else:
         raise AssertionError("the embedded server outlived its script")
+
+
+def test_the_command_line(jstream_server):
+    run = lambda *args, **kw: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "jupyter_stream.server.cli", *args], capture_output=True, text=True, timeout=60, **kw
+    )
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.strip() == "jupyter-stream 0.1.0"
+    helped = run("serve", "--help")
+    assert "--JupyterStream.max_workers=4" in helped.stdout and "--workers N" in helped.stdout
+    refused = run("serve", str(REPO / "notebooks" / "quickstart.ipynb"), "--workers", "0")
+    assert refused.returncode == 2 and "--workers must be 1 or more" in refused.stderr
+    refused = run("serve", str(REPO / "notebooks" / "quickstart.ipynb"), "--JupyterStream.max_workers=0")
+    assert refused.returncode == 2 and "max_workers must be 1 or more" in refused.stderr
+
+    def tick():
+        yield "data: tick\n\n"
+
+    jstream_server.register(tick)
+    listed = run("list", env={**os.environ, "JUPYTER_RUNTIME_DIR": jstream_server.runtime_dir})
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert f"  tick  {jstream_server.url}stream/tick  (text/event-stream; no parameters)" in listed.stdout
+
+
+def test_serve_passes_workers_on_and_lets_the_users_options_win():
+    import argparse
+
+    from jupyter_stream.server.cli import serve_argv
+
+    args = argparse.Namespace(notebooks=[str(REPO / "notebooks" / "quickstart.ipynb")], ip="127.0.0.1", port=8888, token=None)
+    argv = serve_argv(args, ["--ServerApp.open_browser=False", "--ServerApp.port=9999"])
+    assert argv.count("--ServerApp.open_browser=False") == 1
+    assert [a for a in argv if a.startswith("--ServerApp.port=")] == ["--ServerApp.port=9999"]
+    assert len([a for a in argv if a.startswith("--IdentityProvider.token=")]) == 1  # ours: no "open this file" block

@@ -18,7 +18,7 @@ from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import Bool, Enum, Float, Int, List, Type, Unicode, default
+from traitlets import Bool, Enum, Float, Int, List, TraitError, Type, Unicode, default, validate
 
 from .. import wire
 from ..responses import SSE
@@ -86,6 +86,19 @@ class JupyterStream(ExtensionApp):
         help="Directory of registrations made with --persist, registered again at startup "
         "(default: jupyter_stream/persisted in the Jupyter data directory).",
     )
+
+    @validate("max_workers")
+    def _check_max_workers(self, proposal: Any) -> int:
+        if proposal["value"] < 1:
+            raise TraitError(f"JupyterStream.max_workers must be 1 or more (the most worker kernels at once), not {proposal['value']}")
+        return proposal["value"]
+
+    @validate("min_workers", "calls_per_worker")
+    def _check_counts(self, proposal: Any) -> int:
+        least = 0 if proposal["trait"].name == "min_workers" else 1
+        if proposal["value"] < least:
+            raise TraitError(f"JupyterStream.{proposal['trait'].name} must be {least} or more, not {proposal['value']}")
+        return proposal["value"]
 
     @default("persist_dir")
     def _default_persist_dir(self) -> str:

@@ -363,6 +363,17 @@ class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
         self.session = ClientSession(state.pool, state.functions, self.send_frame, caller_worker)
         await super().get(*args, **kwargs)
 
+    # WebSocketMixin gives these in milliseconds for its own pings, which we do not use;
+    # tornado reads them in seconds (and warned that 90000 > 30000): tornado's own pings,
+    # as the server is configured (ServerApp.websocket_ping_interval), keep the socket alive.
+    @property
+    def ping_interval(self) -> float | None:
+        return self.settings.get("websocket_ping_interval")
+
+    @property
+    def ping_timeout(self) -> float | None:
+        return self.settings.get("websocket_ping_timeout")
+
     def open(self, *args: Any, **kwargs: Any) -> None:
         self.set_nodelay(True)  # small frames (a .remote() result) must not wait for Nagle
 
