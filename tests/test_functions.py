@@ -323,6 +323,8 @@ def test_stream_function_magic(jstream_server, jstream_notebook_kernel):
         '''
     ).lstrip())
     assert reply["status"] == "ok", jstream_notebook_kernel.text(outputs)
+    confirmation = jstream_notebook_kernel.text(outputs)  # one line, naming the call forms
+    assert "<Function 'shifted' (function); call .remote(), .map()" in confirmation and confirmation.count("\n") <= 2
     outputs, reply = jstream_notebook_kernel.execute("print(shifted.remote(1), list(shifted.map(range(3))), type(shifted).__name__)")
     text = jstream_notebook_kernel.text(outputs)
     assert "101 [100, 101, 102] Function" in text

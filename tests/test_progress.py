@@ -92,3 +92,21 @@ def test_outside_a_notebook_or_terminal_the_summary_is_printed_once_at_the_end(c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("f.map: 3/3 done")
     assert start("f.map", 3, enabled=False).display is None
+
+
+def test_a_map_whose_failed_items_came_back_as_exceptions_is_partly_done():
+    from jupyter_stream.client.functions import _MapState
+
+    class Stream:
+        def cancel(self):
+            raise AssertionError("a finished map has nothing to cancel")
+
+    clock = Clock()
+    progress = MapProgress("f.map", total=30, display=Recorder(), clock=clock)
+    state = _MapState(Stream(), order_outputs=True, return_exceptions=True, progress=progress)
+    progress.on_sent(30)
+    progress.on_results(30, failed=4)
+    state.finished = True
+    state.close(failed=False)
+    assert progress.state == "partial" and progress.display.seen[-1]["state"] == "partial"
+    assert progress.summary().endswith("◐ 26 of 30 succeeded")

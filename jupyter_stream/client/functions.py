@@ -255,7 +255,8 @@ class _MapState:
             self.stream.cancel()
             state = "failed" if failed else "cancelled"
         else:
-            state = "failed" if failed or self.progress.failed else "success"
+            # some items failed and came back as exceptions (return_exceptions): partly done
+            state = "failed" if failed else "partial" if self.progress.failed else "success"
         self.progress.finish(state)
 
 

@@ -81,7 +81,7 @@ class StreamMagics(Magics):
     @cell_magic
     def stream_function(self, line: str, cell: str) -> Any:
         """Run the function this cell defines on worker kernels: .remote(), .map(), ..."""
-        self._register_cell(
+        return self._register_cell(  # its repr is the cell's one-line confirmation
             self.stream_function, line, cell,
             lambda fn, args: register_function(fn, args.name, args.retries, args.timeout, persist=args.persist),
         )

@@ -35,7 +35,7 @@ class MapProgress:
         self.failed = 0
         self.retried = 0
         self.lanes: int | None = None  # workers running this map, as the server last said
-        self.state = "running"  # then "success", "failed" or "cancelled"
+        self.state = "running"  # then "success", "partial" (some items failed), "failed" or "cancelled"
         self.renders = 0
         self._last_render = float("-inf")
 
@@ -118,7 +118,8 @@ class MapProgress:
         if self.eta is not None:
             parts.append(f"ETA {_duration(self.eta)}")
         if self.state != "running":
-            parts.append({"success": "✔ done", "failed": "✘ failed", "cancelled": "■ cancelled"}[self.state])
+            parts.append({"success": "✔ done", "partial": f"◐ {self.done - self.failed:,} of {self.done:,} succeeded",
+                          "failed": "✘ failed", "cancelled": "■ cancelled"}[self.state])
         return " · ".join(parts)
 
     def render(self, force: bool = False) -> None:
@@ -143,7 +144,7 @@ class WidgetDisplay:
     """An ipywidgets progress bar with a label of counts; its text/plain fallback is the
     summary line, so saved or converted notebooks show text, not a widget repr."""
 
-    COLORS = {"running": "", "success": "success", "failed": "danger", "cancelled": "warning"}
+    COLORS = {"running": "", "success": "success", "partial": "warning", "failed": "danger", "cancelled": "warning"}
 
     def __init__(self, progress: MapProgress):
         import ipywidgets as widgets
@@ -151,7 +152,7 @@ class WidgetDisplay:
 
         self.bar = widgets.IntProgress(value=0, min=0, max=max(progress.total or 1, 1), description="")
         self.bar.add_class("jupyter-stream-progress")
-        self.text = widgets.HTML()
+        self.text = widgets.HTML(layout=widgets.Layout(overflow="hidden", flex="1 1 auto"))  # one line, never wrapped
         self.box = widgets.HBox([self.bar, self.text])
         self.box.add_class("jupyter-stream-map")
         self.handle = display(self._bundle(progress), raw=True, display_id=True)
@@ -168,7 +169,9 @@ class WidgetDisplay:
             self.bar.max = max(progress.sent, 1)
         self.bar.value = progress.done
         self.bar.bar_style = self.COLORS[progress.state]
-        self.text.value = f'<span class="jupyter-stream-summary">{html.escape(progress.summary())}</span>'
+        summary = html.escape(progress.summary())
+        self.text.value = (f'<span class="jupyter-stream-summary" title="{summary}" '
+                           f'style="white-space: nowrap; overflow: hidden; text-overflow: ellipsis; display: block">{summary}</span>')
         if progress.state != "running":
             self.handle.update(self._bundle(progress), raw=True)
 
