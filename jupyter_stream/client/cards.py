@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from .endpoints import LINK_STYLE
+
 #: Seconds between two refreshes of a card's counters.
 REFRESH = 1.0
 #: Lines of a tried stream kept on the card.
@@ -33,7 +35,8 @@ class EndpointCard:
         self.header = widgets.HTML(
             f'<div class="jupyter-stream-card-title"><b>{html.escape(endpoint.name)}</b> '
             f"<code>{html.escape(endpoint.media_type)}</code> &rarr; "
-            f'<a class="jupyter-stream-url" href="{url}" target="_blank" rel="noopener">{url}</a></div>'
+            f'<a class="jupyter-stream-url" href="{html.escape(endpoint.browser_href)}" target="_blank" rel="noopener" '
+            f'style="{LINK_STYLE}">{url}</a></div>'
             f'<pre class="jupyter-stream-curl">{html.escape(endpoint.curl)}</pre>'
         )
         self.counters = widgets.HTML(self._counters_html({}))

@@ -11,11 +11,15 @@ import html
 import shlex
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..responses import SSE
 from ..signatures import check_media_type, describe_parameters
 from .connection import ServerConnection
 from .registration import register
+
+#: a link that looks like one in JupyterLab's theme (outputs reset link styles)
+LINK_STYLE = "color: var(--jp-content-link-color, #1976d2); text-decoration: underline"
 
 
 class Endpoint:
@@ -27,6 +31,13 @@ class Endpoint:
         self.media_type = media_type
         self.fn = fn
         self.connection = connection
+
+    @property
+    def browser_href(self) -> str:
+        """The link for a page of this server: its path only, so the browser opens it on the
+        page's own origin (``127.0.0.1`` or ``localhost``, a proxy, a remote host) and
+        sends the login cookie along. `url` stays the server's own idea, for curl."""
+        return urlsplit(self.url).path
 
     @property
     def curl(self) -> str:
@@ -42,7 +53,7 @@ class Endpoint:
         return (
             f'<div class="jupyter-stream-endpoint"><b>{html.escape(self.name)}</b> '
             f'<code>{html.escape(self.media_type)}</code> &rarr; '
-            f'<a href="{url}" target="_blank" rel="noopener">{url}</a>'
+            f'<a href="{html.escape(self.browser_href)}" target="_blank" rel="noopener" style="{LINK_STYLE}">{url}</a>'
             f"<pre>{html.escape(self.curl)}</pre></div>"
         )
 

@@ -150,7 +150,8 @@ class WidgetDisplay:
         import ipywidgets as widgets
         from IPython.display import display
 
-        self.bar = widgets.IntProgress(value=0, min=0, max=max(progress.total or 1, 1), description="")
+        self.bar = widgets.IntProgress(value=0, min=0, max=max(progress.total or 1, 1), description="",
+                                       layout=widgets.Layout(width="180px", flex="0 0 auto"))  # room for the summary
         self.bar.add_class("jupyter-stream-progress")
         self.text = widgets.HTML(layout=widgets.Layout(overflow="hidden", flex="1 1 auto"))  # one line, never wrapped
         self.box = widgets.HBox([self.bar, self.text])
