@@ -42,12 +42,13 @@ _PUBLIC = {
     "StreamingResponse": "responses",
     "Request": "responses",
     "sse": "responses",
+    "list": "client.registration",
 }
 
 __all__ = [
     "Endpoint", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
     "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
-    "serve_forever", "sse",
+    "list", "serve_forever", "sse",
 ]
 
 if TYPE_CHECKING:

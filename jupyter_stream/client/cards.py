@@ -80,6 +80,10 @@ class EndpointCard:
         while not self._closed.wait(REFRESH):
             try:
                 info = conn.request("GET", f"api/stream/endpoints/{self.endpoint.name}").json()
+            except LookupError:  # deleted: say so, and stop asking the server every second
+                self.counters.value = '<span class="jupyter-stream-removed"><b>removed</b> from the server</span>'
+                self.try_button.disabled = True
+                return
             except Exception:
                 continue  # the server may be restarting; try again later
             value = self._counters_html(info.get("stats", {}))

@@ -53,6 +53,8 @@ class ServerConnection:
             raise PermissionError(f"the Jupyter server at {self.url} refused our token ({response.status_code})")
         if response.status_code == 403:  # the token is fine, but this user may not do that
             raise PermissionError(f"the Jupyter server at {self.url} refused: {_message(response)} (403)")
+        if response.status_code == 404 and path.startswith("api/stream") and _message(response).startswith("no "):
+            raise LookupError(_message(response))  # the extension runs; that name is not registered
         if response.status_code == 404 and path.startswith("api/stream"):
             raise ServerNotFound(
                 f"the Jupyter server at {self.url} does not run the jupyter_stream extension; "

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from ..responses import SSE
 from ..signatures import check_media_type, describe_parameters
-from .connection import ServerConnection
+from .connection import ServerConnection, get_connection
 from .registration import register
 
 #: a link that looks like one in JupyterLab's theme (outputs reset link styles)
@@ -73,6 +73,14 @@ class Endpoint:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the underlying function locally (handy for trying it in the notebook)."""
         return self.fn(*args, **kwargs)
+
+    @classmethod
+    def lookup(cls, name: str, connection: ServerConnection | None = None) -> Endpoint:
+        """The handle of an endpoint already registered on the server (say, after a kernel
+        restart): its URL and curl line; `fn` is None, the code is the server's."""
+        conn = connection or get_connection()
+        info = conn.request("GET", f"api/stream/endpoints/{name}").json()
+        return cls(name, conn.endpoint_url(name), info["media_type"], None, conn)
 
     def delete(self) -> None:
         """Unregister the endpoint (and forget it if it was persisted); its URL answers 404 from now on."""

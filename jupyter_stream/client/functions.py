@@ -295,6 +295,13 @@ class Function:
             self._connection = get_connection()
         return self._connection
 
+    @classmethod
+    def lookup(cls, name: str, connection: ServerConnection | None = None) -> Function:
+        """The handle of a function already registered on the server (say, after a kernel restart)."""
+        conn = connection or get_connection()
+        info = conn.request("GET", f"api/stream/functions/{name}").json()
+        return cls(name, info["generator"], None, conn)
+
     def delete(self) -> None:
         """Unregister the function (and forget it if it was persisted); calls fail from now on."""
         self.connection.request("DELETE", f"api/stream/functions/{self.name}")

@@ -9,14 +9,16 @@ handle, which is also the cell's output. ``%%stream_function [--name NAME] [--re
 from __future__ import annotations
 
 import ast
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from .endpoints import register_endpoint
 from .functions import register_function
+from .registration import list_registrations
 
 
 def defined_function_name(cell: str, magic: str) -> str:
@@ -61,6 +63,11 @@ class StreamMagics(Magics):
         self.shell.user_ns[fn.__name__] = handle
         return handle
 
+    @line_magic
+    def stream_list(self, line: str) -> None:
+        """What is registered on the server: endpoints and functions, by whom, since when."""
+        print(format_registrations(list_registrations()))
+
     @magic_arguments()
     @argument("--name", default=None, help="URL name of the endpoint (default: the function's name).")
     @argument("--media-type", default=None, help="Response media type (default: text/event-stream).")
@@ -85,6 +92,18 @@ class StreamMagics(Magics):
             self.stream_function, line, cell,
             lambda fn, args: register_function(fn, args.name, args.retries, args.timeout, persist=args.persist),
         )
+
+
+def format_registrations(rows: list[dict[str, Any]]) -> str:
+    """`%stream_list`'s table: kind, name, owner, since when."""
+    if not rows:
+        return "nothing registered on the server yet"
+    lines = []
+    for row in rows:
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["since"])) if row.get("since") else "?"
+        url = f"  {row['url']}" if row.get("url") else ""
+        lines.append(f"{row['kind']:<9} {row['name']:<24} by {row['owner'] or '?'} since {since}{url}")
+    return "\n".join(lines)
 
 
 def load_ipython_extension(ipython: Any) -> None:

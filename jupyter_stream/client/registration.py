@@ -9,8 +9,12 @@ uses from the notebook travel with it; the server checks every field again
 from __future__ import annotations
 
 import base64
+import builtins
 import inspect
+import os
 import pickle
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -51,5 +55,37 @@ def register(
     blob = pickle_function(fn, f"{kind} {name!r}")
     conn = connection or get_connection()
     body = {"name": name, "function": base64.b64encode(blob).decode(), "doc": inspect.getdoc(fn) or "",
-            "persist": bool(persist), **fields}
-    return name, conn.request("POST", f"api/stream/{kind}s", json=body).json(), conn
+            "persist": bool(persist), "owner": registering_owner(), **fields}
+    reply = conn.request("POST", f"api/stream/{kind}s", json=body).json()
+    if "previous_owner" in reply:
+        warnings.warn(
+            f"{kind} {name!r} was registered by {reply['previous_owner'] or 'another client'}; "
+            f"this cell replaced it (pick another name to keep both)", stacklevel=3,
+        )
+    return name, reply, conn
+
+
+def registering_owner() -> str:
+    """Who registers: the notebook's path in a kernel started by Jupyter (JPY_SESSION_NAME),
+    else the script, else the process."""
+    session = os.environ.get("JPY_SESSION_NAME")
+    if session:
+        return session
+    script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c") else ""
+    if script and not script.endswith("ipykernel_launcher.py"):
+        return os.path.abspath(script)
+    return f"process {os.getpid()}"
+
+
+def list(connection: ServerConnection | None = None) -> builtins.list[dict[str, Any]]:  # noqa: A001 - jupyter_stream.list()
+    """What is registered on the server: endpoints and functions, by whom and since when."""
+    conn = connection or get_connection()
+    rows = []
+    for kind in ("endpoint", "function"):
+        for info in conn.request("GET", f"api/stream/{kind}s").json()[f"{kind}s"]:
+            rows.append({"kind": kind, "name": info["name"], "owner": info.get("owner", ""), "since": info.get("created"),
+                         "url": info.get("url")})
+    return rows
+
+
+list_registrations = list

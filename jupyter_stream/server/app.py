@@ -148,12 +148,14 @@ class JupyterStream(ExtensionApp):
 
     # -- registrations: the one path for the API, and for restoring persisted ones ------
 
-    def register(self, kind: str, raw: bytes, restoring: bool = False) -> tuple[EndpointSpec | FunctionSpec, bool]:
+    def register(self, kind: str, raw: bytes, restoring: bool = False) -> tuple[Any, Any]:
         """Check and register an endpoint or function from its registration's JSON body;
-        returns the spec and whether it replaced one. Raises `RegistrationError`."""
+        returns the new spec and the one it replaced (or None). Raises `RegistrationError`."""
         body = parse_registration(raw, kind)
         name, blob = body["name"], body["blob"]
-        common = dict(name=name, fn_hash=wire.content_hash(blob), fn_blob=blob, doc=body["doc"], persist=body.get("persist", False))
+        common = dict(name=name, fn_hash=wire.content_hash(blob), fn_blob=blob, doc=body["doc"], persist=body.get("persist", False),
+                      owner=body["owner"])
+        previous = self.registries[kind].get(name)
         spec: EndpointSpec | FunctionSpec
         if kind == "endpoint":
             spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], **common)
@@ -167,7 +169,7 @@ class JupyterStream(ExtensionApp):
                 self.store.remove(kind, name)
         self.log.info("jupyter_stream: %s %s %s%s", "restored" if restoring else "replaced" if replaced else "registered",
                       kind, name, " (persisted)" if spec.persist and not restoring else "")
-        return spec, replaced
+        return spec, previous
 
     def remove(self, kind: str, name: str) -> bool:
         """Unregister (and forget, if persisted) an endpoint or function."""
@@ -237,7 +239,7 @@ class JupyterStream(ExtensionApp):
     def info(self, spec: EndpointSpec | FunctionSpec) -> dict[str, Any]:
         """What the API shows of an endpoint or function."""
         common = {"name": spec.name, "doc": spec.doc, "persist": spec.persist, "created": spec.created,
-                  "stats": dict(spec.stats)}
+                  "owner": spec.owner, "stats": dict(spec.stats)}
         if isinstance(spec, FunctionSpec):
             return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout}
         return {**common, "url": self.endpoint_url(spec.name), "media_type": spec.media_type or SSE,

@@ -311,11 +311,14 @@ class RegistrationsHandler(StreamHandlerBase):
     @authorized("execute")
     def post(self) -> None:
         try:
-            spec, replaced = self.stream.register(self.kind, self.request.body)
+            spec, previous = self.stream.register(self.kind, self.request.body)
         except RegistrationError as e:
             raise web.HTTPError(400, f"bad registration: {e}") from None
-        self.set_status(200 if replaced else 201)
-        self.finish(json.dumps({**self.stream.info(spec), "replaced": replaced}))
+        reply = {**self.stream.info(spec), "replaced": previous is not None}
+        if previous is not None and previous.owner != spec.owner:
+            reply["previous_owner"] = previous.owner  # the client warns: it replaced someone else's
+        self.set_status(201 if previous is None else 200)
+        self.finish(json.dumps(reply))
 
 
 class RegistrationHandler(StreamHandlerBase):

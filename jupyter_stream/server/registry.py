@@ -69,8 +69,8 @@ def loads_json(raw: bytes | str, what: str) -> Any:
 
 
 REGISTRATION_FIELDS = {
-    "endpoint": {"name", "function", "media_type", "signature", "doc", "persist"},
-    "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist"},
+    "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner"},
+    "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner"},
 }
 
 
@@ -109,6 +109,10 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
     if not isinstance(doc, str) or len(doc) > MAX_DOC:
         raise RegistrationError(f"'doc' must be a string of at most {MAX_DOC} characters")
     body["doc"] = doc
+    owner = body.get("owner") or ""
+    if not isinstance(owner, str) or len(owner) > 4096:
+        raise RegistrationError("'owner' must be a string (the registering notebook or script) of at most 4096 characters")
+    body["owner"] = owner
     if not isinstance(body.get("persist", False), bool):
         raise RegistrationError("'persist' must be true or false")
     if kind == "endpoint":
@@ -182,6 +186,7 @@ class EndpointSpec:
     signature: dict[str, Any]
     doc: str = ""
     persist: bool = False
+    owner: str = ""  # the notebook (or script) that registered it
     created: float = field(default_factory=time.time)
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     #: the last lines its code printed, for the endpoint card's live view
@@ -280,6 +285,7 @@ class FunctionSpec:
     timeout: float | None = None
     doc: str = ""
     persist: bool = False
+    owner: str = ""
     created: float = field(default_factory=time.time)
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
