@@ -42,7 +42,7 @@ _PUBLIC = {
     "StreamingResponse": "responses",
     "Request": "responses",
     "sse": "responses",
-    "list": "client.registration",
+    "list": "client.registration:list_registrations",
 }
 
 __all__ = [
@@ -63,7 +63,8 @@ def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'jupyter_stream' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    module, _, attribute = module.partition(":")
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute or name)
     globals()[name] = value
     return value
 

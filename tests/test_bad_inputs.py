@@ -41,6 +41,8 @@ HTTP_CASES = [
     ("query-truncated-utf8", "GET", "stream/typed?n=1&name=%C3", {}, 400, "percent-encode text as UTF-8"),
     ("query-invalid-utf8-name", "GET", "stream/typed?n=1&%FF=1", {}, 400, "percent-encode text as UTF-8"),
     ("query-int-word", "GET", "stream/typed?n=two", {}, 400, "parameter 'n' must be int, got 'two'"),
+    ("query-names-signature", "GET", "stream/typed?n=abc", {}, 400, "must be int, got 'abc'; endpoint 'typed' takes n (int, required)"),
+    ("query-json-list-bad", "GET", "stream/typed?n=1&tags=[1,", {}, 400, "looks like a JSON array but is not one"),
     ("query-int-float", "GET", "stream/typed?n=1.5", {}, 400, "parameter 'n' must be int"),
     ("query-int-empty", "GET", "stream/typed?n=", {}, 400, "parameter 'n' must be int"),
     ("query-int-nul", "GET", "stream/typed?n=%00", {}, 400, "parameter 'n' must be int"),

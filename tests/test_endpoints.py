@@ -431,7 +431,10 @@ def test_unpicklable_functions_get_a_clear_error(jstream_server):
         with lock:
             yield "x"
 
-    with pytest.raises(pickle.PicklingError, match="cannot send endpoint 'uses_lock' to the worker kernels"):
+    with pytest.raises(pickle.PicklingError, match="cannot send endpoint 'uses_lock' to the worker kernels") as raised:
         jstream_server.register(uses_lock)
+    # the message names what cannot be sent, without cloudpickle's frames in front of it
+    assert "it uses `lock` (a _thread.lock), which cannot be sent" in str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
     with pytest.raises(ValueError, match="invalid endpoint name"):
         jstream_server.register(lambda: iter(()), name="not a name")

@@ -99,3 +99,23 @@ def test_only_a_worker_can_name_itself_to_the_pool():
     assert pool.worker_named(f"3:{pool.worker_key(3)}") is worker
     assert pool.worker_named("3:") is None and pool.worker_named("3:not-the-key") is None
     assert pool.worker_named(f"4:{pool.worker_key(3)}") is None and pool.worker_named("") is None
+
+
+def test_list_parameters_from_the_query_as_json_arrays_too():
+    def f(tags: list[str] = [], ids: list[int] = []):
+        pass
+
+    spec = spec_for(f)
+    assert spec.bind({"tags": ['["a","b"]'], "ids": ["[1, 2]"]}, None) == {"tags": ["a", "b"], "ids": [1, 2]}
+    assert spec.bind({"tags": ["a,b"]}, None) == {"tags": ["a", "b"]}
+    assert spec.bind({"tags": ["a", "b,c"]}, None) == {"tags": ["a", "b,c"]}
+
+
+def test_try_it_shows_errors_readably():
+    from jupyter_stream.client.cards import readable_error
+
+    error = '{"error": {"type": "ValueError", "message": "bad input 3", "traceback": "Traceback:\\n  File x\\nValueError: bad input 3\\n"}}'
+    assert readable_error(error) == ["error: ValueError: bad input 3", "Traceback:", "  File x", "ValueError: bad input 3"]
+    assert readable_error('{"message": "authenticate with the server\'s token", "reason": null}') == [
+        "error: authenticate with the server's token"]
+    assert readable_error("not json") == ["not json"]

@@ -9,6 +9,7 @@ arrive. The widget's text/plain and text/html fallbacks carry the URL and curl l
 from __future__ import annotations
 
 import html
+import json
 import threading
 from typing import Any
 
@@ -22,6 +23,22 @@ REFRESH = 1.0
 MAX_LINES = 40
 #: Lines of the endpoint's printed output shown on the card.
 PRINTED_LINES = 10
+
+
+def readable_error(text: str) -> list[str]:
+    """An endpoint's error (`{"error": {...}}`, or jupyter-server's `{"message": ...}`) as
+    lines a person reads: the type and message, then the worker's traceback."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return [text[:2000]]
+    if not isinstance(body, dict):
+        return [text[:2000]]
+    error = body.get("error")
+    if isinstance(error, dict):
+        head = f"error: {error.get('type', 'Error')}: {error.get('message', '')}"
+        return [head, *str(error.get("traceback") or "").rstrip().splitlines()]
+    return [f"error: {body.get('message') or text[:2000]}"]
 
 
 class EndpointCard:
@@ -124,14 +141,17 @@ class EndpointCard:
         try:
             with conn.http.stream("GET", f"stream/{self.endpoint.name}", timeout=httpx.Timeout(None, connect=10)) as r:
                 if r.status_code >= 400:
-                    note = f"HTTP {r.status_code}: {r.read().decode(errors='replace')[:500]}"
+                    lines.extend(readable_error(r.read().decode(errors="replace")))
+                    note = f"HTTP {r.status_code}"
                 else:
                     self._show(lines, "connected, waiting for events…")
                     for line in r.iter_lines():
                         if stop.is_set():
                             note = "stopped"
                             break
-                        if line:
+                        if line.startswith("data: {") and lines and lines[-1] == "event: error":
+                            lines[-1:] = readable_error(line[len("data: "):])  # the stream failed midway
+                        elif line:
                             lines.append(line)
                             self._show(lines, "streaming…")
         except Exception as e:  # show what went wrong instead of failing silently

@@ -9,7 +9,6 @@ uses from the notebook travel with it; the server checks every field again
 from __future__ import annotations
 
 import base64
-import builtins
 import inspect
 import os
 import pickle
@@ -28,12 +27,14 @@ def pickle_function(fn: Callable, what: str) -> bytes:
     try:
         blob = wire.cloudpickle_dumps(fn)
     except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as e:
+        culprit = unpicklable_name(fn)
+        uses = f"it uses {culprit}, which" if culprit else f"something it uses ({e})"
         raise pickle.PicklingError(
-            f"cannot send {what} to the worker kernels: cloudpickle failed with {type(e).__name__}: {e}. "
-            "Everything the function uses from the notebook is pickled with it; create objects such as "
-            "locks, open files, sockets, clients or loaded models inside the function (or in a module "
-            "the workers can import) instead of capturing them from the notebook."
-        ) from e
+            f"cannot send {what} to the worker kernels: {uses} cannot be sent. Everything the function "
+            "uses from the notebook is pickled with it: create objects such as locks, open files, sockets, "
+            "clients or loaded models inside the function (or in a module the workers can import) instead "
+            "of capturing them from the notebook."
+        ) from None  # cloudpickle's frames say nothing a person can act on
     if len(blob) > MAX_FUNCTION_BYTES:
         raise ValueError(
             f"{what} pickles to {len(blob) / 1e6:,.0f} MB with what it captures from the notebook, more than "
@@ -41,6 +42,26 @@ def pickle_function(fn: Callable, what: str) -> bytes:
             "function (from a file or URL the workers can reach) instead of capturing it"
         )
     return blob
+
+
+def unpicklable_name(fn: Callable) -> str | None:
+    """Which of the names `fn` captures (closure variables, then notebook globals it uses)
+    cannot be pickled, as "`name` (a type)", or None if no single one is to blame."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    captured = list(zip(code.co_freevars, [cell.cell_contents for cell in (fn.__closure__ or ())]))
+    names = set(code.co_names)
+    for const in code.co_consts:  # names used by functions defined inside it
+        if hasattr(const, "co_names"):
+            names.update(const.co_names)
+    captured += [(name, fn.__globals__[name]) for name in sorted(names) if name in fn.__globals__]
+    for name, value in captured:
+        try:
+            wire.cloudpickle_dumps(value)
+        except Exception:
+            return f"`{name}` (a {type(value).__module__}.{type(value).__qualname__})"
+    return None
 
 
 def register(
@@ -77,7 +98,7 @@ def registering_owner() -> str:
     return f"process {os.getpid()}"
 
 
-def list(connection: ServerConnection | None = None) -> builtins.list[dict[str, Any]]:  # noqa: A001 - jupyter_stream.list()
+def list_registrations(connection: ServerConnection | None = None) -> list[dict[str, Any]]:
     """What is registered on the server: endpoints and functions, by whom and since when."""
     conn = connection or get_connection()
     rows = []
@@ -87,5 +108,3 @@ def list(connection: ServerConnection | None = None) -> builtins.list[dict[str, 
                          "url": info.get("url")})
     return rows
 
-
-list_registrations = list

@@ -143,7 +143,24 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def _from_text(kind: str, name: str, text: str) -> Any:
+def _list_items(name: str, values: list[str]) -> list[Any]:
+    """A list parameter's items from the query: repeated (``?tags=a&tags=b``), comma
+    separated (``?tags=a,b``) or a JSON array (``?tags=["a","b"]``)."""
+    if len(values) != 1:
+        return values
+    text = values[0].strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            raise ParameterError(f"parameter {name!r} looks like a JSON array but is not one: {text!r}") from None
+        if not isinstance(items, list):
+            raise ParameterError(f"parameter {name!r} must be a list")
+        return [item if isinstance(item, str) else json.dumps(item) for item in items]
+    return text.split(",") if text else []
+
+
+def _from_text(kind: str, name: str, text: str, spec: Any = None) -> Any:
     try:
         if kind == "int":
             return int(text)
@@ -157,7 +174,8 @@ def _from_text(kind: str, name: str, text: str) -> Any:
                 return False
             raise ValueError
     except ValueError:
-        raise ParameterError(f"parameter {name!r} must be {kind}, got {text!r}") from None
+        takes = f"; endpoint {spec.name!r} takes {spec.describe()}" if spec is not None else ""
+        raise ParameterError(f"parameter {name!r} must be {kind}, got {text!r}{takes}") from None
     return text
 
 
@@ -233,10 +251,9 @@ class EndpointSpec:
             elif p["type"] in ("object", "request"):
                 raise ParameterError(f"parameter {name!r} does not come from the query; endpoint {self.name!r} takes {self.describe()}")
             elif p["type"] == "list":
-                items = [v for value in values for v in value.split(",")] if len(values) == 1 else values
-                kwargs[name] = [_from_text(p.get("item", "any"), name, v) for v in items]
+                kwargs[name] = [_from_text(p.get("item", "any"), name, v, self) for v in _list_items(name, values)]
             else:
-                kwargs[name] = _from_text(p["type"], name, values[-1])
+                kwargs[name] = _from_text(p["type"], name, values[-1], self)
         if body_parameter is not None:
             if body is not None:
                 kwargs[body_parameter["name"]] = body  # the whole body, as FastAPI binds one model
