@@ -24,19 +24,19 @@ def test_owners_listing_and_lookup(jstream_server, monkeypatch):
     conn = jstream_server.connection
     monkeypatch.setenv("JPY_SESSION_NAME", "/home/ada/analysis.ipynb")
     register_endpoint(hello, name="owned", connection=conn)
-    register_function(double, connection=conn)
+    register_function(double, name="owned_double", connection=conn)
     monkeypatch.setenv("JPY_SESSION_NAME", "/home/bob/other.ipynb")
     with pytest.warns(UserWarning, match=r"endpoint 'owned' was registered by /home/ada/analysis.ipynb; this cell replaced it"):
         register_endpoint(hello, name="owned", connection=conn)
     rows = {row["name"]: row for row in jupyter_stream.list(conn)}
     assert rows["owned"]["owner"] == "/home/bob/other.ipynb" and rows["owned"]["kind"] == "endpoint"
-    assert rows["double"]["owner"] == "/home/ada/analysis.ipynb" and rows["double"]["kind"] == "function"
+    assert rows["owned_double"]["owner"] == "/home/ada/analysis.ipynb" and rows["owned_double"]["kind"] == "function"
     assert abs(rows["owned"]["since"] - time.time()) < 60
     # handles again, without the code (after a kernel restart, say)
     endpoint = Endpoint.lookup("owned", connection=conn)
     assert endpoint.url == jstream_server.url + "stream/owned" and endpoint.fn is None
     assert jstream_server.get("stream/owned").text == "data: hello\n\n"
-    assert Function.lookup("double", connection=conn).remote(21) == 42
+    assert Function.lookup("owned_double", connection=conn).remote(21) == 42
     with pytest.raises(LookupError, match="no endpoint named 'nope'"):
         Endpoint.lookup("nope", connection=conn)
 
