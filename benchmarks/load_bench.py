@@ -122,24 +122,25 @@ def burst(n: int = 10, interval: float = 0.1):
 # /proc readings (Linux)
 # --------------------------------------------------------------------------
 
-def cpu_ticks(pid: int) -> int | None:
-    """utime + stime of `pid` in clock ticks, or None if it is gone."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/<pid>/stat from field 3 (state) on, or None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat[stat.rfind(b")") + 2:].split()  # fields[0] is field 3 (state)
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15
+    return stat[stat.rfind(b")") + 2:].split()  # after the command name, which may hold spaces
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of `pid` in clock ticks, or None if it is gone."""
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[11]) + int(fields[12])  # fields 14 and 15
 
 
 def ppid_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat[stat.rfind(b")") + 2:].split()[1])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def status_kib(pid: int, key: str = "VmRSS") -> int | None:

@@ -95,30 +95,40 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EVENTSOURCE_CONNECTING, EVENTSOURCE_OPEN = 0, 1
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
-def test_a_browser_eventsource_gets_the_server_event_then_its_own(endpoints):
-    """The `error` listener sees the server's event first (a MessageEvent with .data), then
-    the browser's own event when the connection closes (no data); we close it there."""
+def in_browser(server, script, path):
+    """Run `script` (a JS function of a URL) in headless Chromium, on a page of the server's
+    own origin, with the server's URL for `path` (token in the query: EventSource sends no
+    headers); returns what the script resolves to."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        # a page of the server's own origin; the API's CSP (connect-src 'none') would block it
-        page = browser.new_page(bypass_csp=True)
-        page.goto(endpoints.url + f"api/stream/workers?token={endpoints.token}")
-        seen = page.evaluate(
-            """(url) => new Promise((resolve) => {
-                const seen = [];
-                const source = new EventSource(url);
-                source.addEventListener('error', (event) => {
-                    seen.push({kind: event.constructor.name, data: event.data === undefined ? null : event.data,
-                               readyState: source.readyState});
-                    if (event.data === undefined) { source.close(); resolve(seen); }
-                });
-            })""",
-            endpoints.url + f"stream/chat?token={endpoints.token}",
-        )
-        browser.close()
+        try:
+            # a page of the server's own origin; the API's CSP (connect-src 'none') would block it
+            page = browser.new_page(bypass_csp=True)
+            page.goto(server.url + f"api/stream/workers?token={server.token}")
+            return page.evaluate(script, server.url + f"{path}?token={server.token}")
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="Debian's chromium is not installed")
+def test_a_browser_eventsource_gets_the_server_event_then_its_own(endpoints):
+    """The `error` listener sees the server's event first (a MessageEvent with .data), then
+    the browser's own event when the connection closes (no data); we close it there."""
+    seen = in_browser(
+        endpoints,
+        """(url) => new Promise((resolve) => {
+            const seen = [];
+            const source = new EventSource(url);
+            source.addEventListener('error', (event) => {
+                seen.push({kind: event.constructor.name, data: event.data === undefined ? null : event.data,
+                           readyState: source.readyState});
+                if (event.data === undefined) { source.close(); resolve(seen); }
+            });
+        })""",
+        "stream/chat",
+    )
     assert seen[0]["kind"] == "MessageEvent" and json.loads(seen[0]["data"])["error"]["message"] == "the model crashed"
     assert seen[0]["readyState"] == EVENTSOURCE_OPEN
     # then the browser's own: the connection closed, and it is about to reconnect (and rerun
@@ -139,24 +149,18 @@ def ticker(request: Request, n: int = 6):
 def test_a_browser_eventsource_resumes_from_its_last_event_id(server):
     """A reconnecting EventSource sends Last-Event-ID by itself: the stream goes on where
     it stopped instead of starting over."""
-    from playwright.sync_api import sync_playwright
-
     server.register(ticker)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(bypass_csp=True)
-        page.goto(server.url + f"api/stream/workers?token={server.token}")
-        ticks = page.evaluate(
-            """(url) => new Promise((resolve) => {
-                const ticks = [];
-                const source = new EventSource(url);
-                source.onmessage = (event) => {
-                    ticks.push([JSON.parse(event.data).tick, event.lastEventId]);
-                    if (ticks.length === 6) { source.close(); resolve(ticks); }
-                };
-                setTimeout(() => { source.close(); resolve(ticks); }, 15000);
-            })""",
-            server.url + f"stream/ticker?token={server.token}",
-        )
-        browser.close()
+    ticks = in_browser(
+        server,
+        """(url) => new Promise((resolve) => {
+            const ticks = [];
+            const source = new EventSource(url);
+            source.onmessage = (event) => {
+                ticks.push([JSON.parse(event.data).tick, event.lastEventId]);
+                if (ticks.length === 6) { source.close(); resolve(ticks); }
+            };
+            setTimeout(() => { source.close(); resolve(ticks); }, 15000);
+        })""",
+        "stream/ticker",
+    )
     assert ticks == [[i, str(i)] for i in range(6)]  # 0-2, then 3-5 after the reconnect

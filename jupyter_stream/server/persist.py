@@ -28,7 +28,6 @@ class StoredRegistration:
     path: str
     body: bytes  # the registration's JSON, as sent
     fn_hash: str | None
-    saved: float | None
 
 
 class RegistrationStore:
@@ -41,16 +40,19 @@ class RegistrationStore:
         return os.path.join(self.directory, f"{kind}-{name}.json")
 
     def save(self, kind: str, name: str, registration: bytes, fn_hash: str) -> str:
-        """Write atomically (a crash leaves the old file or the new one, never half)."""
+        """Write atomically (a crash leaves the old file or the new one, never half). The
+        registration's JSON (checked already, and up to hundreds of MB of base64) goes in
+        as it came, not parsed and written out again."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        record = {"kind": kind, "name": name, "fn_hash": fn_hash, "saved": time.time(),
-                  "registration": json.loads(registration)}
+        head = json.dumps({"kind": kind, "name": name, "fn_hash": fn_hash, "saved": time.time()})
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{kind}-{name}-", suffix=".tmp")
         try:
             os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
+            with os.fdopen(fd, "wb") as f:
+                f.write(head[:-1].encode() + b', "registration": ')
+                f.write(registration)
+                f.write(b"}")
             path = self.path(kind, name)
             os.replace(tmp, path)
         except BaseException:
@@ -86,4 +88,4 @@ class RegistrationStore:
             except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
                 yield path, f"the file is not a stored registration ({type(e).__name__}: {e})"
                 continue
-            yield StoredRegistration(kind, name, path, body, record.get("fn_hash"), record.get("saved"))
+            yield StoredRegistration(kind, name, path, body, record.get("fn_hash"))

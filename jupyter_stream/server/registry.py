@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import functools
 import json
 import math
 import time
@@ -222,14 +223,14 @@ class EndpointSpec:
             parts.append(f"{p['name']} ({kind}{', required' if p.get('required') else ''})")
         return ", ".join(parts) or "no parameters"
 
-    @property
+    @functools.cached_property  # a spec never changes: worked out once, not per request
     def body_parameter(self) -> dict[str, Any] | None:
         """The parameter that takes the whole JSON body: the only one annotated as a dict,
         dataclass or pydantic model (as FastAPI binds a single body parameter)."""
         objects = [p for p in self.signature.get("params", []) if p.get("type") == "object"]
         return objects[0] if len(objects) == 1 else None
 
-    @property
+    @functools.cached_property
     def request_parameter(self) -> str | None:
         """The parameter annotated `jupyter_stream.Request`, if any: it gets the request."""
         return next((p["name"] for p in self.signature.get("params", []) if p.get("type") == "request"), None)
