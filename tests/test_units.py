@@ -119,3 +119,12 @@ def test_try_it_shows_errors_readably():
     assert readable_error('{"message": "authenticate with the server\'s token", "reason": null}') == [
         "error: authenticate with the server's token"]
     assert readable_error("not json") == ["not json"]
+
+
+def test_a_line_split_across_frames_stays_whole_when_tagging_starts_in_between(capsys):
+    from jupyter_stream.client.functions import relay_printed
+
+    midline = set()
+    relay_printed({"worker": "worker-1", "print": [["stdout", "line 1\nline 2"]]}, False, midline)
+    relay_printed({"worker": "worker-1", "print": [["stdout", " end\nline 3\n"]]}, True, midline)  # now tagged
+    assert capsys.readouterr().out == "line 1\nline 2 end\n[worker-1] line 3\n"

@@ -86,16 +86,16 @@ def relay_printed(header: dict[str, Any], prefix: bool = False, midline: set | N
     rest comes untagged)."""
     worker = header.get("worker")
     for stream, text in header.get("print", ()):
+        key = (worker, stream)
+        continued = midline is not None and key in midline
+        if midline is not None:  # kept whether or not lines are tagged yet: tagging may start mid-line
+            if text.endswith(("\n", "\r")):
+                midline.discard(key)
+            else:
+                midline.add(key)
         if prefix:
             lines = text.splitlines(keepends=True)
-            key = (worker, stream)
-            continued = midline is not None and key in midline
             text = "".join(line if continued and i == 0 else f"[{worker}] {line}" for i, line in enumerate(lines))
-            if midline is not None:
-                if text.endswith(("\n", "\r")):
-                    midline.discard(key)
-                else:
-                    midline.add(key)
         out = sys.stderr if stream == "stderr" else sys.stdout
         out.write(text)
         out.flush()
