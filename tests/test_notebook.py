@@ -72,13 +72,14 @@ def serve(notebook, tmp_path, token="servetoken"):
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_stream.server.cli", "serve", str(REPO / "notebooks" / notebook),
+        [sys.executable, "-m", "jupyter_stream.server.cli", "serve", str(REPO / "notebooks" / notebook),  # or an absolute path
          "--port", str(port), "--token", token,
          "--ServerApp.open_browser=False"],  # also one of serve's own defaults: the user's wins
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path), "JUPYTER_DATA_DIR": str(tmp_path / "data")},
     )
     printed = []
+    serve.proc = proc
     try:
         for line in proc.stdout:
             printed.append(line)
@@ -115,6 +116,85 @@ def test_serve_remote_functions_notebook(tmp_path):
         assert httpx.get(base + "mapped", headers=headers, timeout=30).text == "".join(f"segment {i}\n" for i in range(10))
         text = httpx.get(base + "transcribe_video?text=a%20b", headers=headers, timeout=30).text
         assert text == "data: A\n\ndata: B\n\n"
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie (exited, not yet reaped by its parent) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    return True
+
+
+def test_ctrl_c_while_the_notebook_runs_stops_everything(tmp_path):
+    """SIGINT in the middle of a 25 s cell, with a function running on a worker: the
+    server exits within 5 s, the worker's `finally` and `atexit` hooks run, no kernel
+    is left, and the runtime files of the run are gone."""
+    import nbformat
+
+    cells = [
+        "%load_ext jupyter_stream",
+        "%%stream_function\n"
+        "def hold(marker: str):\n"
+        "    import atexit, os, time\n"
+        "    open(marker + '.pid', 'w').write(str(os.getpid()))\n"
+        "    atexit.register(lambda: open(marker + '.atexit', 'w').write('ran'))\n"
+        "    try:\n"
+        "        for _ in range(600):\n"
+        "            time.sleep(0.1)\n"
+        "    finally:\n"
+        "        open(marker + '.finally', 'w').write('ran')\n",
+        f"import os, time\nopen({str(tmp_path / 'notebook.pid')!r}, 'w').write(str(os.getpid()))\n"
+        f"call = hold.spawn({str(tmp_path / 'hold')!r})\ntime.sleep(25)",
+        "%%stream_endpoint\ndef never():\n    yield 'not reached'\n",
+    ]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nbformat.write(nb, tmp_path / "slow.ipynb")
+    runtime = tmp_path / "runtime"
+    from jupyter_stream.pytest_plugin import free_port
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_stream.server.cli", "serve", str(tmp_path / "slow.ipynb"), "--port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_DATA_DIR": str(tmp_path / "data")},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "hold.pid").exists() or not (tmp_path / "notebook.pid").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the notebook did not get to its slow cell"
+            time.sleep(0.1)
+        pids = [int((tmp_path / name).read_text()) for name in ("hold.pid", "notebook.pid")]
+        assert any(runtime.glob("jupyter-stream-*")) and any(runtime.glob("jpserver-*"))
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=15)
+        took = time.monotonic() - started
+    finally:
+        proc.kill()
+    assert took < 5, f"took {took:.1f} s to stop"
+    assert proc.returncode == 0, out
+    assert "stopping" in out and "Traceback" not in out and "registered no endpoints" not in out, out
+    assert (tmp_path / "hold.finally").read_text() == "ran" and (tmp_path / "hold.atexit").read_text() == "ran"
+    assert not [pid for pid in pids if alive(pid)], "a kernel outlived the server"
+    left = sorted(p.name for p in runtime.iterdir() if p.name != "jupyter_cookie_secret")  # the secret is meant to last
+    assert left == [], left
+
+
+def test_sigterm_while_serving_stops_everything(tmp_path):
+    with serve("quickstart.ipynb", tmp_path) as (out, base, headers):
+        pid = int(httpx.get(base.replace("stream/", "api/stream/workers"), headers=headers, timeout=30).json()["workers"][0]["pid"])
+        proc = serve.proc
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        assert time.monotonic() - started < 5
+        assert proc.returncode == 0 and not alive(pid)
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("jpserver-", "jupyter-stream-", "kernel-")))
+        assert left == [], left
 
 
 def test_script_without_a_server_starts_an_embedded_one(tmp_path):

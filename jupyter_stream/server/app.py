@@ -37,6 +37,9 @@ class JupyterStream(ExtensionApp):
     """Streaming endpoints and remote functions served from worker kernels."""
 
     name = "jupyter_stream"
+    serving: asyncio.Task | None = None  # `jupyter stream serve`'s notebook run
+    stopping = False
+    notebook_kernel: Any = None  # the kernel running that notebook, meanwhile
 
     kernel_name = Unicode("python3", config=True, help="Kernelspec that worker kernels are started from.")
     min_workers = Int(1, config=True, help="Worker kernels kept warm from server start (0 starts them on demand).")
@@ -142,9 +145,10 @@ class JupyterStream(ExtensionApp):
         await self.pool.start()
         asyncio.create_task(self.restore_persisted())
         if self.notebooks:
-            from .serve import run_notebooks
+            from .serve import run_notebooks, stop_on_signals
 
-            asyncio.create_task(run_notebooks(self, list(self.notebooks)))
+            self.serving = asyncio.create_task(run_notebooks(self, list(self.notebooks)))
+            stop_on_signals(self)
 
     # -- registrations: the one path for the API, and for restoring persisted ones ------
 

@@ -60,6 +60,7 @@ class WorkerPool:
         self.worker_env = worker_env
         self.cancel_grace_period = cancel_grace_period
         self.worker_messages = worker_messages
+        self.shutdown_wait_time = 2.5
         self.workers: list[WorkerKernel] = []
         self.draining: list[WorkerKernel] = []
         self.starting = 0
@@ -265,7 +266,9 @@ class WorkerPool:
         self._spawn(worker.shutdown(now=True))
 
     async def shutdown(self) -> None:
-        """Stop every worker kernel (the server is shutting down)."""
+        """Stop every worker kernel (the server is shutting down), gracefully: each kernel
+        cancels its runs (their ``finally`` blocks run) and its exit hooks run, and one
+        that has not exited after `shutdown_wait_time` is killed."""
         self._closed = True
         if self._watcher is not None:
             self._watcher.cancel()
@@ -274,7 +277,9 @@ class WorkerPool:
                 waiter.set_exception(WorkerError("the server is shutting down"))
         workers, self.workers = self.workers + self.draining, []
         self.draining = []
-        await asyncio.gather(*(w.shutdown(now=True) for w in workers), return_exceptions=True)
+        for worker in workers:  # a kernel asked to shut down gets this long before it is killed
+            worker.km.shutdown_wait_time = self.shutdown_wait_time
+        await asyncio.gather(*(w.shutdown(now=False) for w in workers), return_exceptions=True)
 
     def info(self) -> dict[str, Any]:
         return {

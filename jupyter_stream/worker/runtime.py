@@ -11,6 +11,7 @@ from running more than its credit window ahead of the HTTP client (backpressure)
 from __future__ import annotations
 
 import asyncio
+import atexit
 import ctypes
 import inspect
 import io
@@ -96,6 +97,7 @@ class Worker:
         sys.stdout = RunOutput("stdout", sys.stdout)
         sys.stderr = RunOutput("stderr", sys.stderr)
         threading.Thread(target=self.send_loop, name="jupyter-stream-sender", daemon=True).start()
+        atexit.register(self.stop_runs)
         self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0], "control": isinstance(handlers, dict)})
 
     # -- messages from the server (kernel main thread) -------------------------------
@@ -175,6 +177,19 @@ class Worker:
         with self.lock:
             if run.cancelled and run.thread is not None:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(run.thread), ctypes.py_object(RunCancelled))
+
+    def stop_runs(self, timeout: float = 1.5) -> None:
+        """At exit (the server shuts this kernel down): cancel the runs still going and
+        interrupt their threads, so their ``finally`` blocks and context managers run
+        before the process ends (its call threads are daemons, which would just vanish)."""
+        running = [run for run in list(self.runs.values()) if not run.done]
+        for run in running:
+            self.cancel(run.id)
+            self.interrupt(run.id)
+        deadline = time.monotonic() + timeout
+        for run in running:
+            while not run.done and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     def settle(self, run: Run) -> None:
         """The call's code is done: no interrupt may reach its thread (reused for the next
