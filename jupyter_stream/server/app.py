@@ -224,6 +224,10 @@ class JupyterStream(ExtensionApp):
             except PermissionError:
                 pass
 
+    def pool_for(self, spec: EndpointSpec | FunctionSpec) -> WorkerPool:
+        """The worker pool that runs `spec`'s calls."""
+        return self.pool
+
     async def stop_extension(self) -> None:
         await self.pool.shutdown()
 

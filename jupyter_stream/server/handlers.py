@@ -363,7 +363,7 @@ class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
             raise web.HTTPError(403, "not authorized to execute code in kernels")
         state = self.settings["jupyter_stream"]
         caller_worker = state.pool.worker_named(self.request.headers.get("X-Jupyter-Stream-Worker", ""))
-        self.session = ClientSession(state.pool, state.functions, self.send_frame, caller_worker)
+        self.session = ClientSession(state.pool_for, state.functions, self.send_frame, caller_worker)
         await super().get(*args, **kwargs)
 
     # WebSocketMixin gives these in milliseconds for its own pings, which we do not use;

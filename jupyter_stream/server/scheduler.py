@@ -49,6 +49,7 @@ class RemoteCall:
 
     def __init__(self, session: ClientSession, call_id: str, spec: FunctionSpec, args: bytes):
         self.session, self.id, self.spec, self.args = session, call_id, spec, args
+        self.pool = session.pool_for(spec)
         self.attempts = 0
         self.deaths = 0  # of its kernel while it ran alone there
         self.shared_deaths = 0
@@ -60,7 +61,7 @@ class RemoteCall:
 
     def attempt(self) -> None:
         """Start on an idle worker now (the common, fast case), or wait for one."""
-        worker = self.session.worker_now()
+        worker = self.session.worker_now(self.pool)
         if worker is not None:
             self.launch(worker)
         else:
@@ -68,12 +69,12 @@ class RemoteCall:
 
     async def wait_for_worker(self) -> None:
         try:
-            worker = await self.session.pool.acquire()
+            worker = await self.pool.acquire()
         except WorkerError as e:
             self.session.end(self.id, error_info("WorkerError", str(e)))
             return
         if self.cancelled:
-            self.session.pool.release(worker)
+            self.pool.release(worker)
             return
         self.launch(worker)
 
@@ -144,6 +145,7 @@ class MapCall:
 
     def __init__(self, session: ClientSession, call_id: str, spec: FunctionSpec, kwargs: bytes):
         self.session, self.id, self.spec, self.kwargs = session, call_id, spec, kwargs
+        self.pool = session.pool_for(spec)
         self.pending: collections.deque[tuple[int, bytes, int]] = collections.deque()
         self.lanes: list[Lane] = []
         self.lane_tasks: set[asyncio.Task] = set()
@@ -183,7 +185,7 @@ class MapCall:
         """Top up every lane, and ask for more lanes while there is more work than lanes."""
         for lane in self.lanes:
             self.feed(lane)
-        wanted = min(self.session.pool.max_workers, self.outstanding)
+        wanted = min(self.pool.max_workers, self.outstanding)
         while len(self.lanes) + len(self.lane_tasks) < wanted and self.pending:
             task = asyncio.create_task(self.open_lane())
             self.lane_tasks.add(task)
@@ -192,13 +194,13 @@ class MapCall:
     async def open_lane(self) -> None:
         try:
             caller_has_lane = any(lane.worker is self.session.caller for lane in self.lanes)
-            worker = self.session.worker_now(allow_caller=not caller_has_lane) or await self.session.pool.acquire()
+            worker = self.session.worker_now(self.pool, allow_caller=not caller_has_lane) or await self.pool.acquire()
         except WorkerError as e:
             if not self.lanes:
                 self.fail_all(error_info("WorkerError", str(e)))
             return
         if self.cancelled or self.finished or not self.pending:
-            self.session.pool.release(worker)
+            self.pool.release(worker)
             return
         lane = Lane(worker)
         lane.run = worker.start_run(
@@ -356,23 +358,24 @@ def check_frame(header: dict[str, Any], payload: memoryview) -> None:
 class ClientSession:
     """The calls of one client connection, keyed by the client's call ids."""
 
-    def __init__(self, pool: WorkerPool, functions: Registry, send: Callable[[bytes], None],
+    def __init__(self, pool_for: Callable[[FunctionSpec], WorkerPool], functions: Registry, send: Callable[[bytes], None],
                  caller: WorkerKernel | None = None):
-        self.pool = pool
+        #: the pool that runs a function's calls (see `server.app.JupyterStream.pool_for`)
+        self.pool_for = pool_for
         self.functions = functions
         self._send = send
         #: the worker kernel this client runs in, when a function calls another one
         self.caller = caller
         self.calls: dict[str, Any] = {}
 
-    def worker_now(self, allow_caller: bool = True) -> WorkerKernel | None:
+    def worker_now(self, pool: WorkerPool, allow_caller: bool = True) -> WorkerKernel | None:
         """An idle worker, or None. A call made from inside a worker while every worker is
         busy and the pool is at its maximum runs on that same worker, in a thread of its
         own: its caller is waiting for it, so waiting for a free worker could wait forever
         (dask's `secede` solves the same problem the same way)."""
-        worker = self.pool.try_acquire()
-        if worker is None and allow_caller and self.caller is not None:
-            worker = self.pool.lend_beside(self.caller)
+        worker = pool.try_acquire()
+        if worker is None and allow_caller and self.caller is not None and self.caller.pool is pool:
+            worker = pool.lend_beside(self.caller)
         return worker
 
     def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
