@@ -26,6 +26,12 @@ Measurements:
    ``--first-rounds`` fresh small maps (each fully consumed, 0.2 s apart).
 2. ``remote`` - one warm call's round trip: p50 / p90 over ``--calls`` sequential
    calls after ``--warmup`` warm-up calls.
+3. ``slow``   - (ours only) maps of slow items (``nap``: sleeps, returns its pid) on a
+   server of its own with ``min_workers=1, max_workers=4``: 60 items of 0.15 s on the
+   cold pool (one warm worker, three started on demand by the map), then, warm, 8
+   items of 1 s and 60 of 0.15 s. Each is compared with the ideal, items x time /
+   workers plus the time the map waited for workers to start (measured: the last
+   worker's ready time, polled from ``/api/stream/workers``); target ratio <= 1.15.
 
 Systems are measured one at a time (start, measure, tear down), so on a small
 machine no idle cluster's heartbeats run under another's figures.
@@ -35,6 +41,7 @@ This is a script, not a test. Examples::
     python benchmarks/map_bench.py
     python benchmarks/map_bench.py --skip-refs --only map --items 500000
     python benchmarks/map_bench.py --only remote --json
+    python benchmarks/map_bench.py --skip-refs --only slow
 """
 
 from __future__ import annotations
@@ -66,12 +73,13 @@ from endpoint_bench import (  # noqa: E402  (same folder; shared plumbing)
     start_jupyter_stream,
 )
 
-MEASUREMENTS = ("map", "remote")
+MEASUREMENTS = ("map", "remote", "slow")
 
 # Design targets for our server (see the project brief).
 TARGET_MAP_ITEMS_PER_S = 50_000
 TARGET_FIRST_RESULT_MS = 10.0
 TARGET_REMOTE_P50_MS = 2.0
+TARGET_SLOW_RATIO = 1.15  # slow items: time / (items x time / workers + worker start)
 
 FIRST_PAUSE_S = 0.2  # between the small first-result maps
 
@@ -84,6 +92,15 @@ FIRST_PAUSE_S = 0.2  # between the small first-result maps
 
 def triv(x):
     return x
+
+
+def nap(seconds):
+    """A slow item: sleeps, and says which worker ran it."""
+    import os
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()
 
 
 def _pickle_triv_by_value() -> None:
@@ -439,6 +456,103 @@ def measure_remote(system: System, calls: int, warmup: int) -> dict:
 
 
 # --------------------------------------------------------------------------
+# Slow items (ours only): does a map use every worker, also while they start?
+# --------------------------------------------------------------------------
+
+SLOW_WORKERS = 4
+SLOW_CASES = (  # (name, items, seconds per item)
+    ("cold pool", 60, 0.15),
+    ("warm", 8, 1.0),
+    ("warm", 60, 0.15),
+)
+
+
+class WorkerWatch:
+    """Polls the server's worker list in a thread: when each worker became ready."""
+
+    def __init__(self, base: str, token: str):
+        import threading
+
+        import httpx
+
+        self.http = httpx.Client(base_url=base, headers={"Authorization": f"token {token}"}, timeout=10)
+        self.ready: Dict[int, float] = {}  # pid -> time.perf_counter() when first seen alive
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.poll_once()
+        self.thread.start()
+
+    def poll_once(self) -> None:
+        now = time.perf_counter()
+        for worker in self.http.get("api/stream/workers").json()["workers"]:
+            if worker.get("alive") and worker.get("pid"):
+                self.ready.setdefault(worker["pid"], now)
+
+    def poll(self) -> None:
+        while not self.stopping.wait(0.02):
+            with contextlib.suppress(Exception):
+                self.poll_once()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.http.close()
+
+
+def capacity_ideal(n: int, seconds: float, ready: List[float]) -> float:
+    """When n items of `seconds` could be done at best by workers ready at these times
+    (each from then on busy): the T where sum(T - ready_i, ready_i < T) = n x seconds."""
+    work = n * seconds
+    ready = sorted(ready)
+    for k in range(len(ready), 0, -1):  # the k earliest workers take part
+        t = (work + sum(ready[:k])) / k
+        if t >= ready[k - 1]:
+            return t
+    return work
+
+
+def measure_slow(procs: Processes, tmp: Path, startup_timeout: float = 90.0) -> Dict[str, dict]:
+    options = ["--JupyterStream.min_workers=1", f"--JupyterStream.max_workers={SLOW_WORKERS}"]
+    _, base, token, _ = start_jupyter_stream(procs, tmp, options, 1, startup_timeout)
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from jupyter_stream.client.connection import ServerConnection
+    from jupyter_stream.client.functions import register_function
+
+    conn = ServerConnection(base, token)
+    watch = WorkerWatch(base, token)
+    results: Dict[str, dict] = {}
+    try:
+        fn = register_function(nap, connection=conn)
+        for name, n, seconds in SLOW_CASES:
+            before = set(watch.ready)
+            t0 = time.perf_counter()
+            pids = list(fn.map([seconds] * n, progress=False))
+            elapsed = time.perf_counter() - t0
+            watch.poll_once()
+            # the workers the map had to wait for: those that came up while it ran
+            started = [watch.ready[p] - t0 for p in watch.ready if p not in before]
+            start_s = max(started, default=0.0)
+            workers = len(watch.ready)
+            ideal = n * seconds / workers + start_s
+            ready = [0.0] * len(before) + started
+            per_worker = sorted((pids.count(p) for p in set(pids)), reverse=True)
+            key = f"{name}: {n} x {seconds:g} s"
+            results[key] = {"items": n, "seconds": seconds, "workers": workers, "elapsed_s": elapsed,
+                            "worker_start_s": start_s, "ideal_s": ideal, "ratio": elapsed / ideal,
+                            "capacity_ideal_s": capacity_ideal(n, seconds, ready[:workers]),
+                            "items_per_worker": per_worker}
+            _log(f"slow items, {key}: {elapsed:.2f} s, ideal {ideal:.2f} s "
+                 f"(workers started in {start_s:.2f} s), ratio {elapsed / ideal:.2f}, per worker {per_worker}")
+    finally:
+        watch.stop()
+        with contextlib.suppress(Exception):
+            conn.http.close()
+        procs.stop_all()
+    return results
+
+
+# --------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------
 
@@ -522,6 +636,19 @@ def report(results: dict, skipped: Dict[str, str], labels: Dict[str, Dict[str, s
             f"(lower is better; ours vs row = row p50 / ours p50, >1x = ours faster)",
             rows, ["system", "p50 ms", "p90 ms", "mean ms", "ours vs row", "target"])
 
+    if "slow" in results:
+        rows = []
+        for key, m in results["slow"].items():
+            rows.append([key, str(m["workers"]), f"{m['elapsed_s']:.2f}", f"{m['worker_start_s']:.2f}",
+                         f"{m['ideal_s']:.2f}", f"{m['ratio']:.2f}", f"{m['capacity_ideal_s']:.2f}",
+                         "/".join(map(str, m["items_per_worker"])),
+                         f"<= {TARGET_SLOW_RATIO:g}: {_pass(m['ratio'] <= TARGET_SLOW_RATIO)}"])
+        print_table(
+            f"slow items (ours, min_workers=1, max_workers={SLOW_WORKERS}): time vs ideal = items x time / workers "
+            "+ worker start (capacity: best possible with the measured ready times)",
+            rows, ["map", "workers", "time s", "start s", "ideal s", "ratio", "capacity s", "items per worker",
+                   "target"])
+
 
 # --------------------------------------------------------------------------
 # Main
@@ -530,7 +657,7 @@ def report(results: dict, skipped: Dict[str, str], labels: Dict[str, Dict[str, s
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", action="append", default=[],
-                   help="map and/or remote; repeatable or comma-separated (default: both)")
+                   help="map, remote and/or slow; repeatable or comma-separated (default: all)")
     p.add_argument("--items", type=int, default=200_000,
                    help="items per throughput map for ours and multiprocessing (default 200000)")
     p.add_argument("--slow-items", type=int, default=2_000,
@@ -645,6 +772,9 @@ def main(argv=None) -> int:
             factories.append(("dask", Dask))
             factories.append(("ipyparallel", lambda: IPP(tmp)))
 
+        if not set(args.only) & {"map", "remote"}:
+            factories = []
+
         for name, factory in factories:
             try:
                 system = factory()
@@ -653,6 +783,10 @@ def main(argv=None) -> int:
                 _log(f"{name}: skipped (not installed: {exc})")
                 continue
             run_system(system, args, results, labels)
+        if "slow" in args.only:  # last: it starts threads here (multiprocessing forks first)
+            t = time.monotonic()
+            results["slow"] = measure_slow(procs, tmp)
+            _log(f"slow items: {time.monotonic() - t:.1f}s")
 
         report(results, skipped, labels, args)
         print(f"\n(total {time.monotonic() - started:.0f} s)")
@@ -663,7 +797,7 @@ def main(argv=None) -> int:
                 "notes": labels,
                 "targets": {"map_items_per_s_min": TARGET_MAP_ITEMS_PER_S,
                             "first_result_ms_max": TARGET_FIRST_RESULT_MS,
-                            "remote_p50_ms_max": TARGET_REMOTE_P50_MS},
+                            "remote_p50_ms_max": TARGET_REMOTE_P50_MS, "slow_ratio_max": TARGET_SLOW_RATIO},
                 "config": {k: getattr(args, k) for k in
                            ("only", "items", "slow_items", "repeats", "budget", "first_items",
                             "slow_first_items", "first_rounds", "calls", "warmup", "no_unordered", "skip_refs")},
