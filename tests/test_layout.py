@@ -7,7 +7,7 @@ from pathlib import Path
 import jupyter_stream
 
 PACKAGE = Path(jupyter_stream.__file__).parent
-SHARED = {"wire", "errors", "responses", "signatures"}
+SHARED = {"wire", "errors", "responses", "signatures", "requirements"}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -128,3 +128,93 @@ def test_a_line_split_across_frames_stays_whole_when_tagging_starts_in_between(c
     relay_printed({"worker": "worker-1", "print": [["stdout", "line 1\nline 2"]]}, False, midline)
     relay_printed({"worker": "worker-1", "print": [["stdout", " end\nline 3\n"]]}, True, midline)  # now tagged
     assert capsys.readouterr().out == "line 1\nline 2 end\n[worker-1] line 3\n"
+
+
+def test_gpu_specs_parse_as_modal_writes_them():
+    from jupyter_stream.requirements import GpuRequest, format_gpu_spec, parse_gpu_spec
+
+    assert parse_gpu_spec(None) == () and parse_gpu_spec("") == ()
+    assert parse_gpu_spec("any") == (GpuRequest(None, 1),)
+    assert parse_gpu_spec("2") == parse_gpu_spec(2) == (GpuRequest(None, 2),)
+    assert parse_gpu_spec("h100") == (GpuRequest("H100", 1),)
+    assert parse_gpu_spec("H100:2") == (GpuRequest("H100", 2),)
+    assert parse_gpu_spec(" H100 , a100:2 ") == parse_gpu_spec(["H100", "A100:2"]) == (GpuRequest("H100", 1), GpuRequest("A100", 2))
+    assert parse_gpu_spec("any:4") == (GpuRequest(None, 4),)
+    assert format_gpu_spec(parse_gpu_spec("h100:1,any")) == "H100,any"
+    for bad, message in [
+        ("H100:0", "asks for 0 GPUs"), ("H100:", "must be a whole number"), ("H100:two", "must be a whole number"),
+        ("H100,", "an empty entry"), ("H 100", "is not a GPU type"), ("0", "asks for 0 GPUs"), ("H100:65", "ask for 1 to 64"),
+        ("H100;rm", "is not a GPU type"), (3.5, "must be a string"), ([], "a GPU spec list"), ([None], "a GPU spec list"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_gpu_spec(bad)
+
+
+def test_gpu_types_match_device_names_as_whole_words():
+    from jupyter_stream.requirements import GpuRequest
+
+    assert GpuRequest("H100", 1).matches("NVIDIA H100 80GB HBM3")
+    assert GpuRequest("A100", 1).matches("NVIDIA A100-SXM4-80GB") and GpuRequest("A100-80GB", 1).matches("NVIDIA A100 80GB PCIe") is False
+    assert not GpuRequest("A10", 1).matches("NVIDIA A100-SXM4-80GB") and GpuRequest("A10G", 1).matches("NVIDIA A10G")
+    assert not GpuRequest("L40", 1).matches("NVIDIA L40S") and GpuRequest("L40S", 1).matches("NVIDIA L40S")
+    assert GpuRequest(None, 1).matches("anything at all")
+
+
+def test_requirements_are_checked_field_by_field():
+    from jupyter_stream.requirements import check_requirements, env_pairs, requirement_fields
+    from jupyter_stream.signatures import RegistrationError
+
+    assert requirement_fields() == {}
+    assert requirement_fields(gpu="h100:2", min_workers=1, max_workers=3, scaledown_window=5, env={"B": "2", "A": "1"}) == {
+        "gpu": "H100:2", "min_workers": 1, "max_workers": 3, "scaledown_window": 5.0, "env": {"A": "1", "B": "2"}}
+    assert env_pairs(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    with pytest.raises(ValueError, match="takes KEY=VALUE"):
+        env_pairs(["A"])
+    for bad, message in [
+        ({"min_workers": 3, "max_workers": 2}, "more than --max-workers"), ({"max_workers": 0}, "from 1 to"),
+        ({"min_workers": -1}, "from 0 to"), ({"min_workers": True}, "whole number"),
+        ({"scaledown_window": 0}, "above 0"), ({"scaledown_window": float("inf")}, "above 0"),
+        ({"kernel": "../x"}, "kernelspec name"), ({"env": {"1A": "x"}}, "not an environment variable name"),
+        ({"env": {"CUDA_VISIBLE_DEVICES": "0"}}, "set by jupyter-stream"), ({"env": {"A": 1}}, "must be a string"),
+        ({"gpus": "any"}, "unknown requirements"), ("any", "must be an object"),
+    ]:
+        with pytest.raises(RegistrationError, match=message):
+            check_requirements(bad)
+
+
+def test_placement_gives_each_worker_its_own_gpus_and_stops_idle_ones_for_room():
+    import dataclasses
+
+    from jupyter_stream.server.gpus import GpuInventory
+    from jupyter_stream.server.placement import Placement
+    from jupyter_stream.server.pool import WorkerPool
+
+    placement = Placement(max_workers=3, inventory=GpuInventory(["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3", "NVIDIA A100"]))
+    one = WorkerPool(gpu="H100", placement=placement, max_workers=3)
+    two = WorkerPool(gpu="H100:2", placement=placement)
+    cpu = WorkerPool(placement=placement)
+    first, second = placement.reserve(one), placement.reserve(one)
+    assert (first.gpus, second.gpus) == ([0], [1])
+    assert placement.reserve(one) is None and one in placement.blocked  # no H100 left: it waits
+    assert placement.reserve(two) is None
+    seat = placement.reserve(cpu)
+    assert seat.gpus == [] and placement.reserve(cpu) is None  # the cap of 3 over all pools
+
+    @dataclasses.dataclass(eq=False)
+    class IdleWorker:
+        name: str
+        pid: int
+        pool: WorkerPool
+        load: int = 0
+        accepting: bool = True
+
+    evicted = []
+    for s in (first, second):  # both H100 workers are up and idle
+        s.worker = IdleWorker(f"w{s.index}", s.index, one)
+        one.workers.append(s.worker)
+    one.evict = lambda worker: (evicted.append(worker), one.workers.remove(worker))
+    placement.free(seat)  # room under the cap again
+    taken = placement.reserve(two)
+    assert taken.gpus == [0, 1] and sorted(w.name for w in taken.victims) == ["w1", "w2"] and len(evicted) == 2
+    placement.free(first), placement.free(second)
+    assert placement.inventory.holders == {0: taken, 1: taken}

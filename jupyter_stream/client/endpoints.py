@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..requirements import requirement_fields
 from ..responses import SSE
 from ..signatures import check_media_type, describe_parameters
 from .connection import ServerConnection, get_connection
@@ -101,30 +102,37 @@ def register_endpoint(
     media_type: str | None = None,
     connection: ServerConnection | None = None,
     persist: bool = False,
+    **requirements: Any,
 ) -> Endpoint:
     """Register `fn` with the server as endpoint `name` (default: the function's name).
     The endpoint belongs to the server: it stays after this kernel stops, until it is
     deleted or the server stops; with `persist` it is also registered again when the
-    server restarts."""
+    server restarts. `requirements` (``gpu=``, ``min_workers=``, ``max_workers=``,
+    ``scaledown_window=``, ``kernel=``, ``env=``) choose the workers that serve it."""
     if media_type is not None:  # undeclared: streams are SSE, values are sent as FastAPI does
         check_media_type(media_type)
     name, reply, conn = register(
         "endpoint", fn, name, connection, persist, media_type=media_type, signature=describe_parameters(fn) if callable(fn) else None,
+        requirements=requirement_fields(**requirements),
     )
     return Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn)
 
 
 def endpoint(
-    fn: Callable | None = None, *, name: str | None = None, media_type: str | None = None, persist: bool = False
+    fn: Callable | None = None, *, name: str | None = None, media_type: str | None = None, persist: bool = False,
+    gpu: str | list[str] | None = None, min_workers: int | None = None, max_workers: int | None = None,
+    scaledown_window: float | None = None, kernel: str | None = None, env: dict[str, str] | None = None,
 ) -> Any:
     """Decorator: serve a generator (or any function returning an iterable) as a streaming
     endpoint. Returns an `Endpoint` handle::
 
-        @jupyter_stream.endpoint(media_type="text/event-stream")
+        @jupyter_stream.endpoint(media_type="text/event-stream", gpu="any")
         def ticks(n: int = 10):
             for i in range(n):
                 yield f"data: tick {i}\\n\\n"
     """
+    requirements = dict(gpu=gpu, min_workers=min_workers, max_workers=max_workers,
+                        scaledown_window=scaledown_window, kernel=kernel, env=env)
     if fn is not None:
-        return register_endpoint(fn, name, media_type, persist=persist)
-    return lambda f: register_endpoint(f, name, media_type, persist=persist)
+        return register_endpoint(fn, name, media_type, persist=persist, **requirements)
+    return lambda f: register_endpoint(f, name, media_type, persist=persist, **requirements)

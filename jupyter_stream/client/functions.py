@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import wire
 from ..errors import rebuild
+from ..requirements import requirement_fields
 from ..signatures import MAX_RETRIES, MAX_TIMEOUT
 from .calls import CallStream, calls_socket
 from .connection import ServerConnection, get_connection
@@ -491,28 +492,36 @@ def register_function(
     timeout: float | None = None,
     connection: ServerConnection | None = None,
     persist: bool = False,
+    **requirements: Any,
 ) -> Function:
     """Register `fn` with the server so workers can run it; returns its `Function` handle.
-    Like endpoints, it belongs to the server (see `register_endpoint`)."""
+    Like endpoints, it belongs to the server, and `requirements` choose its workers (see
+    `register_endpoint`)."""
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
         raise ValueError(f"retries must be a whole number from 0 to {MAX_RETRIES}")
     if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError(f"timeout must be a positive number of seconds, at most {MAX_TIMEOUT:g} (7 days)")
     is_generator = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
-    name, _, conn = register("function", fn, name, connection, persist, generator=is_generator, retries=retries, timeout=timeout)
+    fields = requirement_fields(**requirements)
+    name, _, conn = register("function", fn, name, connection, persist, generator=is_generator, retries=retries, timeout=timeout,
+                             requirements=fields)
     return Function(name, is_generator, fn, conn)
 
 
 def function(fn: Callable | None = None, *, name: str | None = None, retries: int = 0, timeout: float | None = None,
-             persist: bool = False) -> Any:
+             persist: bool = False, gpu: str | list[str] | None = None, min_workers: int | None = None,
+             max_workers: int | None = None, scaledown_window: float | None = None, kernel: str | None = None,
+             env: dict[str, str] | None = None) -> Any:
     """Decorator: run this function on worker kernels, with Modal's call forms::
 
-        @jupyter_stream.function(retries=2)
+        @jupyter_stream.function(retries=2, gpu="H100:2")
         def square(x):
             return x * x
 
         list(square.map(range(10)))
     """
+    requirements = dict(gpu=gpu, min_workers=min_workers, max_workers=max_workers,
+                        scaledown_window=scaledown_window, kernel=kernel, env=env)
     if fn is not None:
-        return register_function(fn, name, retries, timeout, persist=persist)
-    return lambda f: register_function(f, name, retries, timeout, persist=persist)
+        return register_function(fn, name, retries, timeout, persist=persist, **requirements)
+    return lambda f: register_function(f, name, retries, timeout, persist=persist, **requirements)

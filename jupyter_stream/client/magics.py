@@ -4,6 +4,10 @@
 takes the last function it defines, registers it, and binds that name to the `Endpoint`
 handle, which is also the cell's output. ``%%stream_function [--name NAME] [--retries N]
 [--timeout S] [--persist]`` does the same with a `Function` handle.
+
+Both take the worker requirements: ``--gpu SPEC`` (any, N, TYPE, TYPE:N, H100,A100:2),
+``--min-workers N``, ``--max-workers N``, ``--scaledown-window S``, ``--kernel NAME`` and
+``--env KEY=VALUE`` (repeatable).
 """
 
 from __future__ import annotations
@@ -16,9 +20,31 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from ..requirements import GPU_SPEC_HELP, env_pairs
 from .endpoints import register_endpoint
 from .functions import register_function
 from .registration import list_registrations
+
+
+def requirement_arguments(fn: Any) -> Any:
+    """The worker requirement options, shared by the magics."""
+    options = [
+        argument("--env", action="append", metavar="KEY=VALUE", help="Environment variable of its workers (repeatable)."),
+        argument("--kernel", default=None, help="Kernelspec its workers start from (default: the server's)."),
+        argument("--scaledown-window", type=float, default=None, metavar="S",
+                 help="Seconds an idle worker of its pool is kept (default 60)."),
+        argument("--max-workers", type=int, default=None, metavar="N", help="Most workers of its pool."),
+        argument("--min-workers", type=int, default=None, metavar="N", help="Workers of its pool kept warm."),
+        argument("--gpu", default=None, metavar="SPEC", help=f"GPUs each worker gets: {GPU_SPEC_HELP}."),
+    ]
+    for option in options:
+        fn = option(fn)
+    return fn
+
+
+def requirements_of(args: Any) -> dict[str, Any]:
+    return dict(gpu=args.gpu, min_workers=args.min_workers, max_workers=args.max_workers,
+                scaledown_window=args.scaledown_window, kernel=args.kernel, env=env_pairs(args.env) or None)
 
 
 def defined_function_name(cell: str, magic: str) -> str:
@@ -72,12 +98,13 @@ class StreamMagics(Magics):
     @argument("--name", default=None, help="URL name of the endpoint (default: the function's name).")
     @argument("--media-type", default=None, help="Response media type (default: text/event-stream).")
     @argument("--persist", action="store_true", help="Register it again when the server restarts.")
+    @requirement_arguments
     @cell_magic
     def stream_endpoint(self, line: str, cell: str) -> Any:
         """Serve the generator this cell defines as a streaming HTTP endpoint."""
         return self._register_cell(
             self.stream_endpoint, line, cell,
-            lambda fn, args: register_endpoint(fn, args.name, args.media_type, persist=args.persist),
+            lambda fn, args: register_endpoint(fn, args.name, args.media_type, persist=args.persist, **requirements_of(args)),
         )
 
     @magic_arguments()
@@ -85,12 +112,14 @@ class StreamMagics(Magics):
     @argument("--retries", type=int, default=0, help="Times an input that raised is run again.")
     @argument("--timeout", type=float, default=None, help="Seconds one attempt may run.")
     @argument("--persist", action="store_true", help="Register it again when the server restarts.")
+    @requirement_arguments
     @cell_magic
     def stream_function(self, line: str, cell: str) -> Any:
         """Run the function this cell defines on worker kernels: .remote(), .map(), ..."""
         return self._register_cell(  # its repr is the cell's one-line confirmation
             self.stream_function, line, cell,
-            lambda fn, args: register_function(fn, args.name, args.retries, args.timeout, persist=args.persist),
+            lambda fn, args: register_function(fn, args.name, args.retries, args.timeout, persist=args.persist,
+                                               **requirements_of(args)),
         )
 
 

@@ -23,8 +23,10 @@ from traitlets import Bool, Enum, Float, Int, List, TraitError, Type, Unicode, d
 from .. import wire
 from ..responses import SSE
 from . import handlers
+from .gpus import GpuInventory
 from .kernels import OutputQueue
 from .persist import RegistrationStore, StoredRegistration
+from .placement import Placement, PoolKey
 from .pool import WorkerPool
 from .registry import ENDPOINT_STATS, FUNCTION_STATS, EndpointSpec, FunctionSpec, RegistrationError, Registry, parse_registration
 
@@ -39,6 +41,7 @@ class JupyterStream(ExtensionApp):
     name = "jupyter_stream"
     serving: asyncio.Task | None = None  # `jupyter stream serve`'s notebook run
     stopping = False
+    started = False  # the pools may start kernels
     notebook_kernel: Any = None  # the kernel running that notebook, meanwhile
 
     kernel_name = Unicode("python3", config=True, help="Kernelspec that worker kernels are started from.")
@@ -83,6 +86,16 @@ class JupyterStream(ExtensionApp):
     notebooks = List(
         Unicode(), config=True, help="Notebooks to run at startup so their endpoints register (used by `jupyter stream serve`)."
     )
+    scaledown_window = Float(
+        60.0, config=True,
+        help="Seconds a worker kernel may stay idle before it is stopped (down to its pool's minimum); "
+        "a function's --scaledown-window sets its own pool's.",
+    )
+    simulated_gpus = List(
+        Unicode(), default_value=None, allow_none=True, config=True,
+        help="GPU names to act as if this machine had them instead of asking NVML, e.g. "
+        "[\"NVIDIA H100 80GB HBM3\", \"NVIDIA A100-SXM4-80GB\"] (tests and demos on machines without GPUs).",
+    )
 
     persist_dir = Unicode(
         "", config=True,
@@ -118,10 +131,21 @@ class JupyterStream(ExtensionApp):
         self.endpoints = Registry("endpoint", ENDPOINT_STATS)
         self.functions = Registry("function", FUNCTION_STATS)
         self.registries = {"endpoint": self.endpoints, "function": self.functions}
-        self.pool = WorkerPool(
-            kernel_name=self.kernel_name,
-            min_workers=self.min_workers,
+        self.placement = Placement(max_workers=self.max_workers, inventory=GpuInventory(self.simulated_gpus),
+                                   default_kernel=self.kernel_name)
+        #: the pool of what asks for nothing in particular (no GPU, the default kernel)
+        self.pool = self.make_pool(self.placement.key_for({}))
+        self.settings["jupyter_stream"] = self
+
+    def make_pool(self, key: PoolKey) -> WorkerPool:
+        default = key == self.placement.key_for({})
+        return WorkerPool(
+            kernel_name=key.kernel,
+            gpu=key.gpu,
+            env=dict(key.env),
+            min_workers=self.min_workers if default else 0,
             max_workers=self.max_workers,
+            scaledown_window=self.scaledown_window,
             calls_per_worker=self.calls_per_worker,
             startup_timeout=self.worker_startup_timeout,
             poll_interval=self.worker_poll_interval,
@@ -130,8 +154,8 @@ class JupyterStream(ExtensionApp):
             transport=self.worker_transport,
             cancel_grace_period=self.cancel_grace_period,
             worker_messages=self.worker_messages,
+            placement=self.placement,
         )
-        self.settings["jupyter_stream"] = self
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(handlers.default_handlers())
@@ -143,6 +167,8 @@ class JupyterStream(ExtensionApp):
         if self.exit_with_pid:
             asyncio.create_task(self._exit_with(self.exit_with_pid))
         await self.pool.start()
+        self.started = True
+        self.configure_pools()
         asyncio.create_task(self.restore_persisted())
         if self.notebooks:
             from .serve import run_notebooks, stop_on_signals
@@ -156,9 +182,10 @@ class JupyterStream(ExtensionApp):
         """Check and register an endpoint or function from its registration's JSON body;
         returns the new spec and the one it replaced (or None). Raises `RegistrationError`."""
         body = parse_registration(raw, kind)
+        self.check_machine(body["requirements"])
         name, blob = body["name"], body["blob"]
         common = dict(name=name, fn_hash=wire.content_hash(blob), fn_blob=blob, doc=body["doc"], persist=body.get("persist", False),
-                      owner=body["owner"])
+                      owner=body["owner"], requirements=body["requirements"])
         previous = self.registries[kind].get(name)
         spec: EndpointSpec | FunctionSpec
         if kind == "endpoint":
@@ -173,12 +200,62 @@ class JupyterStream(ExtensionApp):
                 self.store.remove(kind, name)
         self.log.info("jupyter_stream: %s %s %s%s", "restored" if restoring else "replaced" if replaced else "registered",
                       kind, name, " (persisted)" if spec.persist and not restoring else "")
+        self.configure_pools()
         return spec, previous
 
     def remove(self, kind: str, name: str) -> bool:
         """Unregister (and forget, if persisted) an endpoint or function."""
         self.store.remove(kind, name)
-        return self.registries[kind].remove(name)
+        removed = self.registries[kind].remove(name)
+        self.configure_pools()
+        return removed
+
+    # -- pools: which one runs what, and how large each is ---------------------------------
+
+    def check_machine(self, requirements: dict[str, Any]) -> None:
+        """Refuse, at registration, what this machine could never run."""
+        from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+        from ..requirements import parse_gpu_spec
+
+        try:
+            self.placement.inventory.check_satisfiable(parse_gpu_spec(requirements.get("gpu")))
+        except ValueError as e:
+            raise RegistrationError(str(e)) from None
+        kernel = requirements.get("kernel")
+        if kernel and kernel != self.kernel_name:
+            specs = KernelSpecManager(parent=self.serverapp)
+            try:
+                specs.get_kernel_spec(kernel)
+            except NoSuchKernel:
+                have = ", ".join(sorted(specs.find_kernel_specs())) or "none"
+                raise RegistrationError(f"no kernelspec named {kernel!r} on this server (it has: {have}); "
+                                        "install one with `python -m ipykernel install --user --name NAME`") from None
+
+    def pool_for(self, spec: EndpointSpec | FunctionSpec) -> WorkerPool:
+        """The worker pool that runs `spec`'s calls."""
+        return self.placement.pool_for(spec.requirements, self.make_pool)
+
+    def configure_pools(self) -> None:
+        """Size each pool from what its functions and endpoints ask: the largest minimum,
+        maximum and scale-down window among them (the server's settings for the default
+        pool, and as the maximum where none is given). A pool whose minimum went up starts
+        kernels; one whose functions all left scales down to nothing."""
+        asked: dict[WorkerPool, list[dict[str, Any]]] = {pool: [] for pool in self.placement.pools.values()}
+        for registry in self.registries.values():
+            for spec in registry.values():
+                asked.setdefault(self.pool_for(spec), []).append(spec.requirements)
+        for pool, wants in asked.items():
+            default = pool is self.pool
+            mins = [w["min_workers"] for w in wants if "min_workers" in w]
+            maxes = [w["max_workers"] for w in wants if "max_workers" in w]
+            windows = [w["scaledown_window"] for w in wants if "scaledown_window" in w]
+            pool.min_workers = max(mins + [self.min_workers if default else 0])
+            pool.max_workers = max(maxes + [self.max_workers] if default or not maxes else maxes)
+            pool.max_workers = max(pool.max_workers, pool.min_workers)
+            pool.scaledown_window = max(windows) if windows else self.scaledown_window
+            if self.started and (not pool.watched or len(pool.workers) + pool.starting < pool.min_workers):
+                asyncio.ensure_future(pool.start())
 
     async def restore_persisted(self) -> None:
         """Register again what was persisted, once a worker has loaded each pickle; a
@@ -224,12 +301,8 @@ class JupyterStream(ExtensionApp):
             except PermissionError:
                 pass
 
-    def pool_for(self, spec: EndpointSpec | FunctionSpec) -> WorkerPool:
-        """The worker pool that runs `spec`'s calls."""
-        return self.pool
-
     async def stop_extension(self) -> None:
-        await self.pool.shutdown()
+        await self.placement.shutdown()
 
     @property
     def server_url(self) -> str:

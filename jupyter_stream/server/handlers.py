@@ -190,7 +190,7 @@ class EndpointHandler(StreamHandlerBase):
 
     async def relay(self, spec: EndpointSpec, kwargs: dict[str, Any], stats: Any) -> None:
         """Start the call on a worker and copy its output to the client as it arrives."""
-        self.waiting = asyncio.ensure_future(self.stream.pool.acquire())
+        self.waiting = asyncio.ensure_future(self.stream.pool_for(spec).acquire())
         try:
             worker = await self.waiting
         except asyncio.CancelledError:  # the client left while queued: the call never starts
@@ -200,7 +200,7 @@ class EndpointHandler(StreamHandlerBase):
         finally:
             self.waiting = None
         if self.closed:
-            self.stream.pool.release(worker)
+            worker.pool.release(worker)
             return
         output = self.output = OutputQueue(on_print=lambda printed: self.printed(spec, worker.name, printed))
         request = self.request_info(spec.request_parameter) if spec.request_parameter else None
@@ -362,7 +362,7 @@ class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
         if not await ensure_async(self.authorizer.is_authorized(self, self.current_user, "execute", "kernels")):
             raise web.HTTPError(403, "not authorized to execute code in kernels")
         state = self.settings["jupyter_stream"]
-        caller_worker = state.pool.worker_named(self.request.headers.get("X-Jupyter-Stream-Worker", ""))
+        caller_worker = state.placement.worker_named(self.request.headers.get("X-Jupyter-Stream-Worker", ""))
         self.session = ClientSession(state.pool_for, state.functions, self.send_frame, caller_worker)
         await super().get(*args, **kwargs)
 
@@ -408,12 +408,29 @@ class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
 
 
 class WorkersHandler(StreamHandlerBase):
-    """``GET {base_url}api/stream/workers``: the pool and its kernels."""
+    """``GET {base_url}api/stream/workers``: the pools, their kernels and the GPUs.
+    ``workers`` and ``starting`` are totals over all pools; ``pools`` has each pool's
+    requirements, size limits, waiting calls and kernels."""
 
     @web.authenticated
     @authorized
     def get(self) -> None:
-        self.finish(json.dumps({**self.stream.pool.info(), "time": time.time()}))
+        state = self.stream
+        pools = [pool.info() for pool in state.placement.pools.values()]
+        for pool, info in zip(state.placement.pools.values(), pools):
+            info["functions"] = [s.name for s in state.functions.values() if state.pool_for(s) is pool]
+            info["endpoints"] = [s.name for s in state.endpoints.values() if state.pool_for(s) is pool]
+        self.finish(json.dumps({
+            **state.placement.info(),
+            "kernel_name": state.kernel_name,
+            "min_workers": state.pool.min_workers,
+            "starting": sum(p["starting"] for p in pools),
+            "waiting_calls": sum(p["waiting_calls"] for p in pools),
+            "replaced": sum(p["replaced"] for p in pools),
+            "workers": [w for p in pools for w in p["workers"]],
+            "pools": pools,
+            "time": time.time(),
+        }))
 
 
 def default_handlers() -> list[tuple[str, type]]:

@@ -1,30 +1,32 @@
-"""Worker kernels and the pool that starts, lends out, watches and replaces them.
+"""A pool of interchangeable worker kernels: it starts, lends out, watches, replaces and
+scales them down.
 
-A `WorkerKernel` (see `kernels`) is one ipykernel started through jupyter_client. The
-`WorkerPool` keeps between `min_workers` and `max_workers` kernels, hands an
-idle one to each call, and replaces kernels that die.
+A `WorkerKernel` (see `kernels`) is one ipykernel started through jupyter_client. A
+`WorkerPool` runs the functions of one set of requirements (kernel, GPU spec, env; see
+`placement`): it keeps between `min_workers` and `max_workers` kernels, hands an idle one
+to each call, replaces kernels that die and stops those idle for `scaledown_window`
+seconds down to its minimum. Each start goes through the `Placement`, which caps all
+pools together and gives a GPU pool's kernel its own GPUs (``CUDA_VISIBLE_DEVICES``).
 
 Where kernels come from is one seam: `kernel_manager_class` (any jupyter_client
-`AsyncKernelManager`, so kernel provisioners and gateway kernel managers plug in) and
-`worker_env` (per-worker environment, e.g. ``CUDA_VISIBLE_DEVICES``).
+`AsyncKernelManager`, so kernel provisioners and gateway kernel managers plug in).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
-import itertools
 import logging
 import os
-import secrets
-from collections.abc import Callable
+import time
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 
 from ..errors import WorkerError
+from ..requirements import parse_gpu_spec
 from .kernels import WorkerKernel
+from .placement import DEFAULT_SCALEDOWN_WINDOW, Placement, PoolKey, Seat
 
 log = logging.getLogger("jupyter_stream")
 
@@ -44,20 +46,26 @@ class WorkerPool:
         cwd: str | None = None,
         kernel_manager_class: type[AsyncKernelManager] = AsyncKernelManager,
         transport: str = "tcp",
-        worker_env: Callable[[int], dict[str, str]] | None = None,
         cancel_grace_period: float = 5.0,
         worker_messages: str = "auto",
+        gpu: str | None = None,
+        env: dict[str, str] | None = None,
+        scaledown_window: float = DEFAULT_SCALEDOWN_WINDOW,
+        placement: Placement | None = None,
     ):
         self.kernel_name = kernel_name
+        self.gpu = parse_gpu_spec(gpu)
+        self.env = dict(env or {})
+        self.key = PoolKey(kernel_name, gpu, tuple(sorted(self.env.items())))
         self.min_workers = min_workers
         self.max_workers = max(max_workers, min_workers, 1)
+        self.scaledown_window = scaledown_window
         self.calls_per_worker = calls_per_worker
         self.startup_timeout = startup_timeout
         self.poll_interval = poll_interval
         self.cwd = cwd
         self.kernel_manager_class = kernel_manager_class
         self.transport = transport
-        self.worker_env = worker_env
         self.cancel_grace_period = cancel_grace_period
         self.worker_messages = worker_messages
         self.shutdown_wait_time = 2.5
@@ -65,17 +73,28 @@ class WorkerPool:
         self.draining: list[WorkerKernel] = []
         self.starting = 0
         self.replaced = 0
+        self.seats: dict[WorkerKernel, Seat] = {}
+        self.idle_since: dict[WorkerKernel, float] = {}  # time.time() a worker last became idle
+        self.stopping: dict[WorkerKernel, asyncio.Task] = {}  # evicted, not exited yet
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
-        self._counter = itertools.count(1)
         self._watcher: asyncio.Task | None = None
         self._closed = False
         self._tasks: set[asyncio.Task] = set()
-        self._secret = secrets.token_bytes(32)
+        self.placement = placement if placement is not None else Placement(max_workers=self.max_workers)
+        self.placement.add_pool(self)
 
     async def start(self) -> None:
-        """Start the warm minimum of workers and the watcher that replaces dead ones."""
-        self._watcher = asyncio.create_task(self._watch())
-        await asyncio.gather(*(self._grow() for _ in range(self.min_workers)), return_exceptions=True)
+        """Start the warm minimum of workers and the watcher that replaces dead ones and
+        scales idle ones down."""
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch())
+        tasks = [self._grow() for _ in range(max(self.min_workers - len(self.workers) - self.starting, 0))]
+        await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+
+    @property
+    def watched(self) -> bool:
+        """Whether `start` has run: dead kernels are replaced, idle ones scaled down."""
+        return self._watcher is not None
 
     @property
     def full(self) -> bool:
@@ -83,15 +102,11 @@ class WorkerPool:
         return len(self.workers) + self.starting >= self.max_workers
 
     def worker_key(self, index: int) -> str:
-        """What worker `index` shows to say it is that worker (only it has this in its env)."""
-        return hmac.new(self._secret, str(index).encode(), "sha256").hexdigest()[:32]
+        return self.placement.worker_key(index)
 
     def worker_named(self, claim: str) -> WorkerKernel | None:
-        """The live worker whose ``JUPYTER_STREAM_WORKER`` value is `claim`, or None."""
-        index, _, key = claim.partition(":")
-        if not index.isdigit() or not hmac.compare_digest(key, self.worker_key(int(index))):
-            return None
-        return next((w for w in self.workers + self.draining if w.index == int(index) and w.alive), None)
+        """The live worker (of any pool) whose ``JUPYTER_STREAM_WORKER`` value is `claim`."""
+        return self.placement.worker_named(claim)
 
     def try_acquire(self) -> WorkerKernel | None:
         """A worker with room for one more call right now, or None."""
@@ -119,8 +134,7 @@ class WorkerPool:
             return worker
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        if not self.full:
-            self._grow()
+        self.grow_for_waiters()
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -137,6 +151,10 @@ class WorkerPool:
                 self._retire_drained(worker)
             return
         self._offer(worker)
+        if worker.load <= 0:
+            self.idle_since[worker] = time.time()
+            if self.placement.blocked:  # another pool may stop this idle kernel to start its own
+                self.placement.wake()
 
     def _offer(self, worker: WorkerKernel) -> None:
         """Hand a worker with spare room to the calls waiting for one."""
@@ -158,17 +176,30 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _grow(self) -> asyncio.Task:
-        """Start one more kernel. Counted as starting at once, so that calls arriving in
+    def _grow(self, over_max: bool = False) -> asyncio.Task | None:
+        """Start one more kernel if the placement finds room (None if not: the pool is
+        woken when room frees up). Counted as starting at once, so that calls arriving in
         the same loop turn see it and the pool never grows past `max_workers`."""
+        seat = self.placement.reserve(self, over_max=over_max)
+        if seat is None:
+            return None
         self.starting += 1
-        return self._spawn(self._start_worker())
+        return self._spawn(self._start_worker(seat))
 
-    def _env_for(self, index: int) -> dict[str, str]:
+    def grow_for_waiters(self) -> None:
+        """Start kernels for calls waiting here, one per waiting call not already covered."""
+        while not self._closed and len(self._waiters) > self.starting and not self.full:
+            if self._grow() is None:
+                break
+
+    def _env_for(self, seat: Seat) -> dict[str, str]:
         env = dict(os.environ)
-        env["JUPYTER_STREAM_WORKER"] = f"{index}:{self.worker_key(index)}"
-        if self.worker_env is not None:
-            env.update(self.worker_env(index))
+        env.update(self.env)
+        env["JUPYTER_STREAM_WORKER"] = f"{seat.index}:{self.worker_key(seat.index)}"
+        # exactly its own GPUs, numbered as NVML numbers them; none at all for a CPU pool,
+        # so that code there cannot take GPU memory by accident
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in seat.gpus)
         return env
 
     def _kernel_manager(self, index: int) -> AsyncKernelManager:
@@ -188,9 +219,11 @@ class WorkerPool:
             return
         log.warning("jupyter_stream: replacing %s (pid %s): %s", worker.name, worker.pid, reason)
         worker.draining = True
-        self.starting += 1  # the replacement may take the pool one over max_workers meanwhile
-        task = self._spawn(self._start_worker())
-        task.add_done_callback(lambda _: self._drain(worker))
+        task = self._grow(over_max=True)  # the replacement may take the pool one over max_workers meanwhile
+        if task is None:  # its GPUs are needed: this one goes first, the replacement follows
+            self._drain(worker)
+        else:
+            task.add_done_callback(lambda _: self._drain(worker))
 
     def _drain(self, worker: WorkerKernel) -> None:
         if worker in self.workers:
@@ -205,18 +238,22 @@ class WorkerPool:
             self.draining.remove(worker)
             log.info("jupyter_stream: %s (pid %s) has no more calls with clients; shutting it down", worker.name, worker.pid)
             worker.died("it was replaced")
-            self._spawn(worker.shutdown(now=True))
+            self._spawn(self._stop(worker, now=True))
 
-    async def _start_worker(self) -> WorkerKernel | None:
-        """Start a kernel counted in `starting` by `_grow`."""
-        index = next(self._counter)
-        worker = WorkerKernel(self, index, self._kernel_manager(index))
+    async def _start_worker(self, seat: Seat) -> WorkerKernel | None:
+        """Start a kernel counted in `starting` by `_grow`, in `seat` (after the idle
+        kernels stopped to make room for it have exited)."""
+        worker = WorkerKernel(self, seat.index, self._kernel_manager(seat.index))
+        seat.worker = worker
+        self.seats[worker] = seat
         try:
-            await worker.start(self._env_for(index), self.cwd, self.startup_timeout)
+            if seat.victims:
+                await asyncio.gather(*(v.pool.stopped(v) for v in seat.victims), return_exceptions=True)
+            await worker.start(self._env_for(seat), self.cwd, self.startup_timeout)
         except Exception as exc:
             exc = WorkerError(f"{type(exc).__name__}: {exc}") if not str(exc) else exc
             log.error("jupyter_stream: could not start %s: %s", worker.name, exc)
-            await worker.shutdown(now=True)
+            await self._stop(worker, now=True)
             if not any(w.alive for w in self.workers):
                 # nothing can serve the waiters: tell them why instead of hanging
                 while self._waiters:
@@ -227,12 +264,48 @@ class WorkerPool:
         finally:
             self.starting -= 1
         if self._closed:
-            await worker.shutdown(now=True)
+            await self._stop(worker, now=True)
             return None
         self.workers.append(worker)
-        log.info("jupyter_stream: %s ready (pid %s)", worker.name, worker.pid)
+        self.idle_since[worker] = time.time()
+        gpus = f" on GPU {','.join(map(str, seat.gpus))}" if seat.gpus else ""
+        log.info("jupyter_stream: %s ready (pid %s)%s", worker.name, worker.pid, gpus)
         self._offer(worker)
         return worker
+
+    async def _stop(self, worker: WorkerKernel, now: bool = False) -> None:
+        """Shut a kernel down; its seat and GPUs are free once it has exited."""
+        try:
+            await worker.shutdown(now=now)
+        finally:
+            self.idle_since.pop(worker, None)
+            seat = self.seats.pop(worker, None)
+            if seat is not None:
+                self.placement.free(seat)
+
+    def evict(self, worker: WorkerKernel) -> None:
+        """Take an idle kernel out of the pool at once and stop it in the background
+        (gracefully: its exit hooks run); `stopped` waits for it."""
+        if worker in self.workers:
+            self.workers.remove(worker)
+        worker.draining = True
+        self.stopping[worker] = task = self._spawn(self._stop(worker))
+        task.add_done_callback(lambda _: self.stopping.pop(worker, None))
+
+    async def stopped(self, worker: WorkerKernel) -> None:
+        task = self.stopping.get(worker)
+        if task is not None:
+            await asyncio.shield(task)
+
+    def _scale_down(self) -> None:
+        """Stop kernels idle for longer than `scaledown_window`, down to `min_workers`."""
+        now = time.time()
+        idle = [w for w in self.workers if w.accepting and w.load <= 0
+                and now - self.idle_since.get(w, now) > self.scaledown_window]
+        for worker in sorted(idle, key=lambda w: self.idle_since.get(w, now))[: max(len(self.workers) - self.min_workers, 0)]:
+            log.info("jupyter_stream: stopping %s (pid %s): idle for %.0f s", worker.name, worker.pid,
+                     now - self.idle_since.get(worker, now))
+            self.evict(worker)
 
     async def _watch(self) -> None:
         """Notice dead kernels, fail their calls, and keep the warm minimum."""
@@ -246,11 +319,12 @@ class WorkerPool:
                 if not await worker.is_alive() and worker in self.draining:
                     self.draining.remove(worker)
                     worker.died("kernel process exited")
+            self._scale_down()
             missing = self.min_workers - len(self.workers) - self.starting
-            if self._waiters and not missing and not self.full:
-                missing = 1
             for _ in range(max(missing, 0)):
-                self._grow()
+                if self._grow() is None:
+                    break
+            self.grow_for_waiters()
 
     def replace(self, worker: WorkerKernel, reason: str) -> None:
         """Take a dead or doomed worker out of the pool, fail what it still runs, and
@@ -263,7 +337,7 @@ class WorkerPool:
         else:
             return
         worker.died(reason)
-        self._spawn(worker.shutdown(now=True))
+        self._spawn(self._stop(worker, now=True))
 
     async def shutdown(self) -> None:
         """Stop every worker kernel (the server is shutting down), gracefully: each kernel
@@ -279,15 +353,35 @@ class WorkerPool:
         self.draining = []
         for worker in workers:  # a kernel asked to shut down gets this long before it is killed
             worker.km.shutdown_wait_time = self.shutdown_wait_time
-        await asyncio.gather(*(w.shutdown(now=False) for w in workers), return_exceptions=True)
+        await asyncio.gather(*(self._stop(w) for w in workers), *self.stopping.values(), return_exceptions=True)
 
     def info(self) -> dict[str, Any]:
+        """The pool as `GET /api/stream/workers` shows it."""
         return {
             "kernel_name": self.kernel_name,
+            "gpu": self.key.gpu,
+            "env": self.env,
             "min_workers": self.min_workers,
             "max_workers": self.max_workers,
+            "scaledown_window": self.scaledown_window,
             "starting": self.starting,
             "waiting_calls": len(self._waiters),
             "replaced": self.replaced,
-            "workers": [w.info() for w in self.workers + self.draining],
+            "workers": [self.worker_info(w) for w in self.workers + self.draining],
         }
+
+    def worker_info(self, worker: WorkerKernel) -> dict[str, Any]:
+        seat = self.seats.get(worker)
+        idle = worker.load <= 0 and worker.accepting
+        return {**worker.info(), "state": "draining" if worker.draining else "busy" if worker.load > 0 else "idle",
+                "idle_since": self.idle_since.get(worker) if idle else None, "rss": rss_bytes(worker.pid),
+                "gpus": self.placement.inventory.usage(seat.gpus) if seat is not None else []}
+
+
+def rss_bytes(pid: int | None) -> int | None:
+    """A process's resident memory, from /proc (None where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

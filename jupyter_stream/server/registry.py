@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..requirements import check_requirements
 from ..signatures import (
     MAX_DOC,
     MAX_FUNCTION_BYTES,
@@ -70,8 +71,8 @@ def loads_json(raw: bytes | str, what: str) -> Any:
 
 
 REGISTRATION_FIELDS = {
-    "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner"},
-    "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner"},
+    "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner", "requirements"},
+    "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner", "requirements"},
 }
 
 
@@ -116,6 +117,7 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
     body["owner"] = owner
     if not isinstance(body.get("persist", False), bool):
         raise RegistrationError("'persist' must be true or false")
+    body["requirements"] = check_requirements(body.get("requirements"))
     if kind == "endpoint":
         # None: not declared; the worker picks it from what the function returns
         body["media_type"] = check_media_type(body["media_type"]) if body.get("media_type") is not None else None
@@ -206,6 +208,8 @@ class EndpointSpec:
     doc: str = ""
     persist: bool = False
     owner: str = ""  # the notebook (or script) that registered it
+    #: what its workers need (`requirements.check_requirements`): GPUs, pool size, kernel, env
+    requirements: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     #: the last lines its code printed, for the endpoint card's live view
@@ -304,6 +308,7 @@ class FunctionSpec:
     doc: str = ""
     persist: bool = False
     owner: str = ""
+    requirements: dict[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 

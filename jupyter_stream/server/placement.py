@@ -1,0 +1,212 @@
+"""Which pool runs a function, and where a new worker kernel may go.
+
+Functions with the same requirements (kernel, GPU spec, environment) share a
+`WorkerPool`; others get their own. The `Placement` owns every pool and decides each
+kernel start: the server-wide `max_workers` caps all pools together, and a worker of a
+GPU pool gets GPUs no other worker holds (`GpuInventory`). When the machine is full, an
+idle worker of another pool is stopped to make room (the one holding a needed GPU, or any
+idle one for the cap); otherwise the start waits until a worker stops or goes idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..requirements import GpuRequest, parse_gpu_spec
+from .gpus import GpuInventory
+
+if TYPE_CHECKING:
+    from .kernels import WorkerKernel
+    from .pool import WorkerPool
+
+log = logging.getLogger("jupyter_stream")
+
+DEFAULT_SCALEDOWN_WINDOW = 60.0
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What makes two functions' workers interchangeable."""
+
+    kernel: str
+    gpu: str | None
+    env: tuple[tuple[str, str], ...]
+
+    def describe(self) -> str:
+        parts = [f"kernel {self.kernel}", f"gpu {self.gpu}" if self.gpu else "no GPU"]
+        parts += [f"{k}={v}" for k, v in self.env]
+        return ", ".join(parts)
+
+
+@dataclass(eq=False)
+class Seat:
+    """A worker kernel's place: counted against `max_workers` from the moment its start is
+    decided until it has stopped, with the GPUs it holds meanwhile."""
+
+    index: int
+    pool: WorkerPool
+    gpus: list[int]
+    worker: WorkerKernel | None = None
+    victims: list[WorkerKernel] = field(default_factory=list)
+
+
+class Placement:
+    def __init__(self, *, max_workers: int, inventory: GpuInventory | None = None, default_kernel: str = "python3"):
+        self.max_workers = max_workers
+        self.inventory = inventory if inventory is not None else GpuInventory([])
+        self.default_kernel = default_kernel
+        self.pools: dict[PoolKey, WorkerPool] = {}
+        self.seats: set[Seat] = set()
+        self.blocked: set[WorkerPool] = set()  # pools with waiting calls that could not start a kernel
+        self._counter = itertools.count(1)
+        self._secret = secrets.token_bytes(32)
+        self.closed = False
+
+    # -- pools ------------------------------------------------------------------------
+
+    def key_for(self, requirements: dict[str, Any]) -> PoolKey:
+        return PoolKey(requirements.get("kernel") or self.default_kernel, requirements.get("gpu"),
+                       tuple(sorted((requirements.get("env") or {}).items())))
+
+    def add_pool(self, pool: WorkerPool) -> None:
+        pool.placement = self
+        self.pools[pool.key] = pool
+
+    def pool_for(self, requirements: dict[str, Any], make: Any) -> WorkerPool:
+        """The pool for these requirements, made with `make(key)` the first time."""
+        key = self.key_for(requirements)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = make(key)
+            self.add_pool(pool)
+        return pool
+
+    # -- starting kernels ----------------------------------------------------------------
+
+    @property
+    def total(self) -> int:
+        return len(self.seats)
+
+    def reserve(self, pool: WorkerPool, over_max: bool = False) -> Seat | None:
+        """A seat for one more kernel of `pool`, or None if it must wait. `over_max`: a
+        replacement for a kernel that is being recycled (it may exceed the caps a moment)."""
+        if self.closed or (not over_max and pool.full):
+            return None
+        victims: list[WorkerKernel] = []
+        if not over_max and self.total >= self.max_workers:
+            victim = self._idle_worker(exclude=pool)
+            if victim is None:
+                self.blocked.add(pool)
+                return None
+            victims.append(victim)
+        gpus: list[int] = []
+        if pool.gpu:
+            choice = self._choose_gpus(pool.gpu, pool, victims)
+            if choice is None:
+                self.blocked.add(pool)
+                return None
+            gpus, more = choice
+            victims += [v for v in more if v not in victims]
+        for victim in victims:
+            log.info("jupyter_stream: stopping idle %s (pid %s) of pool [%s] to make room for pool [%s]",
+                     victim.name, victim.pid, victim.pool.key.describe(), pool.key.describe())
+            victim.pool.evict(victim)
+        seat = Seat(next(self._counter), pool, gpus, victims=victims)
+        self.seats.add(seat)
+        self.inventory.hold(gpus, seat)
+        self.blocked.discard(pool)
+        return seat
+
+    def _idle_worker(self, exclude: WorkerPool, holding: set[int] | None = None) -> WorkerKernel | None:
+        """An idle worker of another pool (one above its pool's minimum first)."""
+        candidates = []
+        for seat in self.seats:
+            worker = seat.worker
+            if worker is None or seat.pool is exclude or not worker.accepting or worker.load > 0:
+                continue
+            if holding is not None and not holding & set(seat.gpus):
+                continue
+            candidates.append((len(seat.pool.workers) <= seat.pool.min_workers, seat.pool.idle_since.get(worker, 0.0), worker))
+        candidates.sort(key=lambda c: (c[0], c[1]))
+        return candidates[0][2] if candidates else None
+
+    def _choose_gpus(self, requests: tuple[GpuRequest, ...], pool: WorkerPool,
+                     victims: list[WorkerKernel]) -> tuple[list[int], list[WorkerKernel]] | None:
+        """Devices for one alternative of the spec, in order: free ones, else free ones plus
+        those held by idle workers of other pools (which are then stopped)."""
+        inventory = self.inventory
+        freed = {i for v in victims for i in self.seat_of(v).gpus} if victims else set()
+        for request in requests:
+            free = [d.index for d in inventory.matching(request) if d.index not in inventory.holders or d.index in freed]
+            if len(free) >= request.count:
+                return free[: request.count], []
+        for request in requests:
+            chosen = [d.index for d in inventory.matching(request) if d.index not in inventory.holders or d.index in freed]
+            more: list[WorkerKernel] = []
+            while len(chosen) < request.count:
+                wanted = {d.index for d in inventory.matching(request)} - set(chosen)
+                victim = self._idle_worker(exclude=pool, holding=wanted)
+                if victim is None or victim in more:
+                    break
+                more.append(victim)
+                chosen += sorted(set(self.seat_of(victim).gpus) & wanted)
+            if len(chosen) >= request.count:
+                return sorted(chosen[: request.count]), more
+        return None
+
+    def seat_of(self, worker: WorkerKernel) -> Seat:
+        return next(seat for seat in self.seats if seat.worker is worker)
+
+    def free(self, seat: Seat) -> None:
+        """A kernel has stopped (or never started): its place and GPUs go to whoever waits."""
+        if seat in self.seats:
+            self.seats.discard(seat)
+            self.inventory.release(seat)
+            self.wake()
+
+    def wake(self) -> None:
+        """Let pools whose calls wait for room try again."""
+        if self.closed:
+            return
+        for pool in list(self.blocked):
+            self.blocked.discard(pool)
+            pool.grow_for_waiters()
+
+    async def shutdown(self) -> None:
+        """Stop every pool's kernels (the server is stopping); nothing starts meanwhile."""
+        self.closed = True
+        await asyncio.gather(*(pool.shutdown() for pool in self.pools.values()), return_exceptions=True)
+
+    # -- finding workers -------------------------------------------------------------------
+
+    def worker_key(self, index: int) -> str:
+        """What worker `index` shows to say it is that worker (only it has this in its env)."""
+        return hmac.new(self._secret, str(index).encode(), "sha256").hexdigest()[:32]
+
+    def worker_named(self, claim: str) -> WorkerKernel | None:
+        """The live worker whose ``JUPYTER_STREAM_WORKER`` value is `claim`, or None."""
+        index, _, key = claim.partition(":")
+        if not index.isdigit() or not hmac.compare_digest(key, self.worker_key(int(index))):
+            return None
+        for pool in self.pools.values():
+            for worker in pool.workers + pool.draining:
+                if worker.index == int(index) and worker.alive:
+                    return worker
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return {"max_workers": self.max_workers,
+                "gpus": [{"index": d.index, "name": d.name, "uuid": d.uuid, "memory_total": d.memory_total,
+                          "held_by": getattr(getattr(self.inventory.holders.get(d.index), "worker", None), "name", None)}
+                         for d in self.inventory.devices],
+                "simulated_gpus": self.inventory.simulated}
+
+
+def gpu_requests(spec: str | None) -> tuple[GpuRequest, ...]:
+    return parse_gpu_spec(spec) if spec else ()
