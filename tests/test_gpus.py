@@ -171,3 +171,38 @@ def test_env_and_kernel_requirements(gpu_server):
         register_function(env_of, "nokernel", connection=gpu_server.connection, kernel="nope")
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES is set by jupyter-stream"):
         register_function(env_of, "sneaky", connection=gpu_server.connection, env={"CUDA_VISIBLE_DEVICES": "0"})
+
+
+def gpu_stream():
+    import os
+
+    yield f"data: {os.environ.get('CUDA_VISIBLE_DEVICES')}\n\n"
+
+
+def test_endpoints_take_the_same_requirements(gpu_server):
+    from jupyter_stream.client.endpoints import register_endpoint
+
+    register_endpoint(gpu_stream, "on_a100", connection=gpu_server.connection, gpu="A100")
+    register_endpoint(gpu_stream, "on_cpu", connection=gpu_server.connection)
+    assert gpu_server.get("stream/on_a100").text == "data: 2\n\n"
+    assert gpu_server.get("stream/on_cpu").text == "data: \n\n"
+    pools = {p["gpu"]: p["endpoints"] for p in gpu_server.workers()["pools"]}
+    assert pools["A100"] == ["on_a100"] and "on_cpu" in pools[None]
+
+
+def test_the_magics_take_requirements_and_refuse_what_the_machine_lacks(jstream_server, jstream_notebook_kernel):
+    kernel = jstream_notebook_kernel
+    kernel.execute("%load_ext jupyter_stream")
+    outputs, reply = kernel.execute("%%stream_function --gpu H100:3\ndef big():\n    return 1\n")
+    text = kernel.text(outputs)
+    assert reply["status"] == "error" and "no GPU here matches H100:3; this machine has no GPU" in text, text
+    outputs, reply = kernel.execute("%%stream_function --gpu H100:0\ndef big():\n    return 1\n")
+    assert reply["status"] == "error" and "asks for 0 GPUs" in kernel.text(outputs)
+    cell = ("%%stream_function --min-workers 0 --max-workers 2 --scaledown-window 5 --env STAGE=dev --env MODE=a=b --kernel python3\n"
+            "def env_of(name):\n    import os\n    return os.environ.get(name)\n")
+    outputs, reply = kernel.execute(cell)
+    assert reply["status"] == "ok", kernel.text(outputs)
+    outputs, reply = kernel.execute("print(env_of.remote('STAGE'), env_of.remote('MODE'), repr(env_of.remote('CUDA_VISIBLE_DEVICES')))")
+    assert kernel.text(outputs).strip() == "dev a=b ''", kernel.text(outputs)
+    pool = next(p for p in jstream_server.workers()["pools"] if "env_of" in p["functions"])
+    assert pool["env"] == {"MODE": "a=b", "STAGE": "dev"} and (pool["max_workers"], pool["scaledown_window"]) == (2, 5.0)
