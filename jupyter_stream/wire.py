@@ -36,7 +36,9 @@ Worker -> server:
             `errors.error_payload`) ends the call with a failure. For ``values`` and ``map`` calls
             the buffer holds pickled objects back to back and ``sizes`` gives their
             lengths; a map lane adds ``items``, one ``[index, ok]`` per object (a failed
-            item's object is its pickled `errors.error_payload`). ``fatal`` means the call timed
+            item's object is its pickled `errors.error_payload`) and ``busy``, the seconds
+            the worker spent running those items (the server sizes the lane's batches by
+            it); ``revoked`` answers a ``revoke``. ``fatal`` means the call timed
             out and its thread may be stuck: the server replaces the kernel. Messages from
             the worker's sender thread carry ``seq`` (1, 2, ...); the sender waits while
             `MAX_UNACKED_MESSAGES` are not ``acked``, because IOPub drops what a slow
@@ -48,6 +50,11 @@ Map calls (``mode: "map"``) open a lane on a worker; the server feeds it with
 ``batch``   items for lane ``id``: ``indices`` and ``sizes`` of pickled argument tuples
             joined in buffer 0.
 ``close``   no more items: the lane ends once it has run what it has.
+``revoke``  give back items of lane ``id`` that have not started: ``indices``. The worker
+            removes those still queued and names them in ``revoked`` of the lane's next
+            ``out`` (an empty list when none was left); the others run there as sent. The
+            server asks one lane for one revoke at a time, so that another lane that ran
+            dry can take the items (work stealing).
 
 Between clients (notebook kernels, scripts, workers) and the server, calls of
 ``%%stream_function`` functions travel over one WebSocket per client as binary frames
@@ -124,6 +131,10 @@ def batch_message(call_id: str, indices: list[int], sizes: list[int]) -> dict[st
 
 def close_message(call_id: str) -> dict[str, Any]:
     return {"op": "close", "id": call_id}
+
+
+def revoke_message(call_id: str, indices: list[int]) -> dict[str, Any]:
+    return {"op": "revoke", "id": call_id, "indices": indices}
 
 
 def content_hash(blob: bytes) -> str:

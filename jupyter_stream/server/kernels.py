@@ -81,6 +81,12 @@ class Run:
         """More items for this map lane: pickled argument tuples back to back."""
         self.worker.transport.send(wire.batch_message(self.id, indices, sizes), [payload])
 
+    def revoke(self, indices: list[int]) -> None:
+        """Ask for map items of this lane back, those not started yet; the lane's output
+        names the ones it gave back (``revoked``)."""
+        if not self.ended:
+            self.worker.transport.send(wire.revoke_message(self.id, indices))
+
     def close_lane(self) -> None:
         """No more items for this map lane: it ends once it has run what it has."""
         self.worker.transport.send(wire.close_message(self.id))

@@ -69,6 +69,10 @@ class Run:
         self.batches: collections.deque = collections.deque()
         self.has_batch = threading.Condition(worker.lock)
         self.closed = False
+        #: seconds spent running the map items whose results wait for the sender
+        self.busy = 0.0
+        #: map items the server took back (`Worker.revoke`), to name in the next message
+        self.revoked: list[int] | None = None
         self.deadline: float | None = None
         self.running_index: int | None = None
         #: the thread running the call's code, while it runs (for `Worker.interrupt`)
@@ -98,11 +102,13 @@ class Run:
                 worker.dirty.append(self)
                 worker.has_output.notify()
 
-    def put(self, data: bytes, meta: list | None = None, last: bool = False) -> None:
+    def put(self, data: bytes, meta: list | None = None, last: bool = False, busy: float = 0.0) -> None:
         """Queue output bytes for the sender; block while the client is a window behind.
         The first output of a run is sent right here, saving a thread hop on the time to
         first byte; so is a call's `last` and only output (a plain return value), which
-        goes out with the call's end: a `.remote()` costs one message back, not two."""
+        goes out with the call's end: a `.remote()` costs one message back, not two.
+        A map item's result comes with the seconds it took (`busy`), which the server
+        adds up to size the lane's batches."""
         worker = self.worker
         with worker.lock:
             while self.unacked + self.pending_bytes >= self.window and not self.cancelled:
@@ -112,6 +118,7 @@ class Run:
             self.pending.append(data)
             if meta is not None:
                 self.meta.append(meta)
+                self.busy += busy
             self.pending_bytes += len(data)
             if len(data) >= LARGE_CHUNK:
                 self.has_large = True
@@ -126,6 +133,14 @@ class Run:
             self.sent_directly = True
             message = worker.take_output(self)
         worker.send(*message)
+
+    def give_back(self, indices: list[int]) -> None:
+        """Map items taken back by the server: say which in the next message. Holds the lock."""
+        self.revoked = (self.revoked or []) + indices
+        if not self.dirty:
+            self.dirty = True
+            self.worker.dirty.append(self)
+            self.worker.has_output.notify()
 
     def announce(self) -> None:
         """Send the response's start (status, headers, media type) now, before the first

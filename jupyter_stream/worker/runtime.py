@@ -129,6 +129,8 @@ class Worker:
                 with self.lock:
                     run.closed = True
                     run.has_batch.notify()
+        elif op == "revoke":
+            self.revoke(data["id"], data["indices"])
         elif op == "cancel":
             self.cancel(data["id"])
         elif op == "interrupt":
@@ -153,6 +155,23 @@ class Worker:
         with self.lock:
             run.batches.extend(items)
             run.has_batch.notify()
+
+    def revoke(self, call_id: str, indices: list[int]) -> None:
+        """The server takes back map items of a lane for another lane that ran dry: those
+        still queued here are removed, and the lane's next message names them (an item
+        already started is not among them: it runs here, once)."""
+        wanted = set(indices)
+        with self.lock:
+            run = self.runs.get(call_id)
+            if run is None:  # ended: its end, already on its way, tells the server
+                return
+            batches = run.batches
+            taken = [index for index, _ in batches if index in wanted]
+            if taken:
+                kept = [item for item in batches if item[0] not in wanted]
+                batches.clear()  # in place: `run_lane` holds this deque
+                batches.extend(kept)
+            run.give_back(taken)
 
     def cancel(self, call_id: str) -> None:
         run = self.runs.get(call_id)
@@ -247,7 +266,7 @@ class Worker:
         """A map lane: run the items the server sends, one after another, until closed."""
         run.framed = True
         run.start = {}
-        loads, dumps = pickle.loads, wire.dumps
+        loads, dumps, clock = pickle.loads, wire.dumps, time.perf_counter
         lock, batches = self.lock, run.batches
         if timeout:
             self.watch(run)
@@ -261,6 +280,7 @@ class Worker:
                 if timeout:
                     run.running_index = index
                     run.deadline = time.monotonic() + timeout
+            started = clock()
             try:
                 result, ok = dumps(fn(*loads(blob), **kwargs)), True
             except RunCancelled:
@@ -272,7 +292,7 @@ class Worker:
                     run.deadline = None
                     if run.running_index != index:  # the watchdog already failed this item
                         continue
-            run.put(result, [index, ok])
+            run.put(result, [index, ok], busy=clock() - started)
 
     # -- timeouts (watchdog thread) ---------------------------------------------------
 
@@ -429,6 +449,9 @@ class Worker:
             out["sizes"] = [len(b) for b in run.pending]
             if run.meta:
                 out["items"], run.meta = run.meta, []
+                out["busy"], run.busy = run.busy, 0.0
+        if run.revoked is not None:
+            out["revoked"], run.revoked = run.revoked, None
         buffers = pack(run.pending) if run.has_large and not run.framed else [b"".join(run.pending)]
         run.pending.clear()
         run.has_large = False
