@@ -15,6 +15,7 @@ import asyncio
 import collections
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +27,25 @@ from .registry import FunctionSpec, Registry
 
 log = logging.getLogger("jupyter_stream")
 
-#: Largest batch of map items sent to a lane at once; batches start at 1 item and double
-#: (`client.functions.MAX_BATCH` is another thing: inputs per message from the client).
+#: Largest batch of map items sent to a lane at once (`client.functions.MAX_BATCH` is
+#: another thing: inputs per message from the client) ...
 MAX_LANE_BATCH = 1024
+#: ... and most items a lane has in flight.
+MAX_LANE_ITEMS = 2 * MAX_LANE_BATCH
+
+#: A lane keeps about this much work in flight, by the measured time per item: enough that
+#: its worker never waits for the server between items (a round trip costs about a
+#: millisecond), and little enough that the rest waits on the server, where lanes opened
+#: later (workers that start meanwhile) and lanes that ran dry find it. Trivial items go
+#: out by the thousand, slow ones `MIN_LANE_ITEMS` at a time; until the first result says
+#: how long an item takes, a lane gets one.
+LANE_SECONDS = 0.01
+MIN_LANE_ITEMS = 2
+#: A lane that ran dry takes queued items back from a busy one (work stealing) when they
+#: would wait there at least this long: by the time per item, or because the busy lane has
+#: sent nothing back for that long (its running item takes longer than most). A steal costs
+#: a round trip to that worker.
+STEAL_MIN_SECONDS = 0.005
 
 #: A call (or map item) whose worker kernel dies this many times while running it alone is
 #: not run again: it is most likely what kills the kernel (os._exit, a crash in C code,
@@ -126,22 +143,34 @@ class RemoteCall:
 
 
 class Lane:
-    """A map's share of one worker: a long-running call that runs the items it is fed."""
+    """A map's share of one worker: a long-running call that runs the items it is fed, in
+    the order sent."""
 
     def __init__(self, worker: WorkerKernel):
         self.worker = worker
         self.run: Run
+        #: items sent and not answered, in the order sent: the first one is running
         self.inflight: dict[int, tuple[bytes, int]] = {}
-        self.batch_size = 1
+        #: items asked back for another lane (`MapCall.steal`), not answered yet
+        self.revoking: set[int] = set()
+        #: the worker gave back less than asked: no more asking until its next result
+        self.declined = False
+        #: when it last sent results, or was given work with nothing in flight (monotonic)
+        self.progress = 0.0
 
     @property
-    def room(self) -> int:
-        return 2 * self.batch_size - len(self.inflight)
+    def queued(self) -> int:
+        """Items waiting behind the running one that may still be asked back."""
+        if self.revoking or self.declined or self.run.ended:
+            return 0
+        return len(self.inflight) - 1
 
 
 class MapCall:
-    """A `.map()`: inputs arrive from the client in batches, go out to lanes in adaptive
-    batches, and results go back as they complete (the client restores input order)."""
+    """A `.map()`: inputs arrive from the client in batches and wait here until a lane has
+    room; lanes keep about `LANE_SECONDS` of work each (by the measured time per item), a
+    lane that runs dry takes back what a busy one has queued (work stealing), and results
+    go back as they complete (the client restores input order)."""
 
     def __init__(self, session: ClientSession, call_id: str, spec: FunctionSpec, kwargs: bytes):
         self.session, self.id, self.spec, self.kwargs = session, call_id, spec, kwargs
@@ -156,6 +185,12 @@ class MapCall:
         self.deaths: dict[int, int] = {}  # item index -> kernels that died running it alone
         self.shared_deaths: dict[int, int] = {}  # ... and while it was first in line on a lane
         self.suspects: set[int] = set()  # items that run alone until answered
+        #: seconds one item takes on a worker (a moving average of what workers report),
+        #: None until the first result; and the items in flight per lane it makes
+        self.item_seconds: float | None = None
+        self.lane_items = 1
+        self.stolen = 0  # items taken back from a lane and run on another
+        self.steal_timer: asyncio.TimerHandle | None = None
 
     # -- from the client --------------------------------------------------------------
 
@@ -173,6 +208,7 @@ class MapCall:
     def cancel(self) -> None:
         self.cancelled = True
         self.pending.clear()
+        self.stop_steal_timer()
         for task in self.lane_tasks:
             task.cancel()
         for lane in self.lanes:
@@ -182,9 +218,16 @@ class MapCall:
     # -- lanes --------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Top up every lane, and ask for more lanes while there is more work than lanes."""
-        for lane in self.lanes:
+        """Top up every lane (the emptiest first), let lanes that ran dry steal, and ask for
+        more lanes while there is more work waiting than lanes."""
+        lanes = self.lanes
+        if len(lanes) > 1:
+            lanes = sorted(lanes, key=lambda lane: len(lane.inflight))
+        for lane in lanes:
             self.feed(lane)
+        if not self.pending:
+            self.steal()
+            return
         wanted = min(self.pool.max_workers, self.outstanding)
         while len(self.lanes) + len(self.lane_tasks) < wanted and self.pending:
             task = asyncio.create_task(self.open_lane())
@@ -199,7 +242,7 @@ class MapCall:
             if not self.lanes:
                 self.fail_all(error_info("WorkerError", str(e)))
             return
-        if self.cancelled or self.finished or not self.pending:
+        if self.cancelled or self.finished or not (self.pending or any(lane.queued for lane in self.lanes)):
             self.pool.release(worker)
             return
         lane = Lane(worker)
@@ -209,22 +252,32 @@ class MapCall:
         )
         self.lanes.append(lane)
         self.feed(lane)
+        if not lane.inflight:
+            self.steal()
 
     def feed(self, lane: Lane) -> None:
-        room = lane.room
+        inflight = lane.inflight
+        room = self.lane_items - len(inflight)
         if room <= 0 or not self.pending or lane.run.ended:
             return
         # a suspect (see `blame`) runs alone on its lane, so that a death can be blamed on it
         suspects = self.suspects
-        if suspects and any(index in suspects for index in lane.inflight):
+        if suspects and any(index in suspects for index in inflight):
             return
+        lanes = len(self.lanes)
+        if lanes > 1:
+            # no lane takes more than its share of what is left, so that the lanes whose
+            # results are on their way find work too (a lane with nothing takes one anyway)
+            share = (len(self.pending) + sum(len(other.inflight) for other in self.lanes)) // lanes
+            room = min(room, max(share - len(inflight), 0 if inflight else 1))
+        room = min(room, MAX_LANE_BATCH)
         indices, sizes, blobs = [], [], []
-        while self.pending and len(indices) < min(room, lane.batch_size):
+        while self.pending and len(indices) < room:
             alone = bool(suspects) and self.pending[0][0] in suspects
-            if alone and (indices or lane.inflight):
+            if alone and (indices or inflight):
                 break
             index, blob, attempts = self.pending.popleft()
-            lane.inflight[index] = (blob, attempts)
+            inflight[index] = (blob, attempts)
             indices.append(index)
             sizes.append(len(blob))
             blobs.append(blob)
@@ -232,21 +285,109 @@ class MapCall:
                 break
         if not indices:
             return
+        if len(inflight) == len(indices):  # it was idle: its work starts now
+            lane.progress = time.monotonic()
         lane.run.send_batch(indices, sizes, b"".join(blobs))
+
+    def victim(self) -> tuple[Lane | None, int, float | None]:
+        """The busy lane to take items from, and how many it has queued: of the lanes whose
+        queued items would wait there at least `STEAL_MIN_SECONDS`, the one with the most.
+        Then, when some lane has items queued that do not qualify yet: in how many seconds
+        it would, by the time its running item has taken (else None)."""
+        now = time.monotonic()
+        seconds = self.item_seconds
+        victim, most, retry = None, 0, None
+        for lane in self.lanes:
+            queued = lane.queued
+            if not queued:
+                continue
+            if seconds is None or queued * seconds >= STEAL_MIN_SECONDS or now - lane.progress >= STEAL_MIN_SECONDS:
+                if queued > most:
+                    victim, most = lane, queued
+            else:
+                wait = lane.progress + STEAL_MIN_SECONDS - now
+                retry = wait if retry is None else min(retry, wait)
+        return victim, most, retry
+
+    def steal(self) -> None:
+        """Lanes that ran dry while nothing waits here take items that busy lanes have
+        queued but not started (work stealing, as in dask): the busy lane's worker gives
+        back those still queued (`Run.revoke`), and they come back here for the emptiest
+        lanes (`on_revoked`). Each item is either here, or in flight on exactly one lane."""
+        if self.cancelled or self.finished or self.pending:
+            return
+        idle = sum(1 for lane in self.lanes if not lane.inflight and not lane.run.ended)
+        idle -= sum(len(lane.revoking) for lane in self.lanes)  # already on their way back
+        while idle > 0:
+            victim, queued, retry = self.victim()
+            if victim is None:
+                if retry is not None and self.steal_timer is None:
+                    self.steal_timer = asyncio.get_running_loop().call_later(max(retry, 0.001), self.steal_again)
+                return
+            # share the victim's queue out between it and the lanes that ran dry
+            take = min(queued, max(1, (queued + 1) * idle // (idle + 1)))
+            indices = list(victim.inflight)[-take:]
+            victim.revoking.update(indices)
+            victim.run.revoke(indices)
+            idle -= take
+
+    def steal_again(self) -> None:
+        self.steal_timer = None
+        self.steal()
+
+    def stop_steal_timer(self) -> None:
+        if self.steal_timer is not None:
+            self.steal_timer.cancel()
+            self.steal_timer = None
+
+    def on_revoked(self, lane: Lane, indices: list[int]) -> None:
+        """A lane's worker gave these items back (they never started there)."""
+        returned = []
+        for index in indices:
+            entry = lane.inflight.pop(index, None)
+            if entry is not None:
+                returned.append((index, *entry))
+        lane.declined = len(returned) < len(lane.revoking)
+        lane.revoking.clear()
+        if returned and not self.cancelled:
+            self.stolen += len(returned)
+            self.pending.extendleft(reversed(returned))
+            self.dispatch()
 
     def on_output(self, lane: Lane, data: dict[str, Any], buffers: list) -> None:
         if data.get("print") and not self.cancelled:
             self.session.send({"op": "out", "id": self.id, "print": data["print"], "worker": lane.worker.name})
         items = data.get("items")
         if items:
+            busy = data.get("busy")
+            if busy is not None:
+                self.observe(len(items), busy)
+            lane.declined = False
+            lane.progress = time.monotonic()
             self.on_results(lane, items, data["sizes"], buffers[0])
             lane.run.consumed(buffers[0].nbytes)  # forwarded: the lane may send more
+        revoked = data.get("revoked")
+        if revoked is not None:
+            self.on_revoked(lane, revoked)
         if data.get("end"):
             self.lane_ended(lane, data)
         elif not self.cancelled:
-            lane.batch_size = min(lane.batch_size * 2, MAX_LANE_BATCH)
             self.feed(lane)
+            if not lane.inflight and not self.pending:
+                self.steal()
         self.maybe_finish()
+
+    def observe(self, count: int, busy: float) -> None:
+        """`count` items took `busy` seconds on a worker: update the time per item, and
+        with it how many items a lane keeps in flight."""
+        seconds = busy / count
+        if self.item_seconds is not None:
+            seconds = (self.item_seconds + seconds) / 2
+        self.item_seconds = seconds
+        if seconds * MAX_LANE_ITEMS <= LANE_SECONDS:
+            self.lane_items = MAX_LANE_ITEMS
+        else:
+            self.lane_items = max(MIN_LANE_ITEMS, int(LANE_SECONDS / seconds))
 
     def on_results(self, lane: Lane, items: list, sizes: list[int], payload: memoryview) -> None:
         forward_items, forward_blobs = [], []
@@ -290,6 +431,7 @@ class MapCall:
         for index, (blob, attempts) in sorted(lane.inflight.items(), reverse=True):
             self.pending.appendleft((index, blob, attempts))
         lane.inflight.clear()
+        lane.revoking.clear()  # its worker is gone: what it was asked for is back here
         if not self.cancelled and not self.finished:
             self.dispatch()
 
@@ -319,6 +461,7 @@ class MapCall:
         if self.finished or self.cancelled or not self.inputs_done or self.outstanding:
             return
         self.finished = True
+        self.stop_steal_timer()
         for task in self.lane_tasks:
             task.cancel()
         for lane in self.lanes:
@@ -327,6 +470,7 @@ class MapCall:
 
     def fail_all(self, error: dict[str, Any]) -> None:
         self.finished = True
+        self.stop_steal_timer()
         self.session.end(self.id, error)
 
 
