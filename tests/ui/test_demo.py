@@ -187,7 +187,8 @@ def test_shared_demo_streams_stops_and_says_when_revoked(server, page):
     page.goto(link["demo_url"])
     page.locator("h1#name").wait_for()
     assert page.locator("h1#name").text_content() == "ticks"
-    assert "Count to `n`, one server-sent event" in page.locator("#doc").text_content()
+    assert "Count to n, one server-sent event every pace seconds." in page.locator("#doc").text_content()
+    assert page.locator("#doc code").all_text_contents() == ["n", "pace"]  # `n` in the docstring
     chips = page.locator("#chips").text_content()
     assert "text/event-stream" in chips and "Shared link" in chips and "expires in" in chips, chips
     # the form: the signature's types and defaults
@@ -245,6 +246,7 @@ def test_shared_demo_streams_stops_and_says_when_revoked(server, page):
     banner = page.locator("#out .banner").text_content()
     assert "This share link no longer works" in banner and "revoked" in banner, banner
     assert "403" in page.locator("#req-code").text_content()
+    assert "Shared link · no longer works" in page.locator("#chips").text_content()
     shot(page, "4-revoked")
 
 
