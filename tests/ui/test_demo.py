@@ -164,6 +164,7 @@ def share(server, name):
 
 
 def shot(page, name):
+    time.sleep(0.2)  # the last entry's arrival animation
     page.screenshot(path=str(ARTIFACTS / f"demo-{name}.png"))
 
 
@@ -360,6 +361,8 @@ def test_with_the_server_token_a_json_body_is_posted(server, page):
     curl = page.locator("#curl").text_content()
     assert "-d '{\"name\": \"Ada <Lovelace>\"}'" in curl and "times=3" in curl, curl
     shot(page, "13-post-json-body")
+    page.set_viewport_size({"width": 760, "height": 1100})  # one column on a narrow window
+    shot(page, "14-narrow")
 
     page.fill("#f-data", '{"name": ')
     page.click("#run")
