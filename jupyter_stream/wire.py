@@ -52,7 +52,8 @@ Map calls (``mode: "map"``) open a lane on a worker; the server feeds it with
 ``close``   no more items: the lane ends once it has run what it has.
 ``revoke``  give back items of lane ``id`` that have not started: ``indices``. The worker
             removes those still queued and names them in ``revoked`` of the lane's next
-            ``out`` (an empty list when none was left); the others run there as sent. The
+            ``out`` (an empty list when none was left; a lane that has ended answers with
+            its end instead); the others run there as sent. The
             server asks one lane for one revoke at a time, so that another lane that ran
             dry can take the items (work stealing).
 
