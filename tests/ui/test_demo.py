@@ -105,8 +105,22 @@ def greet(data: dict, times: int = 2):
         yield {"greeting": f"Hello, {data.get('name', 'stranger')}!", "n": i + 1}
 
 
+def labelled(start: int | None = None, weights: list[float] = [0.5, 1.5]):  # noqa: B006
+    """Named events with ids, multi-line data, an optional int and a list of floats."""
+    from jupyter_stream import sse
+
+    yield sse("line one\nline two", event="note", id="7")
+    yield sse({"start": start, "weights": weights}, event="progress", id="8")
+
+
+def summary():
+    """A plain value: one JSON response."""
+    return {"count": 12345678901234567890, "ratio": 2.0, "cities": ["Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Perth"],
+            "empty": {}}
+
+
 ENDPOINTS = [
-    (ticks, None), (markup, None), (flaky, None), (broken, None), (rows, "application/x-ndjson"),
+    (labelled, None), (summary, None), (ticks, None), (markup, None), (flaky, None), (broken, None), (rows, "application/x-ndjson"),
     (story, "text/plain"), (swatch, "image/png"), (blob, "application/octet-stream"), (greet, None),
 ]
 
@@ -367,3 +381,35 @@ def test_with_the_server_token_a_json_body_is_posted(server, page):
     page.fill("#f-data", '{"name": ')
     page.click("#run")
     assert re.match(r"not valid JSON", page.locator(".field.invalid .ferr").text_content())
+
+
+def test_named_events_multiline_data_optional_and_list_fields(server, page):
+    page.goto(share(server, "labelled")["demo_url"])
+    assert page.input_value("#f-start") == "" and page.get_attribute("#f-start", "placeholder") == "None"
+    assert page.input_value("#f-weights") == "0.5, 1.5"
+    page.click("#run")
+    assert wait_status(page, "Done", "Failed") == "Done"
+    metas = page.locator("#out .ev .meta").all_text_contents()
+    assert metas[0].startswith("#1noteid 7") and metas[1].startswith("#2progressid 8"), metas
+    texts = page.locator("#out .ev pre").all_text_contents()
+    assert texts == ["line one\nline two", '{"start": null, "weights": [0.5, 1.5]}'], texts
+
+    page.fill("#f-start", "4")
+    page.fill("#f-weights", "0.25, 2")
+    page.click("#run")
+    assert wait_status(page, "Done", "Failed") == "Done"
+    assert page.locator("#out .ev pre").nth(1).text_content() == '{"start": 4, "weights": [0.25, 2.0]}'
+    assert "start=4&weights=0.25&weights=2" in page.locator("#req-path").text_content()
+    shot(page, "15-named-events")
+
+
+def test_a_json_value_is_laid_out_as_sent(server, page):
+    page.goto(share(server, "summary")["demo_url"])
+    page.click("#run")
+    assert wait_status(page, "Done", "Failed") == "Done"
+    assert "application/json" in page.locator("#req-code").text_content()
+    text = page.locator("#out pre.text").text_content()
+    # indented (too long for a line), with the numbers as the server wrote them
+    assert text.startswith('{\n  "count": 12345678901234567890,\n  "ratio": 2.0,\n  "cities": [\n    "Lisbon",'), text
+    assert text.endswith('  "empty": {}\n}'), text
+    shot(page, "16-json-value")
