@@ -13,7 +13,7 @@ In a script, the same with ``@jupyter_stream.endpoint()``.
 
 The package runs in three processes, and its layout says which: `client` (the notebook
 kernel or script), `server` (the jupyter-server extension) and `worker` (the worker
-kernels); the modules at the top (`wire`, `errors`, `responses`, `signatures`) are shared.
+kernels); the modules at the top (`wire`, `errors`, `responses`, `signatures`, `requirements`) are shared.
 The public names below are imported on first use, so that the server and the workers do
 not load the client's modules.
 """
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 #: public name -> the module that defines it
 _PUBLIC = {
     "Endpoint": "client.endpoints",
+    "Share": "client.endpoints",
     "endpoint": "client.endpoints",
     "Function": "client.functions",
     "FunctionCall": "client.functions",
@@ -47,13 +48,13 @@ _PUBLIC = {
 
 __all__ = [
     "Endpoint", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
-    "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
+    "Share", "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
     "list", "serve_forever", "sse",
 ]
 
 if TYPE_CHECKING:
     from .client.connection import ServerConnection, connect, get_connection
-    from .client.endpoints import Endpoint, endpoint
+    from .client.endpoints import Endpoint, Share, endpoint
     from .client.functions import Function, FunctionCall, function
     from .errors import FunctionTimeoutError, RemoteError, WorkerDied, WorkerError
     from .responses import Request, StreamingResponse, sse

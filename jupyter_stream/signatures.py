@@ -167,3 +167,28 @@ def describe_parameters(fn: Any) -> dict[str, Any]:
             desc["default"] = p.default if isinstance(p.default, (int, float, str, bool, type(None))) else repr(p.default)
         params.append(desc)
     return {"params": params, "var_keyword": var_keyword}
+
+
+#: the longest a share link may live; `None` (no expiry) is allowed too
+MAX_SHARE_SECONDS = 365 * 24 * 3600.0
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_expires(value: Any) -> float | None:
+    """Seconds until a share expires, from ``"30m"``, ``"1h"``, ``"7d"``, a number of
+    seconds or None (never). Raises ValueError saying what to write."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("expires must be a duration such as '30m', '1h', '7d', a number of seconds, or None")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and _DURATION.match(value):
+        number, unit = _DURATION.match(value).groups()
+        seconds = float(number) * _UNITS[unit]
+    else:
+        raise ValueError(f"expires must be a duration such as '30m', '1h', '7d', a number of seconds, or None; got {value!r}")
+    if not 0 < seconds <= MAX_SHARE_SECONDS:
+        raise ValueError(f"expires must be more than 0 and at most 365 days, got {value!r}")
+    return seconds

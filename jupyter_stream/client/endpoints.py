@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import html
 import shlex
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..requirements import requirement_fields
 from ..responses import SSE
-from ..signatures import check_media_type, describe_parameters
+from ..signatures import check_media_type, describe_parameters, parse_expires
 from .connection import ServerConnection, get_connection
 from .registration import register
 
@@ -86,6 +87,50 @@ class Endpoint:
     def delete(self) -> None:
         """Unregister the endpoint (and forget it if it was persisted); its URL answers 404 from now on."""
         self.connection.request("DELETE", f"api/stream/endpoints/{self.name}")
+
+    @property
+    def demo_url(self) -> str:
+        """Its demo page (a form, Run and Stop, the response as it arrives), with Jupyter's auth."""
+        return f"{self.url}/demo"
+
+    def share(self, expires: str | float | None = "1h") -> Share:
+        """A link that opens this endpoint and its demo page, and nothing else of the
+        server, to whoever has it: ``expires`` is ``"30m"``, ``"1h"``, ``"7d"``, seconds,
+        or None for never. Revoke it with `Share.revoke`."""
+        seconds = parse_expires(expires)
+        reply = self.connection.request("POST", "api/stream/shares", json={"endpoint": self.name, "expires": seconds}).json()
+        return Share(reply, self.connection)
+
+    def shares(self) -> list[Share]:
+        """This endpoint's share links (active, expired and revoked; tokens are not shown again)."""
+        reply = self.connection.request("GET", "api/stream/shares", params={"endpoint": self.name}).json()
+        return [Share(info, self.connection) for info in reply["shares"]]
+
+
+class Share:
+    """A share link of one endpoint: `url` (the stream, for curl, EventSource or any HTTP
+    client, with no other credential), `demo_url`, `token`, `expires` (unix time or None)."""
+
+    def __init__(self, info: dict[str, Any], connection: ServerConnection):
+        self.id = info["id"]
+        self.endpoint = info["endpoint"]
+        self.token = info.get("token")  # only when just made: the server keeps no copy
+        self.url = info.get("url")
+        self.demo_url = info.get("demo_url")
+        self.expires = info.get("expires")
+        self.state = info.get("state", "active")
+        self.connection = connection
+
+    def revoke(self) -> None:
+        """From now on the link gets 403 saying it was revoked."""
+        self.connection.request("DELETE", f"api/stream/shares/{self.id}")
+        self.state = "revoked"
+
+    def __repr__(self) -> str:
+        until = "never expires" if self.expires is None else "expires " + time.strftime("%Y-%m-%d %H:%M", time.localtime(self.expires))
+        if self.url is None:
+            return f"<Share {self.id} of {self.endpoint!r}: {self.state}, {until}>"
+        return f"<Share of {self.endpoint!r}, {until}>\nstream: {self.url}\ndemo:   {self.demo_url}"
 
 
 def _in_notebook_kernel() -> bool:

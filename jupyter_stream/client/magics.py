@@ -21,7 +21,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..requirements import GPU_SPEC_HELP, env_pairs
-from .endpoints import register_endpoint
+from .endpoints import Endpoint, register_endpoint
 from .functions import register_function
 from .registration import list_registrations
 
@@ -88,6 +88,21 @@ class StreamMagics(Magics):
             raise UsageError(f"%%{magic.__name__}: {e}") from None
         self.shell.user_ns[fn.__name__] = handle
         return handle
+
+    @magic_arguments()
+    @argument("name", help="The endpoint to share.")
+    @argument("--expires", default="1h", help="How long the link works: 30m, 1h, 7d, seconds, or never (default 1h).")
+    @line_magic
+    def stream_share(self, line: str) -> Any:
+        """A link that opens one endpoint and its demo page, and nothing else of the server."""
+        args = parse_argstring(self.stream_share, line)
+        expires = None if args.expires.lower() in ("never", "none") else args.expires
+        try:
+            share = Endpoint.lookup(args.name).share(expires)
+        except (ValueError, LookupError) as e:
+            raise UsageError(f"%stream_share: {e}") from None
+        print(repr(share))
+        return None
 
     @line_magic
     def stream_list(self, line: str) -> None:

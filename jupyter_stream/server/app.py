@@ -29,6 +29,7 @@ from .persist import RegistrationStore, StoredRegistration
 from .placement import Placement, PoolKey
 from .pool import WorkerPool
 from .registry import ENDPOINT_STATS, FUNCTION_STATS, EndpointSpec, FunctionSpec, RegistrationError, Registry, parse_registration
+from .shares import ShareStore
 
 #: Environment variables through which kernels started by this server find it.
 URL_ENV = "JUPYTER_STREAM_URL"
@@ -91,6 +92,18 @@ class JupyterStream(ExtensionApp):
         help="Seconds a worker kernel may stay idle before it is stopped (down to its pool's minimum); "
         "a function's --scaledown-window sets its own pool's.",
     )
+    serve_share_expires = Unicode(
+        "", config=True, help="`jupyter stream serve --share --expires E`: print a share link of each endpoint, expiring after E.",
+    )
+    public_url = Unicode(
+        "", config=True,
+        help="This server's URL as others reach it (behind a reverse proxy or JupyterHub), for share "
+        "links; default: the server's own URL with its base_url.",
+    )
+    cors_origins = List(
+        Unicode(), config=True,
+        help="Web page origins (e.g. https://example.org) allowed to read streams, such as shared ones, from their scripts.",
+    )
     simulated_gpus = List(
         Unicode(), default_value=None, allow_none=True, config=True,
         help="GPU names to act as if this machine had them instead of asking NVML, e.g. "
@@ -135,7 +148,11 @@ class JupyterStream(ExtensionApp):
                                    default_kernel=self.kernel_name)
         #: the pool of what asks for nothing in particular (no GPU, the default kernel)
         self.pool = self.make_pool(self.placement.key_for({}))
+        self.shares = ShareStore()
         self.settings["jupyter_stream"] = self
+        # share tokens in a query string never reach the log (jupyter-server scrubs ?token=)
+        scrub = list(self.serverapp.extra_log_scrub_param_keys)
+        self.settings["extra_log_scrub_param_keys"] = scrub if "share" in scrub else [*scrub, "share"]
 
     def make_pool(self, key: PoolKey) -> WorkerPool:
         default = key == self.placement.key_for({})
@@ -207,6 +224,8 @@ class JupyterStream(ExtensionApp):
         """Unregister (and forget, if persisted) an endpoint or function."""
         self.store.remove(kind, name)
         removed = self.registries[kind].remove(name)
+        if removed and kind == "endpoint":
+            self.shares.endpoint_removed(name)
         self.configure_pools()
         return removed
 
@@ -316,6 +335,16 @@ class JupyterStream(ExtensionApp):
 
     def endpoint_url(self, name: str) -> str:
         return f"{self.server_url}stream/{name}"
+
+    @property
+    def public_base(self) -> str:
+        """Where others reach this server: `public_url`, else the server's URL (both with base_url)."""
+        url = self.public_url or self.server_url
+        return url if url.endswith("/") else url + "/"
+
+    def share_urls(self, name: str, token: str) -> dict[str, str]:
+        stream = f"{self.public_base}stream/{name}"
+        return {"url": f"{stream}?share={token}", "demo_url": f"{stream}/demo?share={token}"}
 
     def info(self, spec: EndpointSpec | FunctionSpec) -> dict[str, Any]:
         """What the API shows of an endpoint or function."""

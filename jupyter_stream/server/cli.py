@@ -44,7 +44,7 @@ def settings_help() -> str:
 
     lines = ["settings (passed on to the server as --JupyterStream.NAME=VALUE):"]
     for name, trait in sorted(JupyterStream.class_traits(config=True).items()):
-        if name in ("notebooks", "exit_with_pid", "export_env") or trait.this_class is not JupyterStream:
+        if name in ("notebooks", "exit_with_pid", "export_env", "serve_share_expires") or trait.this_class is not JupyterStream:
             continue
         default = trait.default_value_repr() if hasattr(trait, "default_value_repr") else repr(trait.default_value)
         lines.append(f"  --JupyterStream.{name}={default}\n      {trait.help}")
@@ -95,6 +95,14 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--token", default=None, help="auth token (default: a random one, printed in the curl lines)")
     serve.add_argument("--workers", type=int, default=None, metavar="N",
                        help="worker kernels at most (short for --JupyterStream.max_workers=N)")
+    serve.add_argument("--share", action="store_true",
+                       help="print a share link and a demo link for each endpoint (and no server token): "
+                            "each opens that endpoint and its page, nothing else")
+    serve.add_argument("--expires", default="1d", help="how long --share links work: 30m, 1h, 7d, seconds, or never (default 1d)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a web page origin allowed to read the streams from its scripts (repeatable)")
+    serve.add_argument("--public-url", default=None, metavar="URL",
+                       help="this server's URL as others reach it (behind a proxy), for the printed links")
     sub.add_parser("list", help="list the endpoints of the running Jupyter servers")
     args, extra = parser.parse_known_args(argv)
     if args.command == "list":
@@ -103,6 +111,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(list_endpoints())
     if args.workers is not None:
         extra = [*extra, f"--JupyterStream.max_workers={args.workers}"]
+    if args.share:
+        from ..signatures import parse_expires
+
+        try:
+            parse_expires(None if args.expires.lower() in ("never", "none") else args.expires)
+        except ValueError as e:
+            parser.error(f"--expires: {e}")
+        extra = [*extra, f"--JupyterStream.serve_share_expires={args.expires}"]
+    extra += [f"--JupyterStream.cors_origins={origin}" for origin in args.cors_origin]
+    if args.public_url:
+        extra.append(f"--JupyterStream.public_url={args.public_url}")
     for option in extra:  # fail here, in one line, rather than in the server's log
         name, _, value = option.partition("=")
         if name in ("--JupyterStream.max_workers", "--JupyterStream.calls_per_worker") and (not value.isdigit() or int(value) < 1):

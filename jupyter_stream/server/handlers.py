@@ -10,12 +10,15 @@ login cookie); unauthenticated API requests get 403 rather than a login redirect
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 from jupyter_core.utils import ensure_async
-from jupyter_server.auth.decorator import authorized, ws_authenticated
+from jupyter_server.auth.decorator import allow_unauthenticated, authorized, ws_authenticated
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from tornado import httputil, web
@@ -25,9 +28,12 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from .. import wire
 from ..errors import WorkerError, error_body
 from ..responses import SSE
+from ..signatures import parse_expires
 from .kernels import OutputQueue
 from .registry import RESERVED_QUERY, EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
 from .scheduler import ClientSession
+from .shares import COOKIE as SHARE_COOKIE
+from .shares import Share, ShareRefused
 
 NOT_AUTHENTICATED = ("authenticate with the server's token: an 'Authorization: token ...' header, "
                      "?token=..., or JupyterLab's login cookie")
@@ -36,20 +42,73 @@ SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "
 
 class StreamHandlerBase(APIHandler):
     #: Jupyter's authorizer sees our routes as the kernels they run code in: listing needs
-    #: "read", registering or calling a function "execute", removing one "write".
+    #: "read", registering or calling an endpoint or function "execute", removing one "write".
     auth_resource = "kernels"
+    #: whether a share link's token opens this route (for the endpoint it shares)
+    accepts_shares = False
+    share: Share | None = None
 
     async def prepare(self) -> None:
         await super().prepare()
+        if self.request.method == "OPTIONS" and self.accepts_shares:
+            return  # a CORS preflight carries no credentials; it answers headers only
         if not self.current_user:  # before reading a body (the auth decorators run after it)
+            token = self.presented_share() if self.accepts_shares else None
+            if not token:
+                raise web.HTTPError(403, NOT_AUTHENTICATED)
+            try:
+                self.share = self.stream.shares.check(token, self.path_kwargs.get("name"))
+            except ShareRefused as e:
+                raise web.HTTPError(403, str(e)) from None
+
+    def presented_share(self) -> str | None:
+        """A share token, from ``?share=``, ``?token=``, the Authorization header or the
+        demo page's cookie (scoped to the shared endpoint's path)."""
+        for name in ("share", "token"):
+            value = self.get_query_argument(name, None)
+            if value:
+                return value
+        match = re.match(r"(?:token|bearer)\s+(\S+)", self.request.headers.get("Authorization", ""), re.IGNORECASE)
+        if match:
+            return match.group(1)
+        return self.get_cookie(SHARE_COOKIE)
+
+    async def check_access(self, action: str) -> None:
+        """What ``@web.authenticated`` and ``@authorized(action)`` check, for routes that
+        a share may open too: a share opens only its endpoint (checked in `prepare`)."""
+        if self.share is not None:
+            return
+        if not self.current_user:
             raise web.HTTPError(403, NOT_AUTHENTICATED)
+        if not await ensure_async(self.authorizer.is_authorized(self, self.current_user, action, self.auth_resource)):
+            raise web.HTTPError(403, f"not authorized to {action} {self.auth_resource}")
 
     def check_xsrf_cookie(self) -> None:
+        if self.accepts_shares and hasattr(self, "_jupyter_current_user") and not self.current_user:
+            return  # no Jupyter user: only a share may open it (a bearer token, its cookie SameSite=Strict); see prepare
         # once prepare() knows the user (jupyter-server's own test), say the real problem
         # rather than "'_xsrf' argument missing"
         if hasattr(self, "_jupyter_current_user") and not self.current_user:
             raise web.HTTPError(403, NOT_AUTHENTICATED)
         super().check_xsrf_cookie()
+
+    def check_origin(self, origin_to_satisfy_tornado: str = "") -> bool:
+        """jupyter-server refuses API requests from pages of other origins; the origins in
+        ``JupyterStream.cors_origins`` may call the routes a share opens."""
+        origin = self.request.headers.get("Origin")
+        if self.accepts_shares and origin and origin in self.stream.cors_origins:
+            return True
+        return super().check_origin(origin_to_satisfy_tornado)
+
+    def set_cors_headers(self) -> None:
+        """Let pages of the configured origins (``JupyterStream.cors_origins``) read what a
+        share link streams."""
+        origin = self.request.headers.get("Origin")
+        if origin and origin in self.stream.cors_origins:
+            self.set_header("Access-Control-Allow-Origin", origin)
+            self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID")
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.set_header("Vary", "Origin")
 
     @property
     def stream(self) -> Any:
@@ -81,6 +140,8 @@ class StreamHandlerBase(APIHandler):
 @web.stream_request_body
 class EndpointHandler(StreamHandlerBase):
     """``GET|POST {base_url}stream/<name>``: run the endpoint on a worker, stream its output."""
+
+    accepts_shares = True
 
     run = None  # the endpoint function running on a worker
     closed = False
@@ -117,16 +178,25 @@ class EndpointHandler(StreamHandlerBase):
             # far over: answer now and let tornado close the connection (see prepare)
             self.send_error(413, exc_info=(None, web.HTTPError(413, self._too_large(f"more than {self._body_size}")), None))
 
-    @web.authenticated
-    @authorized("execute")
+    @allow_unauthenticated  # a share may open it: check_access stands in for @web.authenticated
     async def get(self, name: str) -> None:
+        await self.check_access("execute")
+        self.set_cors_headers()
         await self.run_endpoint(name)
 
-    @web.authenticated
-    @authorized("execute")
+    @allow_unauthenticated
     async def post(self, name: str) -> None:
+        await self.check_access("execute")
+        self.set_cors_headers()
         if not self._finished:  # not already answered 413 while the body arrived
             await self.run_endpoint(name)
+
+    @allow_unauthenticated  # a CORS preflight: headers only, for the configured origins
+    async def options(self, name: str) -> None:
+        """A CORS preflight (for a shared stream read from another origin's page)."""
+        self.set_cors_headers()
+        self.set_status(204)
+        self.finish()
 
     def parse_body(self) -> dict[str, Any] | None:
         if self._body_size > self.stream.max_request_body:
@@ -433,10 +503,165 @@ class WorkersHandler(StreamHandlerBase):
         }))
 
 
+DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
+
+
+def script_json(value: Any) -> str:
+    """JSON that is safe inside a <script> element (no "</script>", no HTML comment)."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+class PageHandler(StreamHandlerBase):
+    """A page a share may open: HTML errors, and a script policy that lets only the
+    page's own scripts run (a nonce) and connect only to this server."""
+
+    accepts_shares = True
+
+    @property
+    def nonce(self) -> str:
+        if not hasattr(self, "_nonce"):
+            import secrets
+
+            self._nonce = secrets.token_urlsafe(16)
+        return self._nonce
+
+    @property
+    def content_security_policy(self) -> str:
+        return (f"default-src 'none'; script-src 'nonce-{self.nonce}'; style-src 'unsafe-inline'; "
+                "img-src 'self' blob: data:; media-src 'self' blob:; connect-src 'self'; base-uri 'none'; "
+                "form-action 'self'; frame-ancestors 'self'")
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Referrer-Policy", "no-referrer")  # the page's URL may carry a share token
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = (kwargs.get("exc_info") or (None, None))[1]
+        message = error.log_message if isinstance(error, web.HTTPError) and error.log_message else \
+            httputil.responses.get(status_code, "Error")
+        self.finish(f"<!doctype html><meta charset=utf-8><title>{status_code}</title>"
+                    f"<body style='font:15px system-ui;margin:3em'>"
+                    f"<h1>{status_code} {html.escape(httputil.responses.get(status_code, ''))}</h1>"
+                    f"<p>{html.escape(message)}</p>", set_content_type="text/html; charset=utf-8")
+
+    def share_query(self) -> str:
+        """``?share=TOKEN`` for links from a page opened through a share, else ""."""
+        if self.share is None:
+            return ""
+        return "?share=" + self.presented_share()
+
+
+class DemoHandler(PageHandler):
+    """``GET {base_url}stream/<name>/demo``: a page to try the endpoint: a form built from
+    its signature, Run and Stop, and the response shown as it arrives (`static/demo.html`)."""
+
+    @allow_unauthenticated  # a share may open it: check_access stands in for @web.authenticated
+    async def get(self, name: str) -> None:
+        await self.check_access("execute")
+        spec = self.stream.endpoints.get(name)
+        if spec is None:
+            raise web.HTTPError(404, self.stream.endpoints.not_found(name) if self.share is None else f"no endpoint named {name!r}")
+        info = self.stream.info(spec)
+        base = self.base_url.rstrip("/") + "/"
+        data = {
+            "name": spec.name, "doc": spec.doc, "media_type": info["media_type"],
+            "media_type_declared": info["media_type_declared"], "parameters": info["parameters"],
+            "stream_url": f"{base}stream/{spec.name}{self.share_query()}",
+            "shared": self.share is not None,
+            "expires": self.share.expires if self.share is not None else None,
+            "xsrf": None if self.share is not None else self.xsrf_token.decode(),
+        }
+        if self.share is not None and self.get_query_argument("share", None):
+            # a reload of the page without the query still works, on this endpoint's paths only
+            self.set_cookie(SHARE_COOKIE, self.presented_share(), path=f"{base}stream/{spec.name}", httponly=True,
+                            samesite="Strict", expires=self.share.expires)
+        page = DEMO_PAGE.read_text().replace("/*ENDPOINT*/null", script_json(data)).replace("__NONCE__", self.nonce)
+        self.finish(page, set_content_type="text/html; charset=utf-8")
+
+
+class IndexHandler(PageHandler):
+    """``GET {base_url}stream/``: the demos this visitor may open: every endpoint's for
+    the server's token or login, the shared one's for a share link."""
+
+    @allow_unauthenticated  # a share may open it: check_access stands in for @web.authenticated
+    async def get(self) -> None:
+        await self.check_access("read")
+        base = self.base_url.rstrip("/") + "/"
+        specs = self.stream.endpoints.values()
+        if self.share is not None:
+            specs = [s for s in specs if s.name == self.share.endpoint]
+        query = self.share_query()
+        rows = []
+        for spec in sorted(specs, key=lambda s: s.name):
+            name = html.escape(spec.name)
+            doc = html.escape((spec.doc or "").strip().splitlines()[0] if spec.doc and spec.doc.strip() else "")
+            active = sum(1 for s in self.stream.shares.list(spec.name) if s.state() == "active")
+            shares = "" if self.share is not None else f"<td>{active}</td>"
+            rows.append(f"<tr><td><a href='{base}stream/{name}/demo{html.escape(query)}'>{name}</a></td><td>{doc}</td>"
+                        f"<td><code>{html.escape(spec.media_type or SSE)}</code></td>{shares}</tr>")
+        head = "<th>demo</th><th>what it does</th><th>media type</th>" + ("" if self.share is not None else "<th>active shares</th>")
+        empty = "<p>No endpoints are registered yet: put <code>%%stream_endpoint</code> on a notebook cell.</p>"
+        table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>" if rows else empty
+        self.finish(
+            "<!doctype html><html lang=en><meta charset=utf-8><meta name=viewport content='width=device-width'>"
+            "<title>Streaming demos</title><style>body{font:15px/1.5 system-ui,sans-serif;margin:2.5em auto;max-width:56em;"
+            "padding:0 1em;color:#1f2328}h1{font-size:1.4em}table{border-collapse:collapse;width:100%}"
+            "td,th{text-align:left;padding:.45em .8em;border-bottom:1px solid #d0d7de}a{color:#0969da}"
+            "code{font-size:.9em}</style><h1>Streaming demos</h1>" + table,
+            set_content_type="text/html; charset=utf-8",
+        )
+
+
+class SharesHandler(StreamHandlerBase):
+    """``GET|POST {base_url}api/stream/shares`` (list; make one of ``{"endpoint", "expires"}``)
+    and ``DELETE .../shares/<id>`` (revoke). A new share's token is in the POST's reply only."""
+
+    @web.authenticated
+    @authorized("read")
+    def get(self, share_id: str | None = None) -> None:
+        endpoint = self.get_query_argument("endpoint", None)
+        shares = self.stream.shares.list(endpoint)
+        self.finish(json.dumps({"shares": [s.info() for s in shares]}))
+
+    @web.authenticated
+    @authorized("execute")
+    def post(self, share_id: str | None = None) -> None:
+        try:
+            body = loads_json(self.request.body or b"{}", "the share request")
+        except ParameterError as e:
+            raise web.HTTPError(400, str(e)) from None
+        if not isinstance(body, dict) or not isinstance(body.get("endpoint"), str):
+            raise web.HTTPError(400, 'send {"endpoint": NAME, "expires": "1h" | seconds | null}')
+        name = body["endpoint"]
+        if name not in self.stream.endpoints:
+            raise web.HTTPError(404, self.stream.endpoints.not_found(name))
+        try:
+            seconds = parse_expires(body.get("expires"))
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
+        share, token = self.stream.shares.create(name, seconds)
+        self.set_status(201)
+        self.finish(json.dumps({**share.info(), "token": token, **self.stream.share_urls(name, token)}))
+
+    @web.authenticated
+    @authorized("write")
+    def delete(self, share_id: str | None = None) -> None:
+        share = self.stream.shares.get(share_id or "")
+        if share is None:
+            raise web.HTTPError(404, f"no share with id {share_id!r} (GET /api/stream/shares lists them)")
+        self.stream.shares.revoke(share)
+        self.set_status(204)
+        self.finish()
+
+
 def default_handlers() -> list[tuple[str, type]]:
     name = r"(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)"
     return [
+        (r"/stream/?", IndexHandler),
         (rf"/stream/{name}/?", EndpointHandler),
+        (rf"/stream/{name}/demo/?", DemoHandler),
+        (r"/api/stream/shares/?", SharesHandler),
+        (r"/api/stream/shares/(?P<share_id>[0-9a-f]{1,64})/?", SharesHandler),
         (r"/api/stream/endpoints/?", RegistrationsHandler, {"kind": "endpoint"}),
         (rf"/api/stream/endpoints/{name}/?", RegistrationHandler, {"kind": "endpoint"}),
         (r"/api/stream/workers/?", WorkersHandler),

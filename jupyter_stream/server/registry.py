@@ -29,7 +29,7 @@ from ..signatures import (
     check_signature,
 )
 
-RESERVED_QUERY = {"token", "_xsrf"}
+RESERVED_QUERY = {"token", "_xsrf", "share"}
 #: lines of printed output kept per endpoint
 RECENT_OUTPUT = 50
 

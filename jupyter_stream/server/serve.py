@@ -13,6 +13,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from typing import Any
 
 import nbformat
@@ -20,6 +21,8 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+
+from ..signatures import parse_expires
 
 
 async def run_notebook(app: Any, path: str, timeout: int = 600) -> None:
@@ -104,16 +107,32 @@ def stop_on_signals(app: Any) -> None:
 
 
 def describe_endpoints(app: Any, names: list[str], source: str) -> str:
+    """What `serve` prints once a notebook has run: each endpoint's URL and curl line (with
+    the server's token), or with ``--share`` its share and demo links (and no token)."""
     if not names:
         return f"jupyter-stream: {source} registered no endpoints (put %%stream_endpoint on a cell that defines a generator)"
+    sharing = bool(app.serve_share_expires)
     token = app.token
     lines = [f"jupyter-stream: serving {len(names)} endpoint(s) from {source}"]
     for name in names:
         spec = app.endpoints.get(name)
+        lines.append(f"  {name}  ({spec.media_type or 'media type by return value'}; {spec.describe()})")
+        if sharing:
+            expires = app.serve_share_expires
+            share, share_token = app.shares.create(name, parse_expires(None if expires.lower() in ("never", "none") else expires))
+            urls = app.share_urls(name, share_token)
+            until = "never expires" if share.expires is None else \
+                f"expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(share.expires))}"
+            lines.append(f"    demo:   {urls['demo_url']}")
+            lines.append(f"    stream: {urls['url']}  ({until})")
+            lines.append(f"    curl --no-buffer {shlex.quote(urls['url'])}")
+            continue
         url = app.endpoint_url(name)
         auth = f"-H {shlex.quote('Authorization: token ' + token)} " if token else ""
-        lines.append(f"  {name}  ({spec.media_type or 'media type by return value'}; {spec.describe()})")
         lines.append(f"    {url}")
         lines.append(f"    curl --no-buffer {auth}{shlex.quote(url)}")
+    if not sharing:
+        query = f"?token={token}" if token else ""
+        lines.append(f"Demo pages of every endpoint: {app.public_base}stream/{query}")
     lines.append("Press Ctrl-C to stop.")
     return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Share links: a token that opens one endpoint and its demo page, and nothing else.
+
+A share is made behind Jupyter's auth (``POST /api/stream/shares``) and handed to someone
+as a URL. Its token is 256 random bits; the server keeps only its SHA-256 digest, finds
+a presented token by that digest and compares digests in constant time, so neither the
+store nor the log holds a usable token. The token is accepted by the shared endpoint's
+routes only (`/stream/<name>` and `/stream/<name>/demo`), as ``?share=``, ``?token=``,
+an ``Authorization: token|Bearer`` header or the page's cookie; every other route of the
+server knows nothing of it and refuses it as it refuses any wrong token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+COOKIE = "jupyter-stream-share"
+
+
+class ShareRefused(Exception):
+    """A presented share token does not open this route (an HTTP 403 with this message)."""
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass(eq=False)
+class Share:
+    id: str  # public handle (for listing and revoking); not a credential
+    digest: str
+    endpoint: str
+    created: float = field(default_factory=time.time)
+    expires: float | None = None  # time.time() after which it no longer opens anything
+    revoked: str | None = None  # why it stopped working, once it has
+
+    def state(self, now: float | None = None) -> str:
+        if self.revoked:
+            return "revoked"
+        if self.expires is not None and (now or time.time()) >= self.expires:
+            return "expired"
+        return "active"
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.id, "endpoint": self.endpoint, "created": self.created, "expires": self.expires,
+                "state": self.state(), "revoked": self.revoked}
+
+
+class ShareStore:
+    """The server's shares (in memory: they live as long as the server, whatever happens
+    to the notebook kernel that made them)."""
+
+    def __init__(self) -> None:
+        self.by_digest: dict[str, Share] = {}
+
+    def create(self, endpoint: str, seconds: float | None) -> tuple[Share, str]:
+        """A new share of `endpoint`; returns it and its token (shown once, never stored)."""
+        token = secrets.token_urlsafe(32)
+        share = Share(secrets.token_hex(8), digest(token), endpoint,
+                      expires=time.time() + seconds if seconds is not None else None)
+        self.by_digest[share.digest] = share
+        return share, token
+
+    def list(self, endpoint: str | None = None) -> list[Share]:
+        return [s for s in self.by_digest.values() if endpoint is None or s.endpoint == endpoint]
+
+    def get(self, share_id: str) -> Share | None:
+        return next((s for s in self.by_digest.values() if hmac.compare_digest(s.id, share_id)), None)
+
+    def revoke(self, share: Share, why: str = "it was revoked") -> None:
+        share.revoked = share.revoked or why
+
+    def endpoint_removed(self, endpoint: str) -> None:
+        for share in self.list(endpoint):
+            if share.state() == "active":
+                self.revoke(share, f"its endpoint {endpoint!r} was deleted")
+
+    def find(self, token: str) -> Share | None:
+        """The share whose token this is, or None (looked up by digest; digests compared
+        in constant time)."""
+        presented = digest(token)
+        share = self.by_digest.get(presented)
+        if share is not None and hmac.compare_digest(share.digest, presented):
+            return share
+        return None
+
+    def check(self, token: str, endpoint: str | None) -> Share:
+        """The share that opens `endpoint` (None: any, for the index page) with `token`;
+        raises `ShareRefused` saying why not."""
+        share = self.find(token)
+        if share is None:
+            raise ShareRefused("this link is not valid here: ask its owner for a new share link "
+                               "(or authenticate with the server's token)")
+        state = share.state()
+        if state == "revoked":
+            raise ShareRefused(f"this share link no longer works: {share.revoked}; ask its owner for a new one")
+        if state == "expired":
+            raise ShareRefused(f"this share link expired at {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(share.expires))}; "
+                               "ask its owner for a new one")
+        if endpoint is not None and share.endpoint != endpoint:
+            raise ShareRefused("this share link opens another endpoint, not this one")
+        return share
