@@ -293,7 +293,7 @@ class MapCall:
         """The busy lane to take items from, and how many it has queued: of the lanes whose
         queued items would wait there at least `STEAL_MIN_SECONDS`, the one with the most.
         Then, when some lane has items queued that do not qualify yet: in how many seconds
-        it would, by the time its running item has taken (else None)."""
+        it would, if its running item takes that long (else None)."""
         now = time.monotonic()
         seconds = self.item_seconds
         victim, most, retry = None, 0, None
@@ -301,12 +301,15 @@ class MapCall:
             queued = lane.queued
             if not queued:
                 continue
-            if seconds is None or queued * seconds >= STEAL_MIN_SECONDS or now - lane.progress >= STEAL_MIN_SECONDS:
+            if seconds is None or queued * seconds >= STEAL_MIN_SECONDS:
+                stuck_at = now
+            else:  # silent for longer than its items should take: its running item is a long one
+                stuck_at = lane.progress + STEAL_MIN_SECONDS + len(lane.inflight) * seconds
+            if stuck_at <= now:
                 if queued > most:
                     victim, most = lane, queued
             else:
-                wait = lane.progress + STEAL_MIN_SECONDS - now
-                retry = wait if retry is None else min(retry, wait)
+                retry = stuck_at - now if retry is None else min(retry, stuck_at - now)
         return victim, most, retry
 
     def steal(self) -> None:
