@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -53,7 +54,9 @@ class EndpointCard:
             f'<div class="jupyter-stream-card-title"><b>{html.escape(endpoint.name)}</b> '
             f"<code>{html.escape(endpoint.media_type)}</code> &rarr; "
             f'<a class="jupyter-stream-url" href="{html.escape(endpoint.browser_href)}" target="_blank" rel="noopener" '
-            f'style="{LINK_STYLE}">{url}</a></div>'
+            f'style="{LINK_STYLE}">{url}</a> &middot; '
+            f'<a class="jupyter-stream-demo" href="{html.escape(endpoint.browser_href)}/demo" target="_blank" rel="noopener" '
+            f'style="{LINK_STYLE}">demo page</a></div>'
             f'<pre class="jupyter-stream-curl">{html.escape(endpoint.curl)}</pre>'
         )
         self.counters = widgets.HTML(self._counters_html({}))
@@ -64,7 +67,14 @@ class EndpointCard:
         self.printed = widgets.HTML("")  # what the endpoint's code printed lately (never on the response)
         self.printed.add_class("jupyter-stream-printed")
         self.try_button.on_click(self._toggle_try)
-        self.widget = widgets.VBox([self.header, widgets.HBox([self.try_button, self.counters]), self.events, self.printed])
+        self.share_button = widgets.Button(description="Share", icon="link",
+                                           tooltip="Make a link (1 hour) that opens this endpoint and its demo page, nothing else")
+        self.share_button.add_class("jupyter-stream-share")
+        self.share_button.on_click(self._share)
+        self.shared = widgets.HTML("")
+        self.shared.add_class("jupyter-stream-shared")
+        self.widget = widgets.VBox([self.header, widgets.HBox([self.try_button, self.share_button, self.counters]), self.shared,
+                                    self.events, self.printed])
         self.widget.add_class("jupyter-stream-card")
         self._trying: threading.Event | None = None
         self._closed = threading.Event()
@@ -117,6 +127,26 @@ class EndpointCard:
         lines = "\n".join(f"[{o.get('worker')}] {o.get('line', '')}" for o in output[-PRINTED_LINES:])
         return ('<details open><summary>worker output</summary>'
                 f'<pre class="jupyter-stream-printed-lines">{html.escape(lines)}</pre></details>')
+
+    # -- "Share" -------------------------------------------------------------------------
+
+    def _share(self, _button: Any = None) -> None:
+        """A new share link (1 hour), shown to copy: the stream and its demo page."""
+        try:
+            share = self.endpoint.share("1h")
+        except Exception as e:  # noqa: BLE001 - say it on the card
+            self.shared.value = f'<div class="jupyter-stream-note"><i>could not share: {html.escape(str(e))}</i></div>'
+            return
+        until = time.strftime("%H:%M", time.localtime(share.expires))
+        rows = "".join(
+            f'<div><span style="display:inline-block;width:4em">{label}</span>'
+            f'<input readonly value="{html.escape(url)}" style="width:70%;font-family:monospace" '
+            f'class="jupyter-stream-share-{label}"> </div>'
+            for label, url in (("demo", share.demo_url), ("stream", share.url))
+        )
+        self.shared.value = (f'<div class="jupyter-stream-share-links">{rows}<i>anyone with a link can run this endpoint '
+                             f"(and nothing else of the server) until {until}; revoke it with <code>{html.escape(self.endpoint.name)}"
+                             f".shares()[-1].revoke()</code></i></div>")
 
     # -- "Try it" ------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """In a real JupyterLab, in headless Chromium: the map progress bar advances and ends with
-the failure count, the endpoint card links to the endpoint, and "Try it" streams events
-into the page. Screenshots of each step are kept in test-artifacts/ui/."""
+the failure count, the endpoint card links to the endpoint, "Try it" streams events
+into the page, and "Share" makes a link that works without the login. Screenshots of each step are kept in test-artifacts/ui/."""
 
 import os
 import re
@@ -172,6 +172,16 @@ def test_progress_and_endpoint_card_in_jupyterlab(lab):
             )
             assert [data for data, _ in events] == ["tick 0", "tick 1", "tick 2"]
             assert (events[2][1] - events[0][1]) / 1000 >= 0.8, events
+
+            # "Share" makes a link to copy; it opens the stream without the login cookie
+            assert page.locator("a.jupyter-stream-demo").first.get_attribute("href") == "/stream/ticker/demo"
+            page.click(".jupyter-stream-share")
+            page.wait_for_selector("input.jupyter-stream-share-stream", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "5-share.png"))
+            shared = page.locator("input.jupyter-stream-share-stream").first.input_value()
+            assert "/stream/ticker?share=" in shared, shared
+            assert page.locator("input.jupyter-stream-share-demo").first.input_value().startswith(shared.split("?")[0] + "/demo?share=")
+            assert httpx.get(shared.replace("?share=", "?n=1&share="), timeout=30).text == "data: tick 0\n\n"
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "failure.png"))
             raise
