@@ -44,12 +44,16 @@ _PUBLIC = {
     "Request": "responses",
     "sse": "responses",
     "list": "client.registration:list_registrations",
+    "cls": "client.classes",
+    "enter": "client.classes",
+    "exit": "client.classes",
+    "method": "client.classes",
 }
 
 __all__ = [
     "Endpoint", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
     "Share", "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
-    "list", "serve_forever", "sse",
+    "list", "serve_forever", "sse", "cls", "enter", "exit", "method",
 ]
 
 if TYPE_CHECKING:

@@ -25,7 +25,8 @@ RESERVED_ENV = {"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "JUPYTER_STREAM_WOR
 MAX_WORKERS_LIMIT = 1024
 MAX_SCALEDOWN_WINDOW = 7 * 24 * 3600.0
 MAX_GPUS = 64
-REQUIREMENT_FIELDS = {"gpu", "min_workers", "max_workers", "scaledown_window", "kernel", "env"}
+REQUIREMENT_FIELDS = {"gpu", "min_workers", "max_workers", "scaledown_window", "kernel", "env", "concurrency"}
+MAX_CONCURRENCY = 1000
 GPU_SPEC_HELP = "any, N, TYPE, TYPE:N, or a fallback list such as H100,A100:2"
 
 
@@ -120,6 +121,8 @@ def check_requirements(raw: Any) -> dict[str, Any]:
         for name in ("min_workers", "max_workers"):
             if raw.get(name) is not None:
                 out[name] = _whole(f"--{name.replace('_', '-')}", raw[name], 0 if name == "min_workers" else 1, MAX_WORKERS_LIMIT)
+        if raw.get("concurrency") is not None:
+            out["concurrency"] = _whole("--concurrency", raw["concurrency"], 1, MAX_CONCURRENCY)
         if "min_workers" in out and "max_workers" in out and out["min_workers"] > out["max_workers"]:
             raise ValueError(f"--min-workers ({out['min_workers']}) is more than --max-workers ({out['max_workers']})")
         window = raw.get("scaledown_window")
@@ -170,11 +173,11 @@ def env_pairs(pairs: list[str] | None) -> dict[str, str]:
 
 def requirement_fields(*, gpu: Any = None, min_workers: int | None = None, max_workers: int | None = None,
                        scaledown_window: float | None = None, kernel: str | None = None,
-                       env: dict[str, str] | None = None) -> dict[str, Any]:
+                       env: dict[str, str] | None = None, concurrency: int | None = None) -> dict[str, Any]:
     """The ``requirements`` field of a registration from the options a user gave,
     checked here so that a mistake fails in the cell, before anything is sent."""
     given = {"gpu": gpu, "min_workers": min_workers, "max_workers": max_workers,
-             "scaledown_window": scaledown_window, "kernel": kernel, "env": env}
+             "scaledown_window": scaledown_window, "kernel": kernel, "env": env, "concurrency": concurrency}
     try:
         return check_requirements({k: v for k, v in given.items() if v is not None})
     except RegistrationError as e:

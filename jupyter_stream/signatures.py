@@ -14,7 +14,8 @@ import re
 import typing
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+#: a name, or ``Class.method`` for the methods of a `%%stream_class`
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}(?:\.[A-Za-z_][A-Za-z0-9_\-]{0,63})?$")
 SCALARS = {int: "int", float: "float", bool: "bool", str: "str"}
 #: "object": a dict, dataclass or pydantic model, bound to the JSON body as FastAPI does;
 #: "request": the `responses.Request` itself
@@ -40,7 +41,7 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid endpoint name {name!r}: use letters, digits, '_' and '-', "
-            "starting with a letter or '_', at most 64 characters"
+            "starting with a letter or '_', at most 64 characters (Class.method for a class's methods)"
         )
     return name
 

@@ -72,7 +72,7 @@ def test_unannotated_defaults_and_kwargs():
     assert spec.bind({"a": ["x"], "b": ["3"], "other": ["y"]}, None) == {"a": "x", "b": 3, "other": "y"}
 
 
-@pytest.mark.parametrize("name", ["", "1abc", "a b", "a/b", "x" * 65])
+@pytest.mark.parametrize("name", ["", "1abc", "a b", "a/b", "x" * 65, "a.b.c", "a.", ".a", "a.1b"])
 def test_bad_names(name):
     with pytest.raises(ValueError, match="invalid endpoint name"):
         check_name(name)

@@ -167,6 +167,7 @@ def endpoint(
     fn: Callable | None = None, *, name: str | None = None, media_type: str | None = None, persist: bool = False,
     gpu: str | list[str] | None = None, min_workers: int | None = None, max_workers: int | None = None,
     scaledown_window: float | None = None, kernel: str | None = None, env: dict[str, str] | None = None,
+    concurrency: int | None = None,
 ) -> Any:
     """Decorator: serve a generator (or any function returning an iterable) as a streaming
     endpoint. Returns an `Endpoint` handle::
@@ -177,7 +178,14 @@ def endpoint(
                 yield f"data: tick {i}\\n\\n"
     """
     requirements = dict(gpu=gpu, min_workers=min_workers, max_workers=max_workers,
-                        scaledown_window=scaledown_window, kernel=kernel, env=env)
-    if fn is not None:
-        return register_endpoint(fn, name, media_type, persist=persist, **requirements)
-    return lambda f: register_endpoint(f, name, media_type, persist=persist, **requirements)
+                        scaledown_window=scaledown_window, kernel=kernel, env=env, concurrency=concurrency)
+
+    def decorate(f: Callable) -> Any:
+        from .classes import in_class_body
+
+        if in_class_body(f):  # a method of a %%stream_class: marked here, served with its class
+            f.__jupyter_stream_method__ = {"kind": "endpoint", "media_type": media_type}
+            return f
+        return register_endpoint(f, name, media_type, persist=persist, **requirements)
+
+    return decorate(fn) if fn is not None else decorate

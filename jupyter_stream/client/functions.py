@@ -511,7 +511,7 @@ def register_function(
 def function(fn: Callable | None = None, *, name: str | None = None, retries: int = 0, timeout: float | None = None,
              persist: bool = False, gpu: str | list[str] | None = None, min_workers: int | None = None,
              max_workers: int | None = None, scaledown_window: float | None = None, kernel: str | None = None,
-             env: dict[str, str] | None = None) -> Any:
+             env: dict[str, str] | None = None, concurrency: int | None = None) -> Any:
     """Decorator: run this function on worker kernels, with Modal's call forms::
 
         @jupyter_stream.function(retries=2, gpu="H100:2")
@@ -521,7 +521,7 @@ def function(fn: Callable | None = None, *, name: str | None = None, retries: in
         list(square.map(range(10)))
     """
     requirements = dict(gpu=gpu, min_workers=min_workers, max_workers=max_workers,
-                        scaledown_window=scaledown_window, kernel=kernel, env=env)
+                        scaledown_window=scaledown_window, kernel=kernel, env=env, concurrency=concurrency)
     if fn is not None:
         return register_function(fn, name, retries, timeout, persist=persist, **requirements)
     return lambda f: register_function(f, name, retries, timeout, persist=persist, **requirements)

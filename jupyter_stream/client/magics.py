@@ -21,6 +21,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..requirements import GPU_SPEC_HELP, env_pairs
+from .classes import register_class
 from .endpoints import Endpoint, register_endpoint
 from .functions import register_function
 from .registration import list_registrations
@@ -36,6 +37,7 @@ def requirement_arguments(fn: Any) -> Any:
         argument("--max-workers", type=int, default=None, metavar="N", help="Most workers of its pool."),
         argument("--min-workers", type=int, default=None, metavar="N", help="Workers of its pool kept warm."),
         argument("--gpu", default=None, metavar="SPEC", help=f"GPUs each worker gets: {GPU_SPEC_HELP}."),
+        argument("--concurrency", type=int, default=None, metavar="N", help="Calls one worker runs at once (default 1)."),
     ]
     for option in options:
         fn = option(fn)
@@ -44,7 +46,24 @@ def requirement_arguments(fn: Any) -> Any:
 
 def requirements_of(args: Any) -> dict[str, Any]:
     return dict(gpu=args.gpu, min_workers=args.min_workers, max_workers=args.max_workers,
-                scaledown_window=args.scaledown_window, kernel=args.kernel, env=env_pairs(args.env) or None)
+                scaledown_window=args.scaledown_window, kernel=args.kernel, env=env_pairs(args.env) or None,
+                concurrency=args.concurrency)
+
+
+def defined_class_name(cell: str) -> str:
+    """The name of the last top-level class the cell defines."""
+    try:
+        tree = ast.parse(cell)
+    except SyntaxError:
+        return ""
+    names = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+    if not names:
+        raise UsageError(
+            "%%stream_class: the cell defines no class. Put the magic on a cell that defines one, e.g.\n\n"
+            "%%stream_class --concurrency 8\nclass Model:\n    @jupyter_stream.enter\n    def load(self):\n"
+            "        self.weights = ...\n\n    @jupyter_stream.method\n    def predict(self, x):\n        return x\n"
+        )
+    return names[-1]
 
 
 def defined_function_name(cell: str, magic: str) -> str:
@@ -87,6 +106,27 @@ class StreamMagics(Magics):
         except ValueError as e:
             raise UsageError(f"%%{magic.__name__}: {e}") from None
         self.shell.user_ns[fn.__name__] = handle
+        return handle
+
+    @magic_arguments()
+    @requirement_arguments
+    @cell_magic
+    def stream_class(self, line: str, cell: str) -> Any:
+        """Serve the class this cell defines: its @enter methods load once per worker, its
+        @method methods take the function call forms, its @endpoint methods are endpoints."""
+        args = parse_argstring(self.stream_class, line)
+        name = defined_class_name(cell)
+        source = self.shell.transform_cell(cell)
+        filename = self.shell.compile.cache(source)
+        exec(self.shell.compile(source, filename, "exec"), self.shell.user_global_ns, self.shell.user_ns)
+        klass = self.shell.user_ns.get(name)
+        if not isinstance(klass, type):
+            raise UsageError(f"%%stream_class: {name!r} is not a class after running the cell")
+        try:
+            handle = register_class(klass, **requirements_of(args))
+        except ValueError as e:
+            raise UsageError(f"%%stream_class: {e}") from None
+        self.shell.user_ns[name] = handle
         return handle
 
     @magic_arguments()

@@ -655,7 +655,7 @@ class SharesHandler(StreamHandlerBase):
 
 
 def default_handlers() -> list[tuple[str, type]]:
-    name = r"(?P<name>[A-Za-z_][A-Za-z0-9_\-]*)"
+    name = r"(?P<name>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)?)"
     return [
         (r"/stream/?", IndexHandler),
         (rf"/stream/{name}/?", EndpointHandler),

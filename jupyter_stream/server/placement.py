@@ -37,9 +37,11 @@ class PoolKey:
     kernel: str
     gpu: str | None
     env: tuple[tuple[str, str], ...]
+    concurrency: int | None = None  # calls one kernel runs at once (None: the server's calls_per_worker)
 
     def describe(self) -> str:
         parts = [f"kernel {self.kernel}", f"gpu {self.gpu}" if self.gpu else "no GPU"]
+        parts += [f"concurrency {self.concurrency}"] if self.concurrency else []
         parts += [f"{k}={v}" for k, v in self.env]
         return ", ".join(parts)
 
@@ -72,7 +74,7 @@ class Placement:
 
     def key_for(self, requirements: dict[str, Any]) -> PoolKey:
         return PoolKey(requirements.get("kernel") or self.default_kernel, requirements.get("gpu"),
-                       tuple(sorted((requirements.get("env") or {}).items())))
+                       tuple(sorted((requirements.get("env") or {}).items())), requirements.get("concurrency"))
 
     def add_pool(self, pool: WorkerPool) -> None:
         pool.placement = self

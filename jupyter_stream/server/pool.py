@@ -52,11 +52,12 @@ class WorkerPool:
         env: dict[str, str] | None = None,
         scaledown_window: float = DEFAULT_SCALEDOWN_WINDOW,
         placement: Placement | None = None,
+        concurrency: int | None = None,
     ):
         self.kernel_name = kernel_name
         self.gpu = parse_gpu_spec(gpu)
         self.env = dict(env or {})
-        self.key = PoolKey(kernel_name, gpu, tuple(sorted(self.env.items())))
+        self.key = PoolKey(kernel_name, gpu, tuple(sorted(self.env.items())), concurrency)
         self.min_workers = min_workers
         self.max_workers = max(max_workers, min_workers, 1)
         self.scaledown_window = scaledown_window
@@ -364,6 +365,7 @@ class WorkerPool:
             "min_workers": self.min_workers,
             "max_workers": self.max_workers,
             "scaledown_window": self.scaledown_window,
+            "calls_per_worker": self.calls_per_worker,
             "starting": self.starting,
             "waiting_calls": len(self._waiters),
             "replaced": self.replaced,
