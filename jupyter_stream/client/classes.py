@@ -173,7 +173,8 @@ class Instance:
             call = bound_call(cls, name, params, key)
             if marked["kind"] == "endpoint":
                 self.handles[name] = register_endpoint(call, f"{prefix}.{name}", marked.get("media_type"),
-                                                       connection=owner.connection, env=env, **options)
+                                                       connection=owner.connection, queue_timeout=marked.get("queue_timeout"),
+                                                       openai=marked.get("openai", False), env=env, **options)
             else:
                 self.handles[name] = register_function(call, f"{prefix}.{name}", marked.get("retries", 0), marked.get("timeout"),
                                                        connection=owner.connection, env=env, **options)

@@ -147,6 +147,8 @@ def register_endpoint(
     media_type: str | None = None,
     connection: ServerConnection | None = None,
     persist: bool = False,
+    queue_timeout: float | None = None,
+    openai: bool = False,
     **requirements: Any,
 ) -> Endpoint:
     """Register `fn` with the server as endpoint `name` (default: the function's name).
@@ -158,7 +160,7 @@ def register_endpoint(
         check_media_type(media_type)
     name, reply, conn = register(
         "endpoint", fn, name, connection, persist, media_type=media_type, signature=describe_parameters(fn) if callable(fn) else None,
-        requirements=requirement_fields(**requirements),
+        requirements=requirement_fields(**requirements), queue_timeout=queue_timeout, openai=bool(openai),
     )
     return Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn)
 
@@ -167,7 +169,7 @@ def endpoint(
     fn: Callable | None = None, *, name: str | None = None, media_type: str | None = None, persist: bool = False,
     gpu: str | list[str] | None = None, min_workers: int | None = None, max_workers: int | None = None,
     scaledown_window: float | None = None, kernel: str | None = None, env: dict[str, str] | None = None,
-    concurrency: int | None = None,
+    concurrency: int | None = None, queue_timeout: float | None = None, openai: bool = False,
 ) -> Any:
     """Decorator: serve a generator (or any function returning an iterable) as a streaming
     endpoint. Returns an `Endpoint` handle::
@@ -184,8 +186,9 @@ def endpoint(
         from .classes import in_class_body
 
         if in_class_body(f):  # a method of a %%stream_class: marked here, served with its class
-            f.__jupyter_stream_method__ = {"kind": "endpoint", "media_type": media_type}
+            f.__jupyter_stream_method__ = {"kind": "endpoint", "media_type": media_type, "queue_timeout": queue_timeout,
+                                           "openai": openai}
             return f
-        return register_endpoint(f, name, media_type, persist=persist, **requirements)
+        return register_endpoint(f, name, media_type, persist=persist, queue_timeout=queue_timeout, openai=openai, **requirements)
 
     return decorate(fn) if fn is not None else decorate

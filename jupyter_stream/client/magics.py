@@ -153,13 +153,18 @@ class StreamMagics(Magics):
     @argument("--name", default=None, help="URL name of the endpoint (default: the function's name).")
     @argument("--media-type", default=None, help="Response media type (default: text/event-stream).")
     @argument("--persist", action="store_true", help="Register it again when the server restarts.")
+    @argument("--queue-timeout", type=float, default=None, metavar="S",
+              help="Seconds a request may wait for a busy worker before it gets 503 (default 60).")
+    @argument("--openai", action="store_true",
+              help="Also serve it as an OpenAI-compatible chat completions API (the function takes `messages`).")
     @requirement_arguments
     @cell_magic
     def stream_endpoint(self, line: str, cell: str) -> Any:
         """Serve the generator this cell defines as a streaming HTTP endpoint."""
         return self._register_cell(
             self.stream_endpoint, line, cell,
-            lambda fn, args: register_endpoint(fn, args.name, args.media_type, persist=args.persist, **requirements_of(args)),
+            lambda fn, args: register_endpoint(fn, args.name, args.media_type, persist=args.persist, queue_timeout=args.queue_timeout,
+                                               openai=args.openai, **requirements_of(args)),
         )
 
     @magic_arguments()

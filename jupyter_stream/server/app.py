@@ -207,7 +207,8 @@ class JupyterStream(ExtensionApp):
         previous = self.registries[kind].get(name)
         spec: EndpointSpec | FunctionSpec
         if kind == "endpoint":
-            spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], **common)
+            spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], queue_timeout=body["queue_timeout"],
+                                openai=body["openai"], **common)
         else:
             spec = FunctionSpec(is_generator=body.get("generator", False), retries=body["retries"], timeout=body["timeout"], **common)
         replaced = self.registries[kind].register(spec)
@@ -356,4 +357,5 @@ class JupyterStream(ExtensionApp):
         return {**common, "url": self.endpoint_url(spec.name), "media_type": spec.media_type or SSE,
                 "output": list(spec.output),
                 "media_type_declared": spec.media_type is not None,
+                "queue_timeout": spec.queue_timeout, "openai": spec.openai,
                 "parameters": spec.signature.get("params", [])}

@@ -124,9 +124,13 @@ class StreamHandlerBase(APIHandler):
             return
         super().log_exception(typ, value, tb)
 
+    retry_after: int | None = None  # seconds, for a 503 of a full queue
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Errors are JSON ``{"message", "reason"}``, as in jupyter-server's API."""
         self.set_header("Content-Type", "application/json")
+        if self.retry_after:
+            self.set_header("Retry-After", str(self.retry_after))
         message = httputil.responses.get(status_code, "Unknown HTTP Error")
         reply: dict[str, Any] = {"message": message, "reason": None}
         error = (kwargs.get("exc_info") or (None, None))[1]
@@ -258,24 +262,20 @@ class EndpointHandler(StreamHandlerBase):
         return {"param": param, "method": self.request.method, "path": self.request.path, "headers": headers,
                 "query": query, "client": self.request.remote_ip, "last_event_id": self.request.headers.get("Last-Event-ID")}
 
-    async def relay(self, spec: EndpointSpec, kwargs: dict[str, Any], stats: Any) -> None:
-        """Start the call on a worker and copy its output to the client as it arrives."""
-        self.waiting = asyncio.ensure_future(self.stream.pool_for(spec).acquire())
-        try:
-            worker = await self.waiting
-        except asyncio.CancelledError:  # the client left while queued: the call never starts
+    async def relay(self, spec: EndpointSpec, kwargs: dict[str, Any], stats: Any, media_type: str | None = None) -> None:
+        """Start the call on a worker and copy its output to the client as it arrives
+        (`media_type`: how the worker encodes it, when not the endpoint's own)."""
+        media_type = media_type or spec.media_type
+        worker = await self.wait_for_worker(spec, (media_type or "").startswith(SSE))
+        if worker is None:
             return
-        except WorkerError as e:
-            raise web.HTTPError(503, f"no worker kernel is available: {e}") from None
-        finally:
-            self.waiting = None
         if self.closed:
             worker.pool.release(worker)
             return
         output = self.output = OutputQueue(on_print=lambda printed: self.printed(spec, worker.name, printed))
         request = self.request_info(spec.request_parameter) if spec.request_parameter else None
         run = self.run = worker.start_run(spec.fn_hash, spec.fn_blob, output, mode="http",
-                                          media_type=spec.media_type, kwargs=kwargs, request=request)
+                                          media_type=media_type, kwargs=kwargs, request=request)
         # The worker sends the response's start (status, headers, media type) as soon as
         # the function has returned its iterable. A response with nothing to send yet is
         # committed after `commit_headers_after` seconds anyway (as the registered media
@@ -283,7 +283,7 @@ class EndpointHandler(StreamHandlerBase):
         # status instead of timing out; an idle SSE stream then gets comment heartbeats.
         heartbeat = self.stream.sse_heartbeat_interval
         commit_after = self.stream.commit_headers_after
-        begun = sse = False
+        begun = sse = self._headers_written  # an SSE response already begun while queued
         try:
             while True:
                 if self._headers_written:
@@ -294,7 +294,7 @@ class EndpointHandler(StreamHandlerBase):
                     return
                 if not await output.wait(timeout):
                     if not begun:
-                        sse = self.begin({"media_type": spec.media_type or SSE})
+                        sse = self.begin({"media_type": media_type or SSE})
                         begun = True
                     if sse:
                         self.write(b": keep-alive\n\n")
@@ -305,12 +305,7 @@ class EndpointHandler(StreamHandlerBase):
                     begun = True
                 if output.chunks:
                     data = output.take()
-                    if self._headers_written:
-                        # straight to the connection: no copy into the handler's buffer
-                        await self.request.connection.write(data)
-                    else:
-                        self.write(data.tobytes())
-                        await self.flush()
+                    await self.emit(data)
                     stats["bytes_sent"] += data.nbytes
                     run.consumed(data.nbytes)
                     continue
@@ -319,8 +314,62 @@ class EndpointHandler(StreamHandlerBase):
             if output.error is not None:
                 stats["errors"] += 1
                 self.failed(output.error, sse)
+            else:
+                self.complete()
         except StreamClosedError:
             run.cancel()
+
+    async def emit(self, data: memoryview) -> None:
+        """One chunk of the worker's output to the client, as it came."""
+        if self._headers_written:
+            # straight to the connection: no copy into the handler's buffer
+            await self.request.connection.write(data)
+        else:
+            self.write(data.tobytes())
+            await self.flush()
+
+    def complete(self) -> None:
+        """The function's output ended without an error (nothing more to send here)."""
+
+    async def wait_for_worker(self, spec: EndpointSpec, sse: bool) -> Any:
+        """A worker of the endpoint's pool, in arrival order. A client that leaves while
+        queued leaves the queue (None); one that waited `spec.queue_timeout` gets a 503 with
+        Retry-After. A declared SSE stream begins while it waits, with heartbeats (a
+        timeout then ends it with an error event)."""
+        pool = self.stream.pool_for(spec)
+        self.waiting = asyncio.ensure_future(pool.acquire())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.queue_timeout
+        try:
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    self.waiting.cancel()
+                    busy = len(pool.workers)
+                    message = (f"all {busy} worker(s) of endpoint {spec.name!r} are busy: the request waited "
+                               f"{spec.queue_timeout:g} s in the queue (its --queue-timeout); retry in a moment")
+                    if self._headers_written:
+                        self.failed({"type": "QueueTimeout", "message": message}, True)
+                        return None
+                    self.retry_after = max(1, min(int(spec.queue_timeout), 30))
+                    raise web.HTTPError(503, message)
+                step = remaining
+                if sse:
+                    step = min(remaining, self.stream.sse_heartbeat_interval if self._headers_written else self.stream.commit_headers_after)
+                done, _ = await asyncio.wait({self.waiting}, timeout=step)
+                if done:
+                    return self.waiting.result()
+                if sse and not self.closed:
+                    if not self._headers_written:
+                        self.begin({"media_type": spec.media_type})
+                    self.write(b": waiting for a worker\n\n")
+                    await self.flush()
+        except asyncio.CancelledError:  # the client left while queued: the call never starts
+            return None
+        except WorkerError as e:
+            raise web.HTTPError(503, f"no worker kernel is available: {e}") from None
+        finally:
+            self.waiting = None
 
     def begin(self, start: dict[str, Any]) -> bool:
         """Send the status line and headers; returns whether this is an SSE stream."""
@@ -655,11 +704,15 @@ class SharesHandler(StreamHandlerBase):
 
 
 def default_handlers() -> list[tuple[str, type]]:
+    from . import openai_api  # its handlers build on EndpointHandler
+
     name = r"(?P<name>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_][A-Za-z0-9_\-]*)?)"
     return [
         (r"/stream/?", IndexHandler),
         (rf"/stream/{name}/?", EndpointHandler),
         (rf"/stream/{name}/demo/?", DemoHandler),
+        (rf"/stream/{name}/v1/chat/completions/?", openai_api.ChatCompletionsHandler),
+        (rf"/stream/{name}/v1/models/?", openai_api.ModelsHandler),
         (r"/api/stream/shares/?", SharesHandler),
         (r"/api/stream/shares/(?P<share_id>[0-9a-f]{1,64})/?", SharesHandler),
         (r"/api/stream/endpoints/?", RegistrationsHandler, {"kind": "endpoint"}),

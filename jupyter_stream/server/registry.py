@@ -32,6 +32,8 @@ from ..signatures import (
 RESERVED_QUERY = {"token", "_xsrf", "share"}
 #: lines of printed output kept per endpoint
 RECENT_OUTPUT = 50
+#: seconds a request may wait for a worker before it gets a 503 (an endpoint's --queue-timeout)
+DEFAULT_QUEUE_TIMEOUT = 60.0
 
 #: Arrays and objects nested deeper than this in a JSON body are refused (a 400), so that
 #: no request can make the server or a worker recurse without bound.
@@ -71,7 +73,7 @@ def loads_json(raw: bytes | str, what: str) -> Any:
 
 
 REGISTRATION_FIELDS = {
-    "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner", "requirements"},
+    "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner", "requirements", "queue_timeout", "openai"},
     "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner", "requirements"},
 }
 
@@ -122,6 +124,20 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
         # None: not declared; the worker picks it from what the function returns
         body["media_type"] = check_media_type(body["media_type"]) if body.get("media_type") is not None else None
         body["signature"] = check_signature(body.get("signature"))
+        queue_timeout = body.get("queue_timeout")
+        if queue_timeout is None:
+            queue_timeout = DEFAULT_QUEUE_TIMEOUT
+        if isinstance(queue_timeout, bool) or not isinstance(queue_timeout, (int, float)) or not math.isfinite(queue_timeout) \
+                or not 0 < queue_timeout <= MAX_TIMEOUT:
+            raise RegistrationError(f"'queue_timeout' must be a number of seconds above 0 and at most {MAX_TIMEOUT:g}, "
+                                    f"got {queue_timeout!r}")
+        body["queue_timeout"] = float(queue_timeout)
+        if not isinstance(body.get("openai", False), bool):
+            raise RegistrationError("'openai' must be true or false")
+        body["openai"] = body.get("openai", False)
+        if body["openai"] and "messages" not in {p["name"] for p in body["signature"].get("params", [])}:
+            raise RegistrationError("an --openai endpoint's function takes the chat `messages` (and may take max_tokens, "
+                                    "temperature), e.g. def chat(messages: list, max_tokens: int = 64)")
         return body
     if not isinstance(body.get("generator", False), bool):
         raise RegistrationError("'generator' must be true or false")
@@ -206,6 +222,8 @@ class EndpointSpec:
     media_type: str | None  # as declared at registration; None lets the return value decide
     signature: dict[str, Any]
     doc: str = ""
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    openai: bool = False  # also served as an OpenAI-compatible chat completions API
     persist: bool = False
     owner: str = ""  # the notebook (or script) that registered it
     #: what its workers need (`requirements.check_requirements`): GPUs, pool size, kernel, env

@@ -1,0 +1,164 @@
+"""An OpenAI-compatible chat completions API for an endpoint registered with ``--openai``.
+
+The endpoint's function takes the chat ``messages`` (and may take ``max_tokens`` and
+``temperature``) and yields text pieces. ``POST /stream/<name>/v1/chat/completions``
+runs it like any call of the endpoint (same worker pool, queue, backpressure and
+disconnect handling; `EndpointHandler` does the work) and wraps what it yields:
+with ``"stream": true`` as ``chat.completion.chunk`` events and a final ``data: [DONE]``,
+otherwise as one ``chat.completion``. ``GET /stream/<name>/v1/models`` lists the one
+model. So ``openai.OpenAI(base_url=<endpoint URL>/v1, api_key=<token or share token>)``
+works, as does anything built on it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import time
+import uuid
+from typing import Any
+
+from jupyter_server.auth.decorator import allow_unauthenticated
+from tornado import web
+
+from .handlers import EndpointHandler, StreamHandlerBase
+from .registry import EndpointSpec, ParameterError, loads_json
+
+
+def openai_error(message: str, kind: str = "invalid_request_error") -> str:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+class OpenAIMixin:
+    def openai_spec(self, name: str) -> EndpointSpec:
+        spec = self.stream.endpoints.get(name)
+        if spec is None or not spec.openai:
+            what = "no endpoint named" if spec is None else "not served as an OpenAI API (register it with --openai):"
+            raise web.HTTPError(404, f"{what} {name!r}")
+        return spec
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Errors the way OpenAI's clients read them: ``{"error": {"message", "type"}}``."""
+        error = (kwargs.get("exc_info") or (None, None))[1]
+        message = error.log_message if isinstance(error, web.HTTPError) and error.log_message else self._reason
+        kind = "authentication_error" if status_code in (401, 403) else "invalid_request_error" if status_code < 500 else "server_error"
+        if self.retry_after:
+            self.set_header("Retry-After", str(self.retry_after))
+        self.finish(openai_error(message, kind))
+
+
+class ModelsHandler(OpenAIMixin, StreamHandlerBase):
+    """``GET {base_url}stream/<name>/v1/models``: the endpoint, as the one model."""
+
+    accepts_shares = True
+
+    @allow_unauthenticated  # a share may open it: check_access stands in for @web.authenticated
+    async def get(self, name: str) -> None:
+        await self.check_access("read")
+        spec = self.openai_spec(name)
+        self.finish(json.dumps({"object": "list", "data": [
+            {"id": spec.name, "object": "model", "created": int(spec.created), "owned_by": spec.owner or "jupyter-stream"}]}))
+
+
+class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
+    """``POST {base_url}stream/<name>/v1/chat/completions``."""
+
+    streaming = False
+    text: list[str]
+
+    @allow_unauthenticated
+    async def get(self, name: str) -> None:
+        raise web.HTTPError(405, "POST a chat completion request here")
+
+    @allow_unauthenticated
+    async def post(self, name: str) -> None:  # type: ignore[override]
+        await self.check_access("execute")
+        if self._finished:  # answered 413 while the body arrived
+            return
+        spec = self.openai_spec(name)
+        try:
+            request = loads_json(bytes(self._body) or b"{}", "the chat completion request")
+        except ParameterError as e:
+            raise web.HTTPError(400, str(e)) from None
+        if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+            raise web.HTTPError(400, "a chat completion request is a JSON object with 'messages' (a list of {role, content})")
+        accepted = {p["name"] for p in spec.signature.get("params", [])}
+        arguments: dict[str, Any] = {"messages": request["messages"]}
+        max_tokens = request.get("max_completion_tokens", request.get("max_tokens"))
+        if max_tokens is not None and "max_tokens" in accepted:
+            arguments["max_tokens"] = max_tokens
+        if request.get("temperature") is not None and "temperature" in accepted:
+            arguments["temperature"] = request["temperature"]
+        try:
+            kwargs = spec.bind({}, arguments)
+        except ParameterError as e:
+            raise web.HTTPError(400, str(e)) from None
+        self.streaming = bool(request.get("stream"))
+        self.model = spec.name
+        self.completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = []
+        stats = spec.stats
+        stats["requests"] += 1
+        stats["open_streams"] += 1
+        try:
+            await self.relay(spec, kwargs, stats, media_type="text/plain; charset=utf-8")
+        finally:
+            stats["open_streams"] -= 1
+
+    # -- the endpoint's output, wrapped ----------------------------------------------------
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        body = {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    def begin(self, start: dict[str, Any]) -> bool:
+        self.set_status(200)
+        if not self.streaming:
+            self.set_header("Content-Type", "application/json")
+            return False
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache, no-transform")
+        self.set_header("X-Accel-Buffering", "no")
+        self.write(self.chunk({"role": "assistant", "content": ""}))
+        return True
+
+    async def emit(self, data: memoryview) -> None:
+        text = self.decoder.decode(data.tobytes())
+        if not text:
+            return
+        if not self.streaming:
+            self.text.append(text)
+            return
+        self.write(self.chunk({"content": text}))
+        await self.flush()
+
+    def complete(self) -> None:
+        rest = self.decoder.decode(b"", final=True)
+        if not self.streaming:
+            content = "".join(self.text) + rest
+            self.finish(json.dumps({
+                "id": self.completion_id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": None,
+            }))
+            return
+        if rest:
+            self.write(self.chunk({"content": rest}))
+        self.write(self.chunk({}, "stop"))
+        self.write(b"data: [DONE]\n\n")
+
+    def failed(self, error: dict[str, Any], sse: bool) -> None:
+        self.log.warning("jupyter_stream: endpoint %s failed: %s: %s", self.request.path, error["type"], error["message"])
+        message = f"{error['type']}: {error['message']}"
+        if not self._headers_written:
+            self.clear()
+            self.set_status(500)
+            self.set_header("Content-Type", "application/json")
+            self.finish(openai_error(message, "server_error"))
+        elif not self.streaming:  # a completion whose headers went out while it waited
+            self.finish(openai_error(message, "server_error"))
+        else:  # OpenAI's clients raise on an event whose data has "error"
+            self.write(f"data: {openai_error(message, 'server_error')}\n\n")

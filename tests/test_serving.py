@@ -1,0 +1,104 @@
+"""Serving under load: the bounded queue (503 with Retry-After, leaving the queue,
+heartbeats while queued) and the OpenAI-compatible API of an ``--openai`` endpoint, read
+with the `openai` package's client."""
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from jupyter_stream.client.endpoints import register_endpoint
+
+
+@pytest.fixture
+def server(jstream_start_server):
+    return jstream_start_server(["--JupyterStream.min_workers=1", "--JupyterStream.max_workers=2",
+                                 "--JupyterStream.worker_poll_interval=0.2", "--JupyterStream.commit_headers_after=0.3",
+                                 "--JupyterStream.sse_heartbeat_interval=0.3"])
+
+
+def hold(seconds: float = 3.0):
+    import time
+
+    time.sleep(seconds)
+    yield "data: done\n\n"
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    register_endpoint(hold, "held", "text/plain", connection=server.connection, max_workers=1, queue_timeout=1.0, env={"P": "held"})
+    busy = threading.Thread(target=lambda: server.get("stream/held?seconds=4"))
+    busy.start()
+    time.sleep(1.5)  # its worker started and is busy
+    started = time.monotonic()
+    r = server.get("stream/held?seconds=0")
+    waited = time.monotonic() - started
+    assert r.status_code == 503 and 0.9 < waited < 3, (r.status_code, waited)
+    assert r.headers["retry-after"] == "1"
+    assert "busy" in r.json()["message"] and "--queue-timeout" in r.json()["message"]
+    busy.join()
+    assert server.get("stream/held?seconds=0").status_code == 200  # free again
+
+
+def test_a_queued_sse_client_gets_heartbeats_and_may_leave_the_queue(server):
+    register_endpoint(hold, "held_sse", "text/event-stream", connection=server.connection, max_workers=1, queue_timeout=30,
+                      env={"P": "held_sse"})
+    busy = threading.Thread(target=lambda: server.get("stream/held_sse?seconds=3"))
+    busy.start()
+    time.sleep(1.5)
+    with httpx.stream("GET", server.url + "stream/held_sse?seconds=0", headers=server.headers, timeout=30) as r:
+        assert r.status_code == 200
+        first = next(r.iter_lines())
+        assert first == ": waiting for a worker"
+    waiting = [p["waiting_calls"] for p in server.workers()["pools"] if p["endpoints"] == ["held_sse"]]
+    deadline = time.monotonic() + 5
+    while waiting != [0]:  # the client left: it left the queue too
+        assert time.monotonic() < deadline, waiting
+        time.sleep(0.1)
+        waiting = [p["waiting_calls"] for p in server.workers()["pools"] if p["endpoints"] == ["held_sse"]]
+    busy.join()
+
+
+def chat(messages: list, max_tokens: int = 5, temperature: float = 1.0):
+    """Echo the last message, a word at a time (as a model samples them)."""
+    import time
+
+    words = str(messages[-1]["content"]).split()[:max_tokens]
+    for i, word in enumerate(words):
+        time.sleep(0.05)
+        yield ("" if i == 0 else " ") + word
+    if "fail" in words:
+        raise RuntimeError("the model fell over")
+
+
+def test_the_openai_client_reads_an_openai_endpoint(server):
+    register_endpoint(chat, "echo", connection=server.connection, openai=True)
+    client = openai.OpenAI(base_url=server.url + "stream/echo/v1", api_key=server.token, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["echo"]
+    messages = [{"role": "user", "content": "hello there streaming world café"}]
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(model="echo", messages=messages, stream=True)]
+    assert "".join(p for p in pieces if p) == "hello there streaming world café"
+    assert len([p for p in pieces if p]) == 5  # one delta per yielded piece, as they come
+    whole = client.chat.completions.create(model="echo", messages=messages, max_tokens=2)
+    assert whole.choices[0].message.content == "hello there" and whole.choices[0].finish_reason == "stop"
+
+    with pytest.raises(openai.APIError, match="the model fell over"):
+        list(client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "please fail"}], stream=True))
+    with pytest.raises(openai.InternalServerError, match="the model fell over"):
+        client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "fail"}])
+    with pytest.raises(openai.BadRequestError, match="must be int"):
+        client.chat.completions.create(model="echo", messages=messages, max_tokens="many")
+
+    # a share link's token is an API key for this endpoint only
+    share = server.connection.request("POST", "api/stream/shares", json={"endpoint": "echo", "expires": 600}).json()
+    shared = openai.OpenAI(base_url=server.url + "stream/echo/v1", api_key=share["token"], max_retries=0)
+    assert shared.chat.completions.create(model="echo", messages=messages, max_tokens=1).choices[0].message.content == "hello"
+    with pytest.raises(openai.PermissionDeniedError, match="not valid here"):
+        openai.OpenAI(base_url=server.url + "stream/echo/v1", api_key="wrong", max_retries=0).models.list()
+
+    register_endpoint(lambda messages: iter(["x"]), "plain", connection=server.connection)
+    with pytest.raises(openai.NotFoundError, match="register it with --openai"):
+        openai.OpenAI(base_url=server.url + "stream/plain/v1", api_key=server.token, max_retries=0).models.list()
+    with pytest.raises(RuntimeError, match="takes the chat `messages`"):
+        register_endpoint(lambda prompt: iter(["x"]), "wrong", connection=server.connection, openai=True)
