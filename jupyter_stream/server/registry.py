@@ -333,7 +333,7 @@ class FunctionSpec:
 
 #: live counters of each kind, shown by the API and the UI
 ENDPOINT_STATS = ("requests", "open_streams", "errors", "bytes_sent")
-FUNCTION_STATS = ("calls", "items", "failed", "retried")
+FUNCTION_STATS = ("calls", "items", "failed", "retried", "stolen")
 
 
 class Registry:

@@ -354,6 +354,7 @@ class MapCall:
         lane.revoking.clear()
         if returned and not self.cancelled:
             self.stolen += len(returned)
+            self.spec.stats["stolen"] += len(returned)
             self.pending.extendleft(reversed(returned))
             self.dispatch()
 
