@@ -102,3 +102,38 @@ def test_the_openai_client_reads_an_openai_endpoint(server):
         openai.OpenAI(base_url=server.url + "stream/plain/v1", api_key=server.token, max_retries=0).models.list()
     with pytest.raises(RuntimeError, match="takes the chat `messages`"):
         register_endpoint(lambda prompt: iter(["x"]), "wrong", connection=server.connection, openai=True)
+
+
+def slow_words(n: int = 100):
+    import os
+    import time
+
+    for i in range(n):
+        time.sleep(0.1)
+        yield f"data: {os.getpid()} {i}\n\n"
+
+
+def test_a_worker_killed_under_twenty_streams_ends_each_with_an_error_and_the_pool_heals(server):
+    import concurrent.futures
+    import os
+    import signal
+
+    register_endpoint(slow_words, "crowded", "text/event-stream", connection=server.connection, concurrency=20, max_workers=1,
+                      env={"P": "crowded"})
+    first = server.get("stream/crowded?n=1").text
+    pid = int(next(line for line in first.splitlines() if line.startswith("data: ")).split()[1])
+
+    def read(_):
+        with httpx.stream("GET", server.url + "stream/crowded", headers=server.headers, timeout=60) as r:
+            return [line for line in r.iter_lines() if line and not line.startswith(":")]
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        streams = [pool.submit(read, i) for i in range(20)]
+        time.sleep(1.5)
+        os.kill(pid, signal.SIGKILL)
+        results = [s.result(timeout=60) for s in streams]
+    for lines in results:
+        assert lines[-2] == "event: error" and "WorkerDied" in lines[-1], lines[-3:]
+        assert len(lines) < 100
+    again = [line for line in server.get("stream/crowded?n=2").text.splitlines() if line.startswith("data: ")]
+    assert len(again) == 2 and int(again[0].split()[1]) != pid  # a new worker took over

@@ -190,6 +190,8 @@ class Instance:
         lines = [f"<{self.owner.cls.__name__}({params}): {len(self.handles)} method(s) on the workers>"]
         for name, handle in self.handles.items():
             kind = "endpoint " + handle.url if hasattr(handle, "url") else "function: .remote(), .map(), .spawn(), ..."
+            if getattr(handle, "openai", False):
+                kind += f" (OpenAI API: base_url={handle.url}/v1)"
             lines.append(f"  .{name}  {kind}")
         return "\n".join(lines)
 

@@ -27,6 +27,8 @@ LINK_STYLE = "color: var(--jp-content-link-color, #1976d2); text-decoration: und
 class Endpoint:
     """A registered streaming endpoint. `.url` is its full URL."""
 
+    openai = False  # also an OpenAI-compatible API at `url` + "/v1"
+
     def __init__(self, name: str, url: str, media_type: str, fn: Callable, connection: ServerConnection):
         self.name = name
         self.url = url
@@ -162,7 +164,9 @@ def register_endpoint(
         "endpoint", fn, name, connection, persist, media_type=media_type, signature=describe_parameters(fn) if callable(fn) else None,
         requirements=requirement_fields(**requirements), queue_timeout=queue_timeout, openai=bool(openai),
     )
-    return Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn)
+    handle = Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn)
+    handle.openai = bool(openai)
+    return handle
 
 
 def endpoint(

@@ -126,11 +126,15 @@ def describe_endpoints(app: Any, names: list[str], source: str) -> str:
             lines.append(f"    demo:   {urls['demo_url']}")
             lines.append(f"    stream: {urls['url']}  ({until})")
             lines.append(f"    curl --no-buffer {shlex.quote(urls['url'])}")
+            if spec.openai:
+                lines.append(f"    OpenAI API: base_url={app.public_base}stream/{name}/v1 api_key={share_token}")
             continue
         url = app.endpoint_url(name)
         auth = f"-H {shlex.quote('Authorization: token ' + token)} " if token else ""
         lines.append(f"    {url}")
         lines.append(f"    curl --no-buffer {auth}{shlex.quote(url)}")
+        if spec.openai:
+            lines.append(f"    OpenAI API: base_url={url}/v1 (api_key: the token)")
     if not sharing:
         query = f"?token={token}" if token else ""
         lines.append(f"Demo pages of every endpoint: {app.public_base}stream/{query}")
