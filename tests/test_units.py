@@ -122,12 +122,23 @@ def test_try_it_shows_errors_readably():
 
 
 def test_a_line_split_across_frames_stays_whole_when_tagging_starts_in_between(capsys):
-    from jupyter_stream.client.functions import relay_printed
+    from jupyter_stream.client.functions import PrintedLines, relay_printed
 
-    midline = set()
-    relay_printed({"worker": "worker-1", "print": [["stdout", "line 1\nline 2"]]}, False, midline)
-    relay_printed({"worker": "worker-1", "print": [["stdout", " end\nline 3\n"]]}, True, midline)  # now tagged
+    lines = PrintedLines()
+    relay_printed({"worker": "worker-1", "print": [["stdout", "line 1\nline 2"]]}, False, lines)
+    relay_printed({"worker": "worker-1", "print": [["stdout", " end\nline 3\n"]]}, True, lines)  # now tagged
     assert capsys.readouterr().out == "line 1\nline 2 end\n[worker-1] line 3\n"
+
+
+def test_lines_of_two_workers_never_run_together(capsys):
+    from jupyter_stream.client.functions import PrintedLines
+
+    lines = PrintedLines()
+    lines.relay({"worker": "worker-1", "print": [["stdout", "line 1\nli"]]}, True)
+    lines.relay({"worker": "worker-2", "print": [["stdout", "line 9\n"]]}, True)
+    lines.relay({"worker": "worker-1", "print": [["stdout", "ne 2\nunfinished"]]}, True)
+    lines.flush()
+    assert capsys.readouterr().out == "[worker-1] line 1\n[worker-2] line 9\n[worker-1] line 2\n[worker-1] unfinished\n"
 
 
 def test_gpu_specs_parse_as_modal_writes_them():

@@ -79,27 +79,59 @@ def _values(header: dict[str, Any], payload: memoryview) -> list[Any]:
     return [pickle.loads(blob) for blob in wire.split(payload, sizes)]
 
 
-def relay_printed(header: dict[str, Any], prefix: bool = False, midline: set | None = None) -> None:
+def relay_printed(header: dict[str, Any], prefix: bool = False, lines: PrintedLines | None = None) -> None:
     """Write what the remote code printed (a frame's ``print``) to this process's stdout
-    and stderr: in a notebook, the cell that made the call. With `prefix`, each line is
-    tagged with the worker that printed it (a map on several workers); `midline` keeps,
-    across frames, which worker's stream stopped in the middle of a line (that line's
-    rest comes untagged)."""
-    worker = header.get("worker")
+    and stderr: in a notebook, the cell that made the call. With `prefix`, whole lines
+    tagged with the worker that printed them (a map on several workers, through `lines`)."""
+    if lines is not None:
+        lines.relay(header, prefix)
+        return
     for stream, text in header.get("print", ()):
-        key = (worker, stream)
-        continued = midline is not None and key in midline
-        if midline is not None:  # kept whether or not lines are tagged yet: tagging may start mid-line
-            if text.endswith(("\n", "\r")):
-                midline.discard(key)
-            else:
-                midline.add(key)
-        if prefix:
-            lines = text.splitlines(keepends=True)
-            text = "".join(line if continued and i == 0 else f"[{worker}] {line}" for i, line in enumerate(lines))
         out = sys.stderr if stream == "stderr" else sys.stdout
         out.write(text)
         out.flush()
+
+
+class PrintedLines:
+    """A map's prints, relayed line by line. Once several workers print, each line is
+    tagged with its worker, and a worker's unfinished line is held until the rest of it
+    arrives, so that lines of different workers never run together; a line begun before
+    tagging started is finished untagged."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple, str] = {}  # (worker, stream) -> its unfinished line, while tagging
+        self.untagged: set[tuple] = set()  # (worker, stream) whose line was begun before tagging
+
+    def relay(self, header: dict[str, Any], prefix: bool) -> None:
+        worker = header.get("worker")
+        for stream, text in header.get("print", ()):
+            key = (worker, stream)
+            out = sys.stderr if stream == "stderr" else sys.stdout
+            if not prefix:  # one printer: straight through
+                out.write(text)
+                out.flush()
+                if text.endswith(("\n", "\r")):
+                    self.untagged.discard(key)
+                else:
+                    self.untagged.add(key)
+                continue
+            parts = (self.held.pop(key, "") + text).splitlines(keepends=True)
+            if parts and not parts[-1].endswith(("\n", "\r")):
+                self.held[key] = parts.pop()
+            if not parts:
+                continue
+            continues = key in self.untagged
+            self.untagged.discard(key)
+            out.write("".join(line if continues and i == 0 else f"[{worker}] {line}" for i, line in enumerate(parts)))
+            out.flush()
+
+    def flush(self) -> None:
+        """The map is over: lines still unfinished are written as they are."""
+        for (worker, stream), text in self.held.items():
+            out = sys.stderr if stream == "stderr" else sys.stdout
+            out.write(f"[{worker}] {text}\n")
+            out.flush()
+        self.held.clear()
 
 
 def _raise_if_error(header: dict[str, Any]) -> None:
@@ -187,7 +219,7 @@ class _MapState:
         self.finished = False
         self.batch = FIRST_BATCH
         self.printers: set[str | None] = set()  # workers whose prints were relayed
-        self.midline: set[tuple] = set()  # (worker, stream) whose last print ended mid-line
+        self.printed = PrintedLines()
 
     @property
     def room(self) -> int:
@@ -215,7 +247,7 @@ class _MapState:
         for header, payload in frames:
             if "print" in header:
                 self.printers.add(header.get("worker"))
-                relay_printed(header, len(self.printers) > 1 or (self.progress.lanes or 0) > 1, self.midline)
+                relay_printed(header, len(self.printers) > 1 or (self.progress.lanes or 0) > 1, self.printed)
             items = header.get("items")
             if "lanes" in header:
                 self.progress.on_lanes(header["lanes"])
@@ -252,6 +284,7 @@ class _MapState:
 
     def close(self, failed: bool) -> None:
         """The caller is done with the map: cancel what is left, and show the final state."""
+        self.printed.flush()
         if not self.finished:
             self.stream.cancel()
             state = "failed" if failed else "cancelled"
