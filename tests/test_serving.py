@@ -32,13 +32,14 @@ def test_a_full_queue_answers_503_with_retry_after(server):
     busy.start()
     time.sleep(1.5)  # its worker started and is busy
     started = time.monotonic()
-    r = server.get("stream/held?seconds=0")
+    r = httpx.get(server.url + f"stream/held?seconds=0&token={server.token}", timeout=30)  # a token in the URL
     waited = time.monotonic() - started
     assert r.status_code == 503 and 0.9 < waited < 3, (r.status_code, waited)
     assert r.headers["retry-after"] == "1"
     assert "busy" in r.json()["message"] and "--queue-timeout" in r.json()["message"]
     busy.join()
     assert server.get("stream/held?seconds=0").status_code == 200  # free again
+    assert "503 GET /stream/held" in server.log() and server.token not in server.log()  # logged without the query
 
 
 def test_a_queued_sse_client_gets_heartbeats_and_may_leave_the_queue(server):

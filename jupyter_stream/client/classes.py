@@ -34,6 +34,7 @@ import functools
 import hashlib
 import inspect
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -132,6 +133,7 @@ class StreamClass:
 
     def __init__(self, cls: type, options: dict[str, Any], connection: ServerConnection | None):
         self.cls = cls
+        cls.__jupyter_stream_generation__ = time.time_ns()  # newer registrations' methods win on the workers
         self.options = options
         self.connection = connection
         self.methods = {name: value.__jupyter_stream_method__ for name, value in vars(cls).items()

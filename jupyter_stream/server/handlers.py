@@ -71,7 +71,9 @@ class StreamHandlerBase(APIHandler):
         match = re.match(r"(?:token|bearer)\s+(\S+)", self.request.headers.get("Authorization", ""), re.IGNORECASE)
         if match:
             return match.group(1)
-        return self.get_cookie(SHARE_COOKIE)
+        # the cookie only for reading: a POST needs the token itself (another port of the
+        # same host is the same site, so SameSite=Strict alone would let its pages post)
+        return self.get_cookie(SHARE_COOKIE) if self.request.method == "GET" else None
 
     async def check_access(self, action: str) -> None:
         """What ``@web.authenticated`` and ``@authorized(action)`` check, for routes that
@@ -103,6 +105,7 @@ class StreamHandlerBase(APIHandler):
     def set_cors_headers(self) -> None:
         """Let pages of the configured origins (``JupyterStream.cors_origins``) read what a
         share link streams."""
+        super().set_cors_headers()  # ServerApp.allow_origin and friends still apply
         origin = self.request.headers.get("Origin")
         if origin and origin in self.stream.cors_origins:
             self.set_header("Access-Control-Allow-Origin", origin)
@@ -119,10 +122,13 @@ class StreamHandlerBase(APIHandler):
     # (and a scrubbed URL). The reason goes to the client, and to the log at debug level.
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        if isinstance(value, web.HTTPError) and value.status_code < 500:
-            self.log.debug("jupyter_stream: %s %s: %s", value.status_code, self.request.path, value.log_message)
+        # the path, never the URI: its query may carry ?token= or ?share= (tornado logs the URI)
+        if isinstance(value, web.HTTPError):
+            level = self.log.debug if value.status_code < 500 else self.log.warning
+            level("jupyter_stream: %s %s %s: %s", value.status_code, self.request.method, self.request.path, value.log_message)
             return
-        super().log_exception(typ, value, tb)
+        self.log.error("jupyter_stream: uncaught exception in %s %s", self.request.method, self.request.path,
+                       exc_info=(typ, value, tb))
 
     retry_after: int | None = None  # seconds, for a 503 of a full queue
 
@@ -146,6 +152,8 @@ class EndpointHandler(StreamHandlerBase):
     """``GET|POST {base_url}stream/<name>``: run the endpoint on a worker, stream its output."""
 
     accepts_shares = True
+    #: send status and headers after `commit_headers_after` even with no output yet
+    commit_early = True
 
     run = None  # the endpoint function running on a worker
     closed = False
@@ -289,7 +297,7 @@ class EndpointHandler(StreamHandlerBase):
                 if self._headers_written:
                     timeout = heartbeat if sse else None
                 else:
-                    timeout = commit_after
+                    timeout = commit_after if self.commit_early else None
                 if self.closed:
                     return
                 if not await output.wait(timeout):
@@ -337,6 +345,7 @@ class EndpointHandler(StreamHandlerBase):
         Retry-After. A declared SSE stream begins while it waits, with heartbeats (a
         timeout then ends it with an error event)."""
         pool = self.stream.pool_for(spec)
+        self._handed = False
         self.waiting = asyncio.ensure_future(pool.acquire())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + spec.queue_timeout
@@ -358,18 +367,28 @@ class EndpointHandler(StreamHandlerBase):
                     step = min(remaining, self.stream.sse_heartbeat_interval if self._headers_written else self.stream.commit_headers_after)
                 done, _ = await asyncio.wait({self.waiting}, timeout=step)
                 if done:
-                    return self.waiting.result()
+                    worker = self.waiting.result()
+                    self._handed = True
+                    return worker
                 if sse and not self.closed:
                     if not self._headers_written:
                         self.begin({"media_type": spec.media_type})
                     self.write(b": waiting for a worker\n\n")
                     await self.flush()
-        except asyncio.CancelledError:  # the client left while queued: the call never starts
+        except (asyncio.CancelledError, StreamClosedError):  # the client left while queued: the call never starts
             return None
         except WorkerError as e:
+            if self._headers_written:
+                self.failed({"type": "WorkerError", "message": f"no worker kernel is available: {e}"}, True)
+                return None
             raise web.HTTPError(503, f"no worker kernel is available: {e}") from None
         finally:
-            self.waiting = None
+            waiting, self.waiting = self.waiting, None
+            if waiting is not None and not self._handed:
+                if not waiting.done():
+                    waiting.cancel()  # leaves the queue (acquire gives back a worker it got meanwhile)
+                elif not waiting.cancelled() and waiting.exception() is None:
+                    pool.release(waiting.result())
 
     def begin(self, start: dict[str, Any]) -> bool:
         """Send the status line and headers; returns whether this is an SSE stream."""

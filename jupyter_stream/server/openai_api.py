@@ -57,7 +57,7 @@ class ModelsHandler(OpenAIMixin, StreamHandlerBase):
         await self.check_access("read")
         spec = self.openai_spec(name)
         self.finish(json.dumps({"object": "list", "data": [
-            {"id": spec.name, "object": "model", "created": int(spec.created), "owned_by": spec.owner or "jupyter-stream"}]}))
+            {"id": spec.name, "object": "model", "created": int(spec.created), "owned_by": "jupyter-stream"}]}))
 
 
 class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
@@ -93,7 +93,7 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
             kwargs = spec.bind({}, arguments)
         except ParameterError as e:
             raise web.HTTPError(400, str(e)) from None
-        self.streaming = bool(request.get("stream"))
+        self.streaming = self.commit_early = bool(request.get("stream"))  # a whole completion keeps its status until it is done
         self.model = spec.name
         self.completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())

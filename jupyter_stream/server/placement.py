@@ -95,14 +95,16 @@ class Placement:
     def total(self) -> int:
         return len(self.seats)
 
-    def reserve(self, pool: WorkerPool, over_max: bool = False) -> Seat | None:
+    def reserve(self, pool: WorkerPool, over_max: bool = False, evict: bool = True) -> Seat | None:
         """A seat for one more kernel of `pool`, or None if it must wait. `over_max`: a
-        replacement for a kernel that is being recycled (it may exceed the caps a moment)."""
+        replacement for a kernel that is being recycled (it may exceed the caps a moment).
+        `evict`: idle kernels of other pools may be stopped for it (for waiting calls, not
+        for a pool's warm minimum, or two pools would keep stopping each other's)."""
         if self.closed or (not over_max and pool.full):
             return None
         victims: list[WorkerKernel] = []
         if not over_max and self.total >= self.max_workers:
-            victim = self._idle_worker(exclude=pool)
+            victim = self._idle_worker(exclude=pool) if evict else None
             if victim is None:
                 self.blocked.add(pool)
                 return None
@@ -114,6 +116,8 @@ class Placement:
                 self.blocked.add(pool)
                 return None
             gpus, more = choice
+            if more and not evict:
+                return None
             victims += [v for v in more if v not in victims]
         for victim in victims:
             log.info("jupyter_stream: stopping idle %s (pid %s) of pool [%s] to make room for pool [%s]",

@@ -89,7 +89,7 @@ class WorkerPool:
         scales idle ones down."""
         if self._watcher is None:
             self._watcher = asyncio.create_task(self._watch())
-        tasks = [self._grow() for _ in range(max(self.min_workers - len(self.workers) - self.starting, 0))]
+        tasks = [self._grow(evict=False) for _ in range(max(self.min_workers - len(self.workers) - self.starting, 0))]
         await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
 
     @property
@@ -177,11 +177,11 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _grow(self, over_max: bool = False) -> asyncio.Task | None:
+    def _grow(self, over_max: bool = False, evict: bool = True) -> asyncio.Task | None:
         """Start one more kernel if the placement finds room (None if not: the pool is
         woken when room frees up). Counted as starting at once, so that calls arriving in
         the same loop turn see it and the pool never grows past `max_workers`."""
-        seat = self.placement.reserve(self, over_max=over_max)
+        seat = self.placement.reserve(self, over_max=over_max, evict=evict)
         if seat is None:
             return None
         self.starting += 1
@@ -318,12 +318,11 @@ class WorkerPool:
                     self.replace(worker, "kernel process exited")
             for worker in list(self.draining):
                 if not await worker.is_alive() and worker in self.draining:
-                    self.draining.remove(worker)
-                    worker.died("kernel process exited")
+                    self.replace(worker, "kernel process exited")  # also frees its seat and GPUs
             self._scale_down()
             missing = self.min_workers - len(self.workers) - self.starting
-            for _ in range(max(missing, 0)):
-                if self._grow() is None:
+            for _ in range(max(missing, 0)):  # the warm minimum takes free room only: no other pool's kernel is stopped for it
+                if self._grow(evict=False) is None:
                     break
             self.grow_for_waiters()
 

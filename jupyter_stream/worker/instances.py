@@ -7,7 +7,8 @@ class, the source of its ``enter`` and ``__init__`` code and the constructor par
 so re-running an unchanged class cell finds the loaded instance and only swaps in the
 new methods (the model stays loaded). ``@exit`` methods run when the kernel stops
 (shut down or scaled down). An ``enter`` that raised fails every call of that key with
-its error; it is not tried again until the class is registered anew.
+its error; it is not tried again until the class is registered anew (its methods arrive
+as new objects then).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import threading
 from typing import Any
 
 _instances: dict[str, Any] = {}
-_failed: dict[str, tuple[BaseException, Any]] = {}  # the error and its traceback (sending an error clears it)
+#: key -> the error, its traceback (sending an error clears it) and the class object of the
+#: registration that failed; a new registration of the class (the cell ran again) tries again
+_failed: dict[str, tuple[BaseException, Any, type]] = {}
 _building: dict[str, threading.Lock] = {}
 _lock = threading.Lock()
 
@@ -37,9 +40,19 @@ def instance(cls: type, params: dict[str, Any], key: str) -> Any:
     obj = _instances.get(key)
     if obj is None:
         obj = _build(cls, params, key)
-    if type(obj) is not cls:  # the class cell ran again with the same enter: new methods, same state
+    return _current(obj, cls)
+
+
+def _current(obj: Any, cls: type) -> Any:
+    """The class cell ran again with the same enter: the newest registration's methods on
+    the same state (a call of an older one still running never swaps them back)."""
+    if type(obj) is not cls and generation(cls) >= generation(type(obj)):
         obj.__class__ = cls
     return obj
+
+
+def generation(cls: type) -> int:
+    return getattr(cls, "__jupyter_stream_generation__", 0)
 
 
 def _build(cls: type, params: dict[str, Any], key: str) -> Any:
@@ -48,9 +61,9 @@ def _build(cls: type, params: dict[str, Any], key: str) -> Any:
     with building:
         if key in _instances:
             return _instances[key]
-        if key in _failed:
-            error, tb = _failed[key]
-            raise error.with_traceback(tb)
+        failed = _failed.get(key)
+        if failed is not None and failed[2] is cls:  # the same registration: not tried again
+            raise failed[0].with_traceback(failed[1])
         try:
             if "__init__" in vars(cls) or not params:
                 obj = cls(**params)
@@ -60,8 +73,8 @@ def _build(cls: type, params: dict[str, Any], key: str) -> Any:
                     setattr(obj, name, value)
             for name in hooks(cls, "enter"):
                 getattr(obj, name)()
-        except BaseException as exc:
-            _failed[key] = (exc, exc.__traceback__)
+        except Exception as exc:  # an interrupt (a cancelled call, a stopping kernel) is not the class's failure
+            _failed[key] = (exc, exc.__traceback__, cls)
             raise
         atexit.register(_exit, obj)
         _instances[key] = obj
@@ -69,7 +82,12 @@ def _build(cls: type, params: dict[str, Any], key: str) -> Any:
 
 
 def _exit(obj: Any) -> None:
-    """At kernel exit: the instance's ``@exit`` methods (each runs even if another raised)."""
+    """At kernel exit: the instance's ``@exit`` methods (each runs even if another raised),
+    once the calls still running are stopped (atexit runs this before the worker's own hook)."""
+    from . import runtime
+
+    if runtime._worker is not None:
+        runtime._worker.stop_runs()
     for name in hooks(type(obj), "exit"):
         try:
             getattr(obj, name)()
