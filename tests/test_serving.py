@@ -138,3 +138,30 @@ def test_a_worker_killed_under_twenty_streams_ends_each_with_an_error_and_the_po
         assert len(lines) < 100
     again = [line for line in server.get("stream/crowded?n=2").text.splitlines() if line.startswith("data: ")]
     assert len(again) == 2 and int(again[0].split()[1]) != pid  # a new worker took over
+
+
+def test_a_nested_call_runs_beside_its_caller_when_other_pools_fill_the_machine(jstream_start_server):
+    """Server cap 2: pool A's function calls another of pool A while pool B's only worker
+    is busy. A is under its own maximum, but the machine is full and nothing is idle: the
+    inner call runs on its caller's worker instead of waiting for ever."""
+    from jupyter_stream.client.functions import register_function
+
+    server = jstream_start_server(["--JupyterStream.min_workers=0", "--JupyterStream.max_workers=2",
+                                   "--JupyterStream.worker_poll_interval=0.2"])
+
+    def inner(x):
+        return x + 1
+
+    def outer(fn, x):
+        return fn.remote(x) * 10
+
+    inner_fn = register_function(inner, "inner", connection=server.connection, env={"POOL": "a"})
+    outer_fn = register_function(outer, "outer", connection=server.connection, env={"POOL": "a"})
+    register_endpoint(hold, "other_pool", "text/plain", connection=server.connection, env={"POOL": "b"})
+    busy = threading.Thread(target=lambda: server.get("stream/other_pool?seconds=8"))
+    busy.start()
+    time.sleep(2.0)  # pool B's worker is up and busy: one of the two seats
+    started = time.monotonic()
+    assert outer_fn.remote(inner_fn, 4) == 50
+    assert time.monotonic() - started < 6  # well before pool B's stream ends
+    busy.join()

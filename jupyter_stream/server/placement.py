@@ -129,6 +129,18 @@ class Placement:
         self.blocked.discard(pool)
         return seat
 
+    def can_start(self, pool: WorkerPool) -> bool:
+        """Whether `reserve` would find room for `pool` now (it changes nothing)."""
+        if self.closed or pool.full:
+            return False
+        victims = []
+        if self.total >= self.max_workers:
+            victim = self._idle_worker(exclude=pool)
+            if victim is None:
+                return False
+            victims.append(victim)
+        return not pool.gpu or self._choose_gpus(pool.gpu, pool, victims) is not None
+
     def _idle_worker(self, exclude: WorkerPool, holding: set[int] | None = None) -> WorkerKernel | None:
         """An idle worker of another pool (one above its pool's minimum first)."""
         candidates = []

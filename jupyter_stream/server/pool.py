@@ -119,9 +119,9 @@ class WorkerPool:
         return None
 
     def lend_beside(self, caller: WorkerKernel) -> WorkerKernel | None:
-        """`caller` itself, one call over its share, for a call it makes while the pool is
-        full: it waits for that call, so waiting for a free worker could wait forever."""
-        if caller.alive and self.full:
+        """`caller` itself, one call over its share, for a call it makes while the pool cannot
+        grow: it waits for that call, so waiting for a free worker could wait forever."""
+        if caller.alive and not self.placement.can_start(self):  # full, or the machine is (other pools, GPUs)
             caller.load += 1
             return caller
         return None
