@@ -165,3 +165,42 @@ def test_a_nested_call_runs_beside_its_caller_when_other_pools_fill_the_machine(
     assert outer_fn.remote(inner_fn, 4) == 50
     assert time.monotonic() - started < 6  # well before pool B's stream ends
     busy.join()
+
+
+async def on_the_loop(n: int = 10, size: int = 0):
+    """An async stream: each event names the thread it ran on, and how many there are."""
+    import asyncio
+    import threading
+
+    for i in range(n):
+        if not size:
+            await asyncio.sleep(0.1)
+        yield f"data: {threading.get_ident()} {threading.active_count()} {i} {'x' * size}\n\n"
+
+
+def test_async_calls_are_tasks_on_one_event_loop_and_a_stalled_client_stalls_only_itself(server):
+    import concurrent.futures
+
+    register_endpoint(on_the_loop, "looped", "text/event-stream", connection=server.connection, concurrency=100,
+                      max_workers=1, env={"P": "looped"})
+    server.get("stream/looped?n=1")  # the worker is up
+
+    def read(_):
+        return [line.split()[1:4] for line in server.get("stream/looped?n=10").text.splitlines() if line.startswith("data: ")]
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(60) as pool:
+        streams = list(pool.map(read, range(60)))
+    took = time.monotonic() - started
+    assert all(len(events) == 10 for events in streams)
+    assert len({thread for events in streams for thread, _, _ in events}) == 1  # one event loop thread ran all 60
+    assert max(int(count) for events in streams for _, count, _ in events) < 20  # not a thread per call
+    assert took < 6, took  # one stream takes 1 s
+
+    # a client that stops reading holds back its own generator only (backpressure), not the loop
+    with httpx.stream("GET", server.url + "stream/looped?n=100000&size=65536", headers=server.headers, timeout=60) as stalled:
+        next(stalled.iter_bytes())
+        time.sleep(1.0)  # its credit window fills up
+        started = time.monotonic()
+        assert len(read(0)) == 10
+        assert time.monotonic() - started < 4

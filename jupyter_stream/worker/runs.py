@@ -62,6 +62,7 @@ class Run:
         self.cancelled = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task | None = None
+        self.room: asyncio.Future | None = None  # an async run waiting for credit (see `aput`)
         self.framed = False  # values: each put() is one pickled object; sizes are sent along
         self.meta: list[list] = []  # map lanes: [index, ok] for each pickled result
         self.fatal = False  # the call timed out: its thread may be stuck, restart the kernel
@@ -133,6 +134,26 @@ class Run:
             self.sent_directly = True
             message = worker.take_output(self)
         worker.send(*message)
+
+    async def aput(self, data: bytes) -> None:
+        """`put` for a run on the worker's event loop: wait for credit without blocking the
+        loop (the other async runs on it go on meanwhile)."""
+        worker = self.worker
+        while True:
+            with worker.lock:
+                if self.cancelled or self.done or self.unacked + self.pending_bytes < self.window:
+                    break
+                room = self.room = asyncio.get_running_loop().create_future()
+            await room
+        self.put(data)
+
+    def wake(self) -> None:
+        """Credit came back, or the run was cancelled: wake a thread or a task waiting in
+        `put` / `aput`. Holds the lock."""
+        self.can_put.notify_all()
+        room, self.room = self.room, None
+        if room is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: room.done() or room.set_result(None))
 
     def give_back(self, indices: list[int]) -> None:
         """Map items taken back by the server: say which in the next message. Holds the lock."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import ctypes
 import inspect
 import io
@@ -31,8 +32,9 @@ from . import arguments
 from .runs import Run, RunCancelled, RunThreads, pack
 
 _worker: Worker | None = None
-#: the run whose code this thread is running, if any (see `RunOutput`)
-_running = threading.local()
+#: the run whose code is running here (this thread, or this task on the worker's event
+#: loop), if any (see `RunOutput`)
+_current_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar("jupyter_stream_run", default=None)
 
 
 class RunOutput(io.TextIOBase):
@@ -45,14 +47,14 @@ class RunOutput(io.TextIOBase):
         self.fallback = fallback
 
     def write(self, text: str) -> int:
-        run = getattr(_running, "run", None)
+        run = _current_run.get()
         if run is None or not text:
             return self.fallback.write(text)
         run.print(self.name, text)
         return len(text)
 
     def flush(self) -> None:
-        if getattr(_running, "run", None) is None:
+        if _current_run.get() is None:
             self.fallback.flush()
 
     def writable(self) -> bool:
@@ -83,6 +85,7 @@ class Worker:
         self.threads = RunThreads()
         self.watched: set[Run] = set()
         self.watchdog: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # see `event_loop`
         from IPython import get_ipython
 
         self.kernel = get_ipython().kernel
@@ -118,7 +121,7 @@ class Worker:
             if run is not None:
                 with self.lock:
                     run.unacked -= data["bytes"]
-                    run.can_put.notify()
+                    run.wake()
         elif op == "call":
             self.start_run(data, msg.get("buffers") or [])
         elif op == "batch":
@@ -180,7 +183,7 @@ class Worker:
         with self.lock:
             run.cancelled = True
             run.batches.clear()
-            run.can_put.notify_all()
+            run.wake()
             run.has_batch.notify_all()
         if run.loop is not None and run.task is not None:
             run.loop.call_soon_threadsafe(run.task.cancel)
@@ -224,7 +227,8 @@ class Worker:
         error = None
         mode = data.get("mode", "http")
         run.thread = threading.get_ident()
-        _running.run = run
+        token = _current_run.set(run)
+        on_loop = False  # an async function's run goes on on the worker's event loop
         try:
             fn = self.function(data["fn"])
             if mode == "load":  # the server only checks that the pickle loads here
@@ -243,23 +247,48 @@ class Worker:
                 self.watch(run)
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):  # an async def function
-                asyncio.run(self.await_then_emit(run, result, mode, data.get("media_type")))
+                pending = self.await_then_emit(run, result, mode, data.get("media_type"))
             else:
                 pending = self.emit(run, result, mode, data.get("media_type"))
-                if pending is not None:
-                    asyncio.run(pending)
+            if pending is not None:  # async: a task on the worker's one event loop, not this thread
+                asyncio.run_coroutine_threadsafe(self.run_async(run, pending, mode), self.event_loop())
+                on_loop = True
         except RunCancelled:
             pass
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             error = error_payload(exc, pickled=mode != "http")
         finally:
-            _running.run = None
+            _current_run.reset(token)
             while True:
                 try:
                     self.settle(run)
                     break
                 except RunCancelled:  # the interrupt landed here, after the user's code
                     continue
+            if not on_loop:
+                run.finish(error)
+
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's event loop (its own thread, started on first use): every running
+        async call is a task on it, so a thousand concurrent async streams are a thousand
+        tasks, not a thousand threads."""
+        with self.loading:
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+                threading.Thread(target=self.loop.run_forever, name="jupyter-stream-async", daemon=True).start()
+        return self.loop
+
+    async def run_async(self, run: Run, pending: Any, mode: str) -> None:
+        """An async call on the event loop, from its first await to its end."""
+        _current_run.set(run)  # this task's own context: its prints go to its caller
+        error = None
+        try:
+            await pending
+        except RunCancelled:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+            error = error_payload(exc, pickled=mode != "http")
+        finally:
             run.finish(error)
 
     def run_lane(self, run: Run, fn: Any, kwargs: dict[str, Any], timeout: float | None) -> None:
@@ -414,10 +443,10 @@ class Worker:
         run.task = asyncio.current_task()
         if run.cancelled:
             raise RunCancelled()
-        put = run.put
+        aput = run.aput
         try:
             async for chunk in result:
-                put(encode(chunk))
+                await aput(encode(chunk))
         except asyncio.CancelledError:
             raise RunCancelled() from None
         finally:
