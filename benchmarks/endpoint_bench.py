@@ -118,9 +118,55 @@ def _announce(sock: socket.socket) -> None:
     print(f"LISTENING {sock.getsockname()[1]}", flush=True)
 
 
+def run_tornado(routes: list) -> None:
+    """Serve a tornado application of `routes` on an announced port, until killed."""
+    import asyncio
+
+    import tornado.httpserver
+    import tornado.web
+
+    async def main() -> None:
+        sock = _listen_socket()
+        server = tornado.httpserver.HTTPServer(tornado.web.Application(routes))
+        server.add_sockets([sock])
+        _announce(sock)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def run_uvicorn(app) -> None:
+    """Serve an ASGI app under uvicorn on an announced port, until killed."""
+    import uvicorn
+
+    sock = _listen_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    _announce(sock)
+    server.run(sockets=[sock])
+
+
+def start_announced(kind: str, script: Path, procs: Processes, tmp: Path, timeout: float = 30.0) -> Tuple[int, Path]:
+    """Run ``script --serve kind`` and wait for the port it announces; returns (port, log)."""
+    log = tmp / f"{kind}.log"
+    proc = procs.start(kind, [sys.executable, str(script), "--serve", kind], log, stdout=subprocess.PIPE)
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    line = b""
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{kind} reference server did not start:\n{log_tail(log)}")
+        if sel.select(timeout=0.5):
+            chunk = os.read(proc.stdout.fileno(), 100)
+            if not chunk and proc.poll() is not None:
+                continue
+            line += chunk
+    sel.close()
+    return int(line.split()[1]), log
+
+
 def serve_tornado() -> None:
     """Plain tornado: write + await flush() per chunk, i.e. per event."""
-    import asyncio
 
     import tornado.httpserver
     import tornado.web
@@ -137,20 +183,11 @@ def serve_tornado() -> None:
                 self.write(chunk)
                 await self.flush()
 
-    async def main() -> None:
-        sock = _listen_socket()
-        app = tornado.web.Application([(r"/stream/(\w+)", StreamHandler)])
-        server = tornado.httpserver.HTTPServer(app)
-        server.add_sockets([sock])
-        _announce(sock)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    run_tornado([(r"/stream/(\w+)", StreamHandler)])
 
 
 def serve_fastapi() -> None:
     """FastAPI StreamingResponse over a sync generator, under uvicorn."""
-    import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
@@ -168,11 +205,7 @@ def serve_fastapi() -> None:
     async def _bulk(count: int = 256):
         return StreamingResponse(bulk(count), media_type="application/octet-stream")
 
-    sock = _listen_socket()
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    _announce(sock)
-    server.run(sockets=[sock])
+    run_uvicorn(app)
 
 
 REFERENCE_SERVERS = {"tornado": serve_tornado, "fastapi": serve_fastapi}
@@ -454,23 +487,7 @@ def log_tail(log: Path, lines: int = 40) -> str:
 
 def start_reference(kind: str, procs: Processes, tmp: Path, timeout: float = 30.0) -> Server:
     """Start a reference server in a child process and wait until it answers."""
-    log = tmp / f"{kind}.log"
-    proc = procs.start(kind, [sys.executable, str(Path(__file__).resolve()), "--serve", kind],
-                       log, stdout=subprocess.PIPE)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    line = b""
-    deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{kind} reference server did not start:\n{log_tail(log)}")
-        if sel.select(timeout=0.5):
-            chunk = os.read(proc.stdout.fileno(), 100)
-            if not chunk and proc.poll() is not None:
-                continue
-            line += chunk
-    sel.close()
-    port = int(line.split()[1])
+    port, log = start_announced(kind, Path(__file__).resolve(), procs, tmp, timeout)
     base = f"http://127.0.0.1:{port}/stream/"
     server = Server(kind, {name: base + name for name in ENDPOINTS})
     if kind == "fastapi":

@@ -205,6 +205,17 @@ def client_cpu_s() -> float:
 # Raw HTTP/1.1 + SSE client pieces
 # --------------------------------------------------------------------------
 
+async def read_head(reader: asyncio.StreamReader, timeout: float) -> tuple[int, dict]:
+    """An HTTP/1.1 response's status and headers (names and values lower-cased)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip().lower()
+    return int(lines[0].split(" ", 2)[1]), headers
+
+
 class ChunkedDecoder:
     """Incremental Transfer-Encoding: chunked decoder; `done` after the last chunk."""
 
@@ -307,14 +318,8 @@ async def run_stream(stream: Stream, host: str, port: int, path: str, timeout: f
         stream.t_connected = time.monotonic()
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n"
                      f"Connection: close\r\n\r\n".encode("latin-1"))
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), left())
+        stream.status, headers = await read_head(reader, left())
         stream.t_headers = time.monotonic()
-        lines = head.decode("latin-1").split("\r\n")
-        stream.status = int(lines[0].split(" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip().lower()
         chunked = "chunked" in headers.get("transfer-encoding", "")
         if stream.status != 200:
             body = await asyncio.wait_for(reader.read(2000), left())

@@ -58,11 +58,9 @@ import asyncio
 import json
 import os
 import platform
-import selectors
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,17 +78,18 @@ if str(BENCH_DIR.parent) not in sys.path:
 
 from endpoint_bench import (  # noqa: E402
     Processes,
-    _announce,
-    _listen_socket,
     _percentile,
     _raise_on_sigterm,
     log_tail,
     parse_only,
     print_table,
+    run_tornado,
+    run_uvicorn,
+    start_announced,
     start_jupyter_stream,
     uvicorn_flavour,
 )
-from load_bench import ChunkedDecoder  # noqa: E402
+from load_bench import ChunkedDecoder, read_head  # noqa: E402
 
 import jupyter_stream  # noqa: E402
 
@@ -123,6 +122,13 @@ async def async_tokens(n: int = 20, gap: float = 0.05):
         yield token_event(i)
 
 
+def stamped_tokens(vocab: list, n: int, gap: float):
+    """The tokens both served classes stream: one every `gap` seconds, stamped."""
+    for i in range(n):
+        time.sleep(gap)
+        yield f"data: {time.time():.6f} {vocab[i % len(vocab)]}\n\n"
+
+
 class LLM:
     """Served with concurrency=100 on one worker."""
 
@@ -132,23 +138,16 @@ class LLM:
 
     @jupyter_stream.endpoint(media_type="text/event-stream")
     def tokens(self, n: int = 20, gap: float = 0.05):
-        for i in range(n):
-            time.sleep(gap)
-            yield f"data: {time.time():.6f} {self.vocab[i % len(self.vocab)]}\n\n"
+        yield from stamped_tokens(self.vocab, n, gap)
 
 
-class LLMSerial:
-    """The same body, served with concurrency=1 on one worker (its own pool)."""
-
-    @jupyter_stream.enter
-    def load(self):
-        self.vocab = [f"tok{i}" for i in range(1000)]
+class LLMSerial(LLM):
+    """The same, served with concurrency=1 on one worker (a class of its own: its own
+    endpoint name and pool)."""
 
     @jupyter_stream.endpoint(media_type="text/event-stream")
     def tokens(self, n: int = 20, gap: float = 0.05):
-        for i in range(n):
-            time.sleep(gap)
-            yield f"data: {time.time():.6f} {self.vocab[i % len(self.vocab)]}\n\n"
+        yield from stamped_tokens(self.vocab, n, gap)
 
 
 # --------------------------------------------------------------------------
@@ -157,7 +156,6 @@ class LLMSerial:
 
 def serve_tornado() -> None:
     """Plain tornado: asyncio.sleep, write + await flush() per token."""
-    import tornado.httpserver
     import tornado.web
 
     class TokensHandler(tornado.web.RequestHandler):
@@ -171,20 +169,11 @@ def serve_tornado() -> None:
                 self.write(token_event(i))
                 await self.flush()
 
-    async def main() -> None:
-        sock = _listen_socket()
-        app = tornado.web.Application([(r"/stream/tokens", TokensHandler)])
-        server = tornado.httpserver.HTTPServer(app)
-        server.add_sockets([sock])
-        _announce(sock)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    run_tornado([(r"/stream/tokens", TokensHandler)])
 
 
 def serve_fastapi() -> None:
     """uvicorn + FastAPI: async generator, and sync generator (threadpool)."""
-    import uvicorn
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
@@ -198,11 +187,7 @@ def serve_fastapi() -> None:
     async def _sync(n: int = 20, gap: float = 0.05):
         return StreamingResponse(sync_tokens(n, gap), media_type="text/event-stream")
 
-    sock = _listen_socket()
-    config = uvicorn.Config(app, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    _announce(sock)
-    server.run(sockets=[sock])
+    run_uvicorn(app)
 
 
 REFERENCE_SERVERS = {"tornado": serve_tornado, "fastapi": serve_fastapi}
@@ -210,20 +195,8 @@ REFERENCE_SERVERS = {"tornado": serve_tornado, "fastapi": serve_fastapi}
 
 def start_reference(kind: str, procs: Processes, tmp: Path, timeout: float = 30.0) -> str:
     """Start a reference server; returns its base URL (``http://host:port/stream/``)."""
-    log = tmp / f"{kind}.log"
-    proc = procs.start(kind, [sys.executable, str(Path(__file__).resolve()), "--serve", kind],
-                       log, stdout=subprocess.PIPE)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    line = b""
-    deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{kind} reference server did not start:\n{log_tail(log)}")
-        if sel.select(timeout=0.5):
-            line += os.read(proc.stdout.fileno(), 100)
-    sel.close()
-    return f"http://127.0.0.1:{int(line.split()[1])}/stream/"
+    port, _ = start_announced(kind, Path(__file__).resolve(), procs, tmp, timeout)
+    return f"http://127.0.0.1:{port}/stream/"
 
 
 # --------------------------------------------------------------------------
@@ -312,13 +285,7 @@ async def read_stream(target: Target, query: dict, timeout: float) -> StreamResu
         extra = "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
         writer.write(f"GET {target.path(**query)} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
                      f"Accept: text/event-stream\r\n{extra}Connection: close\r\n\r\n".encode("latin-1"))
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), left())
-        lines = head.decode("latin-1").split("\r\n")
-        res.status = int(lines[0].split(" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip().lower()
+        res.status, headers = await read_head(reader, left())
         if res.status != 200:
             body = await asyncio.wait_for(reader.read(2000), left())
             res.error = f"HTTP {res.status}: {body[:200]!r}"

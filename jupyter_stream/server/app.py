@@ -254,8 +254,10 @@ class JupyterStream(ExtensionApp):
                                         "install one with `python -m ipykernel install --user --name NAME`") from None
 
     def pool_for(self, spec: EndpointSpec | FunctionSpec) -> WorkerPool:
-        """The worker pool that runs `spec`'s calls."""
-        return self.placement.pool_for(spec.requirements, self.make_pool)
+        """The worker pool that runs `spec`'s calls (found once per spec: pools stay)."""
+        if spec.pool is None:
+            spec.pool = self.placement.pool_for(spec.requirements, self.make_pool)
+        return spec.pool
 
     def configure_pools(self) -> None:
         """Size each pool from what its functions and endpoints ask: the largest minimum,

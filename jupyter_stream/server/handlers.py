@@ -10,9 +10,11 @@ login cookie); unauthenticated API requests get 403 rather than a login redirect
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import json
 import re
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -193,20 +195,18 @@ class EndpointHandler(StreamHandlerBase):
     @allow_unauthenticated  # a share may open it: check_access stands in for @web.authenticated
     async def get(self, name: str) -> None:
         await self.check_access("execute")
-        self.set_cors_headers()
         await self.run_endpoint(name)
 
     @allow_unauthenticated
     async def post(self, name: str) -> None:
         await self.check_access("execute")
-        self.set_cors_headers()
         if not self._finished:  # not already answered 413 while the body arrived
             await self.run_endpoint(name)
 
     @allow_unauthenticated  # a CORS preflight: headers only, for the configured origins
     async def options(self, name: str) -> None:
-        """A CORS preflight (for a shared stream read from another origin's page)."""
-        self.set_cors_headers()
+        """A CORS preflight (for a shared stream read from another origin's page); its
+        headers were set in `prepare`, as for every request."""
         self.set_status(204)
         self.finish()
 
@@ -345,6 +345,9 @@ class EndpointHandler(StreamHandlerBase):
         Retry-After. A declared SSE stream begins while it waits, with heartbeats (a
         timeout then ends it with an error event)."""
         pool = self.stream.pool_for(spec)
+        worker = pool.try_acquire()  # an idle worker: the common case, with no queue to wait in
+        if worker is not None:
+            return worker
         self._handed = False
         self.waiting = asyncio.ensure_future(pool.acquire())
         loop = asyncio.get_running_loop()
@@ -571,7 +574,10 @@ class WorkersHandler(StreamHandlerBase):
         }))
 
 
-DEMO_PAGE = Path(__file__).with_name("static") / "demo.html"
+@functools.cache
+def demo_page() -> str:
+    """`static/demo.html`, read once."""
+    return (Path(__file__).with_name("static") / "demo.html").read_text()
 
 
 def script_json(value: Any) -> str:
@@ -585,13 +591,9 @@ class PageHandler(StreamHandlerBase):
 
     accepts_shares = True
 
-    @property
+    @functools.cached_property
     def nonce(self) -> str:
-        if not hasattr(self, "_nonce"):
-            import secrets
-
-            self._nonce = secrets.token_urlsafe(16)
-        return self._nonce
+        return secrets.token_urlsafe(16)
 
     @property
     def content_security_policy(self) -> str:
@@ -643,7 +645,7 @@ class DemoHandler(PageHandler):
             # a reload of the page without the query still works, on this endpoint's paths only
             self.set_cookie(SHARE_COOKIE, self.presented_share(), path=f"{base}stream/{spec.name}", httponly=True,
                             samesite="Strict", expires=self.share.expires)
-        page = DEMO_PAGE.read_text().replace("/*ENDPOINT*/null", script_json(data)).replace("__NONCE__", self.nonce)
+        page = demo_page().replace("/*ENDPOINT*/null", script_json(data)).replace("__NONCE__", self.nonce)
         self.finish(page, set_content_type="text/html; charset=utf-8")
 
 

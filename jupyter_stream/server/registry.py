@@ -228,6 +228,7 @@ class EndpointSpec:
     owner: str = ""  # the notebook (or script) that registered it
     #: what its workers need (`requirements.check_requirements`): GPUs, pool size, kernel, env
     requirements: dict[str, Any] = field(default_factory=dict)
+    pool: Any = field(default=None, repr=False, compare=False)  # the pool of those requirements (`JupyterStream.pool_for`)
     created: float = field(default_factory=time.time)
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     #: the last lines its code printed, for the endpoint card's live view
@@ -327,6 +328,7 @@ class FunctionSpec:
     persist: bool = False
     owner: str = ""
     requirements: dict[str, Any] = field(default_factory=dict)
+    pool: Any = field(default=None, repr=False, compare=False)
     created: float = field(default_factory=time.time)
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
