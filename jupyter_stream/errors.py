@@ -38,6 +38,28 @@ class RequestError(ValueError):
     for (the client gets a 422 naming what is wrong)."""
 
 
+class ServerRefused(ValueError, RuntimeError):
+    """The server refused a request as wrong (a 4xx), saying why in `str(e)`.
+
+    A `ValueError` (what was sent is wrong, not the server), and also a `RuntimeError`,
+    which is what earlier versions raised, so code that caught that keeps working.
+    `status`, `method` and `path` say which request it was."""
+
+    def __init__(self, message: str, status: int = 400, method: str = "", path: str = ""):
+        super().__init__(message)
+        self.status, self.method, self.path = status, method, path
+
+
+class RegistrationError(ServerRefused):
+    """The server refused to register an endpoint, function or class (a bad option, a GPU
+    spec this machine cannot meet, a kernelspec it lacks); nothing was registered."""
+
+
+class NotRegisteredError(LookupError):
+    """The server has no endpoint, function or share by that name or id (a 404 naming
+    what it has)."""
+
+
 class RemoteTraceback(Exception):
     """Carries the worker's traceback text as the ``__cause__`` of a re-raised exception
     (as `concurrent.futures` does for process pools)."""

@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from ..errors import NotRegisteredError, RegistrationError, ServerRefused
+
 URL_ENV = "JUPYTER_STREAM_URL"
 TOKEN_ENV = "JUPYTER_STREAM_TOKEN"
 
@@ -45,24 +47,32 @@ class ServerConnection:
         return f"<ServerConnection {kind}{self.url}>"
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send a request; an error answer raises with the server's message first: a refused
+        registration is a `RegistrationError`, other 4xx a `ServerRefused` (both
+        `ValueError`), an unknown name a `NotRegisteredError` (a `LookupError`)."""
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as e:
             raise ServerNotFound(f"cannot reach the Jupyter server at {self.url}: {e}") from None
-        if response.status_code == 401 or (response.status_code == 403 and "not authorized" not in response.text):
-            raise PermissionError(f"the Jupyter server at {self.url} refused our token ({response.status_code})")
-        if response.status_code == 403:  # the token is fine, but this user may not do that
-            raise PermissionError(f"the Jupyter server at {self.url} refused: {_message(response)} (403)")
-        if response.status_code == 404 and path.startswith("api/stream") and _message(response).startswith("no "):
-            raise LookupError(_message(response))  # the extension runs; that name is not registered
-        if response.status_code == 404 and path.startswith("api/stream"):
+        status = response.status_code
+        if status < 400:
+            return response
+        message = _message(response)
+        if status == 401 or (status == 403 and "not authorized" not in response.text):
+            raise PermissionError(f"the Jupyter server at {self.url} refused our token ({status})")
+        if status == 403:  # the token is fine, but this user may not do that
+            raise PermissionError(f"the Jupyter server at {self.url} refused: {message} (403)")
+        if status == 404 and path.startswith("api/stream") and message.startswith("no "):
+            raise NotRegisteredError(message)  # the extension runs; that name is not registered
+        if status == 404 and path.startswith("api/stream"):
             raise ServerNotFound(
                 f"the Jupyter server at {self.url} does not run the jupyter_stream extension; "
                 "enable it with `jupyter server extension enable jupyter_stream` and restart the server"
             )
-        if response.status_code >= 400:
-            raise RuntimeError(f"{method} {path} failed ({response.status_code}): {_message(response)}")
-        return response
+        if status < 500:
+            registering = method == "POST" and path.rstrip("/") in ("api/stream/endpoints", "api/stream/functions")
+            raise (RegistrationError if registering else ServerRefused)(message, status, method, path)
+        raise RuntimeError(f"{message} (the server failed on {method} {path} with {status}; its log says more)")
 
     def endpoint_url(self, name: str) -> str:
         return f"{self.url}stream/{name}"

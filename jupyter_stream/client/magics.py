@@ -22,9 +22,15 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ..requirements import GPU_SPEC_HELP, env_pairs
 from .classes import register_class
+from .connection import ServerNotFound
 from .endpoints import Endpoint, register_endpoint
 from .functions import register_function
 from .registration import list_registrations
+
+#: What a cell shows as one line, like a `UsageError`, not as a traceback through our
+#: frames: a bad option, a refusal by the server (`RegistrationError`, `ServerRefused`,
+#: `NotRegisteredError`, a 403), or no server to ask.
+ONE_LINE_ERRORS = (ValueError, LookupError, PermissionError, ServerNotFound)
 
 
 def requirement_arguments(fn: Any) -> Any:
@@ -103,7 +109,7 @@ class StreamMagics(Magics):
         fn = self._run_and_get_function(cell, magic.__name__)
         try:
             handle = register(fn, args)
-        except ValueError as e:
+        except ONE_LINE_ERRORS as e:
             raise UsageError(f"%%{magic.__name__}: {e}") from None
         self.shell.user_ns[fn.__name__] = handle
         return handle
@@ -124,7 +130,7 @@ class StreamMagics(Magics):
             raise UsageError(f"%%stream_class: {name!r} is not a class after running the cell")
         try:
             handle = register_class(klass, **requirements_of(args))
-        except ValueError as e:
+        except ONE_LINE_ERRORS as e:
             raise UsageError(f"%%stream_class: {e}") from None
         self.shell.user_ns[name] = handle
         return handle
@@ -139,7 +145,7 @@ class StreamMagics(Magics):
         expires = None if args.expires.lower() in ("never", "none") else args.expires
         try:
             share = Endpoint.lookup(args.name).share(expires)
-        except (ValueError, LookupError) as e:
+        except ONE_LINE_ERRORS as e:
             raise UsageError(f"%stream_share: {e}") from None
         print(repr(share))
         return None
@@ -147,7 +153,11 @@ class StreamMagics(Magics):
     @line_magic
     def stream_list(self, line: str) -> None:
         """What is registered on the server: endpoints and functions, by whom, since when."""
-        print(format_registrations(list_registrations()))
+        try:
+            rows = list_registrations()
+        except ONE_LINE_ERRORS as e:
+            raise UsageError(f"%stream_list: {e}") from None
+        print(format_registrations(rows))
 
     @magic_arguments()
     @argument("--name", default=None, help="URL name of the endpoint (default: the function's name).")
