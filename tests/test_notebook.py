@@ -267,3 +267,28 @@ def test_serve_passes_workers_on_and_lets_the_users_options_win():
     assert argv.count("--ServerApp.open_browser=False") == 1
     assert [a for a in argv if a.startswith("--ServerApp.port=")] == ["--ServerApp.port=9999"]
     assert len([a for a in argv if a.startswith("--IdentityProvider.token=")]) == 1  # ours: no "open this file" block
+
+
+def test_the_embedded_servers_token_is_not_on_its_command_line():
+    """Any local user can read /proc/<pid>/cmdline: the token travels in the environment,
+    and the kernels the embedded server starts do not inherit it."""
+    from jupyter_stream.client.connection import start_embedded_server
+    from jupyter_stream.client.functions import register_function
+
+    conn = start_embedded_server(quiet=True)
+    try:
+        cmdline = Path(f"/proc/{conn.process.pid}/cmdline").read_bytes().decode()
+        assert "jupyter_server" in cmdline and "--ServerApp.port=" in cmdline, cmdline
+        assert conn.token and conn.token not in cmdline, cmdline
+        assert not [a for a in cmdline.split("\0") if "token" in a.lower() and "environ" not in a], cmdline
+        conn.check()  # our token opens it ...
+        assert httpx.get(conn.url + "api/stream/workers", timeout=10).status_code == 403  # ... and nothing else does
+
+        def token_seen():
+            import os
+
+            return os.environ.get("JUPYTER_TOKEN")
+
+        assert register_function(token_seen, connection=conn).remote() is None
+    finally:
+        conn.close()

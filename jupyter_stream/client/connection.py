@@ -24,6 +24,8 @@ from ..errors import NotRegisteredError, RegistrationError, ServerRefused
 
 URL_ENV = "JUPYTER_STREAM_URL"
 TOKEN_ENV = "JUPYTER_STREAM_TOKEN"
+#: how the embedded server gets its token (never on its command line)
+EMBEDDED_TOKEN_ENV = "JUPYTER_TOKEN"
 
 _connection: ServerConnection | None = None
 
@@ -142,21 +144,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+#: The embedded server's entry point. Its token comes in the environment, which only its
+#: user can read (``/proc/<pid>/cmdline`` is readable by every local user), and leaves it
+#: at once, so the kernels the server starts do not inherit it.
+_EMBEDDED_SERVER = (
+    "import os; from traitlets.config import Config; from jupyter_server.serverapp import ServerApp; "
+    f"c = Config(); c.IdentityProvider.token = os.environ.pop({EMBEDDED_TOKEN_ENV!r}); ServerApp.launch_instance(config=c)"
+)
+
+
 def start_embedded_server(timeout: float = 60.0, quiet: bool = False) -> ServerConnection:
     """Start a private Jupyter server with the extension on 127.0.0.1, for scripts and
     plain IPython. It exits with this process."""
     port, token = _free_port(), secrets.token_hex(24)
     log = tempfile.NamedTemporaryFile(prefix="jupyter-stream-server-", suffix=".log", delete=False)
     cmd = [
-        sys.executable, "-m", "jupyter_server",
+        sys.executable, "-c", _EMBEDDED_SERVER,
         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}", "--ServerApp.open_browser=False",
+        "--ServerApp.open_browser=False",
         f"--ServerApp.root_dir={os.getcwd()}", "--ServerApp.jpserver_extensions={'jupyter_stream': True}",
         f"--JupyterStream.exit_with_pid={os.getpid()}",
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--ServerApp.allow_root=True")  # containers run as root
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env={**os.environ, EMBEDDED_TOKEN_ENV: token})
     conn = ServerConnection(f"http://127.0.0.1:{port}/", token, process)
     atexit.register(conn.close)
     deadline = time.monotonic() + timeout
