@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
+from tornado.websocket import WebSocketClosedError, websocket_connect
 
 from .. import wire
 from ..errors import error_info
@@ -114,27 +114,52 @@ class CallsSocket:
         except Exception as e:
             raise ServerNotFound(f"cannot open {url}: {e}") from None
         self.ws.stream.set_nodelay(True)
-        self.loop.create_task(self._read(self.ws))
+        self._reader = self.loop.create_task(self._read(self.ws))  # held: the loop keeps only weak references
 
     async def _read(self, ws: Any) -> None:
-        while True:
-            message = await ws.read_message()
-            if message is None:
-                break
-            header, payload = wire.decode_frame(message)
-            stream = self.calls.get(header.get("id"))
-            if stream is not None:
-                if header.get("end"):
-                    self.calls.pop(stream.id, None)
-                try:
-                    stream.feed(header, payload)
-                except Exception:  # one caller's trouble must not stop this reader: every call uses it
-                    log.exception("jupyter_stream: could not deliver output of call %s", stream.id)
-        self.ws = None
-        lost = error_info("ConnectionError", f"lost the connection to the Jupyter server at {self.connection.url}", "builtins")
-        for stream in list(self.calls.values()):
-            stream.feed({"op": "out", "id": stream.id, "end": True, "error": lost}, memoryview(b""))
-        self.calls.clear()
+        """Hand each frame to its call. Supervised: whatever ends this loop (the server
+        hanging up, a frame that is not of our protocol, a bug), every call in flight
+        ends with a `ConnectionError` saying why, and the next call connects again."""
+        why = "the server closed the connection"
+        try:
+            while True:
+                message = await ws.read_message()
+                if message is None:
+                    if ws.close_code is not None:
+                        why += f" ({ws.close_code}{': ' + ws.close_reason if ws.close_reason else ''})"
+                    break
+                header, payload = wire.decode_frame(message)
+                call_id = header.get("id")
+                stream = self.calls.get(call_id) if isinstance(call_id, str) else None
+                if stream is not None:
+                    if header.get("end"):
+                        self.calls.pop(stream.id, None)
+                    try:
+                        stream.feed(header, payload)
+                    except Exception:  # one caller's trouble must not stop this reader: every call uses it
+                        log.exception("jupyter_stream: could not deliver output of call %s", stream.id)
+        except Exception as e:  # noqa: BLE001 - any cause ends the calls below, and says so
+            why = f"reading from it failed: {type(e).__name__}: {e}"
+            ws.close(1002 if isinstance(e, wire.FrameError) else 1011, why.encode()[:120].decode(errors="ignore"))
+        finally:
+            if self.ws is ws:
+                self.ws = None
+            self._end_calls(why)
+
+    def _end_calls(self, why: str) -> None:
+        """End every call in flight with a `ConnectionError`, logging one line if there were any."""
+        streams = []
+        while self.calls:
+            streams.append(self.calls.popitem()[1])
+        if streams:
+            log.warning("jupyter_stream: lost the calls connection to %s (%s); %d call(s) in flight ended with "
+                        "ConnectionError, the next call connects again", self.connection.url, why, len(streams))
+        for stream in streams:
+            stream.feed({"op": "out", "id": stream.id, "end": True, "error": self._lost(why)}, memoryview(b""))
+
+    def _lost(self, why: str) -> dict[str, Any]:
+        return error_info("ConnectionError", f"lost the connection to the Jupyter server at {self.connection.url} ({why}); "
+                          "run the call again: it connects anew", "builtins")
 
     def start(self, header: dict[str, Any], payload: bytes = b"") -> CallStream:
         """Start a call; its output arrives on the returned stream."""
@@ -145,11 +170,19 @@ class CallsSocket:
         return stream
 
     def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
-        self.loop.call_soon_threadsafe(self._write, wire.encode_frame(header, payload))
+        self.loop.call_soon_threadsafe(self._write, header.get("id"), wire.encode_frame(header, payload))
 
-    def _write(self, frame: bytes) -> None:
+    def _write(self, call_id: str | None, frame: bytes) -> None:
         if self.ws is not None:
-            self.ws.write_message(frame, binary=True)
+            try:
+                self.ws.write_message(frame, binary=True)
+            except WebSocketClosedError:
+                pass  # its reader is ending, and ends the call with it
+            return
+        # the connection was lost after this call started: end it now rather than never
+        stream = self.calls.pop(call_id, None)
+        if stream is not None:
+            stream.feed({"op": "out", "id": stream.id, "end": True, "error": self._lost("it was closed")}, memoryview(b""))
 
 
 def calls_socket(connection: ServerConnection) -> CallsSocket:
