@@ -46,11 +46,35 @@ def loud_loop(n):
 def test_map_output_is_tagged_with_its_worker_and_batched(register, capfd):
     f = register(loud_loop)
     assert list(f.map([2000, 2000, 2000, 2000], progress=False)) == [2000] * 4
-    out = capfd.readouterr().out
-    lines = out.splitlines()
-    assert len([line for line in lines if re.fullmatch(r"(\[worker-\d+\] )?line \d+", line)]) == 8000
-    if len({line.split("]")[0] for line in lines if line.startswith("[")}) > 1:
-        assert all(line.startswith("[worker-") for line in lines[-100:])
+    lines = capfd.readouterr().out.splitlines()
+    assert len(lines) == 8000 and all(re.fullmatch(r"\[w[123]\] line \d+", line) for line in lines), lines[:5]
+
+
+def where(i):
+    import os
+    import time
+
+    time.sleep(0.3)
+    print(f"item {i} on pid {os.getpid()}")
+    return i
+
+
+def test_map_tags_are_short_and_stable_per_map_and_on_every_line(register, capfd):
+    """Every line of a map carries its worker's tag, the first ones included; tags are
+    w1, w2... by the order the workers first print in that map, one per worker."""
+    f = register(where)
+    for _ in range(2):
+        assert list(f.map(range(8), progress=False)) == list(range(8))
+        lines = capfd.readouterr().out.splitlines()
+        assert len(lines) == 8, lines
+        parsed = [re.fullmatch(r"\[(w\d+)\] item (\d) on pid (\d+)", line) for line in lines]
+        assert all(parsed), lines  # the first lines too
+        tags = [m.group(1) for m in parsed]
+        pids = {m.group(1): m.group(3) for m in parsed}
+        assert tags[0] == "w1" and sorted(set(tags)) == [f"w{i + 1}" for i in range(len(set(tags)))], tags
+        assert len(set(tags)) >= 2, f"the map ran on one worker only: {lines}"
+        assert len(set(pids.values())) == len(pids), f"a tag names one worker for the whole map: {lines}"
+        assert all(pids[m.group(1)] == m.group(3) for m in parsed), lines
 
 
 def test_endpoint_output_goes_to_the_log_and_the_card_not_the_response(jstream_server):

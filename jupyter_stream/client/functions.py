@@ -79,13 +79,9 @@ def _values(header: dict[str, Any], payload: memoryview) -> list[Any]:
     return [pickle.loads(blob) for blob in wire.split(payload, sizes)]
 
 
-def relay_printed(header: dict[str, Any], prefix: bool = False, lines: PrintedLines | None = None) -> None:
+def relay_printed(header: dict[str, Any]) -> None:
     """Write what the remote code printed (a frame's ``print``) to this process's stdout
-    and stderr: in a notebook, the cell that made the call. With `prefix`, whole lines
-    tagged with the worker that printed them (a map on several workers, through `lines`)."""
-    if lines is not None:
-        lines.relay(header, prefix)
-        return
+    and stderr: in a notebook, the cell that made the call."""
     for stream, text in header.get("print", ()):
         out = sys.stderr if stream == "stderr" else sys.stdout
         out.write(text)
@@ -93,43 +89,33 @@ def relay_printed(header: dict[str, Any], prefix: bool = False, lines: PrintedLi
 
 
 class PrintedLines:
-    """A map's prints, relayed line by line. Once several workers print, each line is
-    tagged with its worker, and a worker's unfinished line is held until the rest of it
-    arrives, so that lines of different workers never run together; a line begun before
-    tagging started is finished untagged."""
+    """A map's prints, relayed a whole line at a time, every line tagged with its worker:
+    ``[w1]``, ``[w2]``... in the order the workers first print in this map (short, and
+    the same for the whole map, unlike kernel names). A worker's unfinished line is held
+    until the rest of it arrives, so lines of different workers never run together."""
 
     def __init__(self) -> None:
-        self.held: dict[tuple, str] = {}  # (worker, stream) -> its unfinished line, while tagging
-        self.untagged: set[tuple] = set()  # (worker, stream) whose line was begun before tagging
+        self.tags: dict[Any, str] = {}  # the server's worker name -> its tag in this map
+        self.held: dict[tuple, str] = {}  # (worker, stream) -> its unfinished line
 
-    def relay(self, header: dict[str, Any], prefix: bool) -> None:
+    def relay(self, header: dict[str, Any]) -> None:
         worker = header.get("worker")
+        tag = self.tags.setdefault(worker, f"w{len(self.tags) + 1}")
         for stream, text in header.get("print", ()):
             key = (worker, stream)
-            out = sys.stderr if stream == "stderr" else sys.stdout
-            if not prefix:  # one printer: straight through
-                out.write(text)
+            lines = (self.held.pop(key, "") + text).splitlines(keepends=True)
+            if lines and not lines[-1].endswith(("\n", "\r")):
+                self.held[key] = lines.pop()
+            if lines:
+                out = sys.stderr if stream == "stderr" else sys.stdout
+                out.write("".join(f"[{tag}] {line}" for line in lines))
                 out.flush()
-                if text.endswith(("\n", "\r")):
-                    self.untagged.discard(key)
-                else:
-                    self.untagged.add(key)
-                continue
-            parts = (self.held.pop(key, "") + text).splitlines(keepends=True)
-            if parts and not parts[-1].endswith(("\n", "\r")):
-                self.held[key] = parts.pop()
-            if not parts:
-                continue
-            continues = key in self.untagged
-            self.untagged.discard(key)
-            out.write("".join(line if continues and i == 0 else f"[{worker}] {line}" for i, line in enumerate(parts)))
-            out.flush()
 
     def flush(self) -> None:
         """The map is over: lines still unfinished are written as they are."""
         for (worker, stream), text in self.held.items():
             out = sys.stderr if stream == "stderr" else sys.stdout
-            out.write(f"[{worker}] {text}\n")
+            out.write(f"[{self.tags[worker]}] {text}\n")
             out.flush()
         self.held.clear()
 
@@ -218,7 +204,6 @@ class _MapState:
         self.inputs_done = False
         self.finished = False
         self.batch = FIRST_BATCH
-        self.printers: set[str | None] = set()  # workers whose prints were relayed
         self.printed = PrintedLines()
 
     @property
@@ -246,8 +231,7 @@ class _MapState:
         ready = []
         for header, payload in frames:
             if "print" in header:
-                self.printers.add(header.get("worker"))
-                relay_printed(header, len(self.printers) > 1 or (self.progress.lanes or 0) > 1, self.printed)
+                self.printed.relay(header)
             items = header.get("items")
             if "lanes" in header:
                 self.progress.on_lanes(header["lanes"])
