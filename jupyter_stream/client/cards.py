@@ -1,45 +1,133 @@
 """The endpoint card: what a `%%stream_endpoint` cell shows in a notebook.
 
 Name, media type, the URL as a link that opens in a new tab, a curl line to copy, live
-counters (streams open, requests served, errors) refreshed every `REFRESH` seconds, and
-a "Try it" button that opens the stream from the kernel and shows its events as they
-arrive. The widget's text/plain and text/html fallbacks carry the URL and curl line.
+counters (streams open, requests served, errors), the endpoint's recent prints, a "Try
+it" form built from its parameters that shows the response as it arrives (`try_it`), and
+a "Share" button that makes a link to copy. The widget's text/plain and text/html
+fallbacks carry the URL and curl line.
+
+One `CardPoller` thread per process keeps every live card current with one request a
+second for all of them. A card stops when its endpoint is removed, or when the cell is run
+again (a newer card for the same name takes over); the thread ends with the last card.
 """
 
 from __future__ import annotations
 
 import html
-import json
+import logging
 import threading
 import time
 from typing import Any
 
 import httpx
 
-from .endpoints import LINK_STYLE
+from .endpoints import LINK_STYLE, local_time
+from .try_it import ResponseView, build_request, form_parameters, initial_text, readable_error
 
-#: Seconds between two refreshes of a card's counters.
+log = logging.getLogger("jupyter_stream")
+
+#: Seconds between two polls of the server for the live cards.
 REFRESH = 1.0
-#: Lines of a tried stream kept on the card.
-MAX_LINES = 40
 #: Lines of the endpoint's printed output shown on the card.
 PRINTED_LINES = 10
 
+#: A button that copies `data-copy` to the clipboard (or selects the text where the page
+#: may not use the clipboard, as on plain http from another host).
+COPY_BUTTON = (
+    '<button class="jupyter-stream-copy" data-copy="{text}" title="Copy to the clipboard" '
+    "onclick=\"const b = this, t = b.previousElementSibling; navigator.clipboard.writeText(b.dataset.copy).then("
+    "() => {{ b.textContent = 'Copied'; setTimeout(() => b.textContent = 'Copy', 1500); }}, "
+    "() => {{ const r = document.createRange(); r.selectNodeContents(t); getSelection().removeAllRanges(); "
+    "getSelection().addRange(r); b.textContent = 'Press Ctrl+C'; }});\">Copy</button>"
+)
 
-def readable_error(text: str) -> list[str]:
-    """An endpoint's error (`{"error": {...}}`, or jupyter-server's `{"message": ...}`) as
-    lines a person reads: the type and message, then the worker's traceback."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        return [text[:2000]]
-    if not isinstance(body, dict):
-        return [text[:2000]]
-    error = body.get("error")
-    if isinstance(error, dict):
-        head = f"error: {error.get('type', 'Error')}: {error.get('message', '')}"
-        return [head, *str(error.get("traceback") or "").rstrip().splitlines()]
-    return [f"error: {body.get('message') or text[:2000]}"]
+
+def link_field(label: str, url: str, removed: bool = False) -> str:
+    """A link shown whole (wrapped where long) with a copy button; struck out once removed."""
+    shown = f"<del>{html.escape(url)}</del>" if removed else html.escape(url)
+    copy = "" if removed else COPY_BUTTON.format(text=html.escape(url))
+    return (f'<div class="jupyter-stream-link jupyter-stream-share-{label}" style="display:flex;gap:.6em;align-items:baseline">'
+            f'<span style="min-width:4em">{label}</span>'
+            f'<code class="jupyter-stream-link-text" style="word-break:break-all">{shown}</code>{copy}</div>')
+
+
+class CardPoller:
+    """The one thread that keeps this process's live cards current: each `REFRESH`
+    seconds, one GET of ``api/stream/endpoints`` per server for all of its cards.
+    Supervised: a failure is logged once (until a poll succeeds again) and polling goes on;
+    the thread ends when no card is left, and the next card starts another."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cards: dict[tuple[str, str], EndpointCard] = {}  # (server URL, endpoint name) -> its live card
+        self.thread: threading.Thread | None = None
+        self.logged: set[str] = set()  # failures already logged since the last clean poll
+
+    def add(self, card: EndpointCard) -> None:
+        """Keep `card` current; an older card of the same endpoint stops (the cell ran again)."""
+        key = (card.endpoint.connection.url, card.endpoint.name)
+        with self.lock:
+            older = self.cards.get(key)
+            self.cards[key] = card
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="jupyter-stream-cards", daemon=True)
+                self.thread.start()
+        if older is not None and older is not card:
+            older.replaced()
+
+    def discard(self, card: EndpointCard) -> None:
+        with self.lock:
+            key = (card.endpoint.connection.url, card.endpoint.name)
+            if self.cards.get(key) is card:
+                del self.cards[key]
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(REFRESH)
+            with self.lock:
+                if not self.cards:
+                    self.thread = None
+                    return
+                cards = list(self.cards.values())
+            try:
+                self.poll(cards)
+            except Exception as e:  # noqa: BLE001 - logged; the cards must not stop for good
+                self._failed("polling the endpoint cards", e)
+
+    def poll(self, cards: list[EndpointCard]) -> None:
+        """One round: each server asked once, each card updated or told it was removed."""
+        clean = True
+        servers: dict[str, list[EndpointCard]] = {}
+        for card in cards:
+            servers.setdefault(card.endpoint.connection.url, []).append(card)
+        for group in servers.values():
+            conn = group[0].endpoint.connection
+            try:
+                infos = {i["name"]: i for i in conn.request("GET", "api/stream/endpoints").json()["endpoints"]}
+            except Exception as e:  # noqa: BLE001 - the server may be restarting: try again next round
+                clean = self._failed(f"asking {conn.url} for its endpoints", e)
+                continue
+            for card in group:
+                try:
+                    info = infos.get(card.endpoint.name)
+                    if info is None:
+                        card.removed()
+                    else:
+                        card.update(info)
+                except Exception as e:  # noqa: BLE001 - one card's trouble must not stop the others
+                    clean = self._failed(f"updating the card of endpoint {card.endpoint.name!r}", e)
+        if clean:
+            self.logged.clear()
+
+    def _failed(self, what: str, e: Exception) -> bool:
+        why = f"{what} failed: {type(e).__name__}: {e}"
+        if why not in self.logged:
+            self.logged.add(why)
+            log.warning("jupyter_stream: %s; the endpoint cards go on and try again every %g s", why, REFRESH)
+        return False
+
+
+POLLER = CardPoller()
 
 
 class EndpointCard:
@@ -49,36 +137,32 @@ class EndpointCard:
         import ipywidgets as widgets
 
         self.endpoint = endpoint
-        url = html.escape(endpoint.url)
-        self.header = widgets.HTML(
-            f'<div class="jupyter-stream-card-title"><b>{html.escape(endpoint.name)}</b> '
-            f"<code>{html.escape(endpoint.media_type)}</code> &rarr; "
-            f'<a class="jupyter-stream-url" href="{html.escape(endpoint.browser_href)}" target="_blank" rel="noopener" '
-            f'style="{LINK_STYLE}">{url}</a> &middot; '
-            f'<a class="jupyter-stream-demo" href="{html.escape(endpoint.browser_href)}/demo" target="_blank" rel="noopener" '
-            f'style="{LINK_STYLE}">demo page</a></div>'
-            f'<pre class="jupyter-stream-curl">{html.escape(endpoint.curl)}</pre>'
-        )
+        self.header = widgets.HTML(self._header_html())
         self.counters = widgets.HTML(self._counters_html({}))
-        self.try_button = widgets.Button(description="Try it", icon="play", tooltip="Open the stream and show its events here")
+        self.try_button = widgets.Button(description="Try it", icon="play",
+                                         tooltip="Call the endpoint with these values and show the response here")
         self.try_button.add_class("jupyter-stream-try")
-        self.events = widgets.HTML("")
-        self.events.add_class("jupyter-stream-events")
-        self.printed = widgets.HTML("")  # what the endpoint's code printed lately (never on the response)
-        self.printed.add_class("jupyter-stream-printed")
         self.try_button.on_click(self._toggle_try)
         self.share_button = widgets.Button(description="Share", icon="link",
                                            tooltip="Make a link (1 hour) that opens this endpoint and its demo page, nothing else")
         self.share_button.add_class("jupyter-stream-share")
         self.share_button.on_click(self._share)
+        self.fields = self._form(widgets)
+        form = widgets.VBox([field for _, field in self.fields])
+        form.add_class("jupyter-stream-form")
         self.shared = widgets.HTML("")
         self.shared.add_class("jupyter-stream-shared")
-        self.widget = widgets.VBox([self.header, widgets.HBox([self.try_button, self.share_button, self.counters]), self.shared,
-                                    self.events, self.printed])
+        self.events = widgets.HTML("")
+        self.events.add_class("jupyter-stream-events")
+        self.printed = widgets.HTML("")  # what the endpoint's code printed lately (never on the response)
+        self.printed.add_class("jupyter-stream-printed")
+        self.widget = widgets.VBox([self.header, form, widgets.HBox([self.try_button, self.share_button, self.counters]),
+                                    self.shared, self.events, self.printed])
         self.widget.add_class("jupyter-stream-card")
+        self.share: Any = None  # the latest share made on this card
+        self.live = True
         self._trying: threading.Event | None = None
-        self._closed = threading.Event()
-        threading.Thread(target=self._refresh_loop, name=f"jupyter-stream-card-{endpoint.name}", daemon=True).start()
+        POLLER.add(self)
 
     def mimebundle(self) -> dict[str, Any]:
         return {
@@ -88,11 +172,60 @@ class EndpointCard:
         }
 
     def close(self) -> None:
-        self._closed.set()
+        """Stop updating (and stop a stream being tried)."""
+        self.live = False
+        POLLER.discard(self)
         if self._trying is not None:
             self._trying.set()
 
-    # -- live counters -------------------------------------------------------------------
+    # -- what the poller tells it --------------------------------------------------------
+
+    def update(self, info: dict[str, Any]) -> None:
+        """The endpoint's latest state from the server: counters and recent prints."""
+        if not self.live:
+            return
+        value = self._counters_html(info.get("stats", {}))
+        if value != self.counters.value:
+            self.counters.value = value
+        printed = self._printed_html(info.get("output", []))
+        if printed != self.printed.value:
+            self.printed.value = printed
+
+    def removed(self) -> None:
+        """The endpoint is gone: its links are struck out and its buttons disabled."""
+        self.close()
+        self.counters.value = '<span class="jupyter-stream-removed"><b>removed</b> from the server</span>'
+        self.header.value = self._header_html(removed=True)
+        for button in (self.try_button, self.share_button):
+            button.disabled = True
+            button.tooltip = "The endpoint was removed from the server"
+        for _, field in self.fields:
+            field.disabled = True
+        if self.share is not None:
+            self.shared.value = self._share_html(self.share, removed=True)
+
+    def replaced(self) -> None:
+        """A newer card shows this endpoint (its cell ran again): this one stops updating."""
+        self.close()
+        self.counters.value += ' <span class="jupyter-stream-replaced"><i>(a newer card of this endpoint is live)</i></span>'
+
+    # -- what it shows ------------------------------------------------------------------
+
+    def _header_html(self, removed: bool = False) -> str:
+        endpoint = self.endpoint
+        href = html.escape(endpoint.browser_href)
+        if removed:
+            url = f'<del class="jupyter-stream-url">{html.escape(endpoint.url)}</del>'
+            demo = '<del class="jupyter-stream-demo">demo page</del>'
+            curl = f'<pre class="jupyter-stream-curl"><del>{html.escape(endpoint.curl)}</del></pre>'
+        else:
+            url = (f'<a class="jupyter-stream-url" href="{href}" target="_blank" rel="noopener" '
+                   f'style="{LINK_STYLE}">{html.escape(endpoint.url)}</a>')
+            demo = (f'<a class="jupyter-stream-demo" href="{href}/demo" target="_blank" rel="noopener" '
+                    f'style="{LINK_STYLE}">demo page</a>')
+            curl = f'<pre class="jupyter-stream-curl">{html.escape(endpoint.curl)}</pre>'
+        return (f'<div class="jupyter-stream-card-title"><b>{html.escape(endpoint.name)}</b> '
+                f"<code>{html.escape(endpoint.media_type)}</code> &rarr; {url} &middot; {demo}</div>{curl}")
 
     @staticmethod
     def _counters_html(stats: dict[str, Any]) -> str:
@@ -101,24 +234,6 @@ class EndpointCard:
             for key, label in (("open_streams", "streams open"), ("requests", "requests"), ("errors", "errors"))
         ]
         return '<span class="jupyter-stream-counters">' + " &middot; ".join(parts) + "</span>"
-
-    def _refresh_loop(self) -> None:
-        conn = self.endpoint.connection
-        while not self._closed.wait(REFRESH):
-            try:
-                info = conn.request("GET", f"api/stream/endpoints/{self.endpoint.name}").json()
-            except LookupError:  # deleted: say so, and stop asking the server every second
-                self.counters.value = '<span class="jupyter-stream-removed"><b>removed</b> from the server</span>'
-                self.try_button.disabled = True
-                return
-            except Exception:
-                continue  # the server may be restarting; try again later
-            value = self._counters_html(info.get("stats", {}))
-            if value != self.counters.value:
-                self.counters.value = value
-            printed = self._printed_html(info.get("output", []))
-            if printed != self.printed.value:
-                self.printed.value = printed
 
     @staticmethod
     def _printed_html(output: list[dict[str, Any]]) -> str:
@@ -133,60 +248,109 @@ class EndpointCard:
     def _share(self, _button: Any = None) -> None:
         """A new share link (1 hour), shown to copy: the stream and its demo page."""
         try:
-            share = self.endpoint.share("1h")
+            self.share = self.endpoint.share("1h")
         except Exception as e:  # noqa: BLE001 - say it on the card
             self.shared.value = f'<div class="jupyter-stream-note"><i>could not share: {html.escape(str(e))}</i></div>'
             return
-        until = time.strftime("%H:%M", time.localtime(share.expires))
-        rows = "".join(
-            f'<div><span style="display:inline-block;width:4em">{label}</span>'
-            f'<input readonly value="{html.escape(url)}" style="width:70%;font-family:monospace" '
-            f'class="jupyter-stream-share-{label}"> </div>'
-            for label, url in (("demo", share.demo_url), ("stream", share.url))
-        )
-        self.shared.value = (f'<div class="jupyter-stream-share-links">{rows}<i>anyone with a link can run this endpoint '
-                             f"(and nothing else of the server) until {until}; revoke it with <code>{html.escape(self.endpoint.name)}"
-                             f".shares()[-1].revoke()</code></i></div>")
+        self.shared.value = self._share_html(self.share)
+
+    @staticmethod
+    def _share_html(share: Any, removed: bool = False) -> str:
+        links = link_field("demo", share.demo_url, removed) + link_field("stream", share.url, removed)
+        if removed:
+            note = "these links stopped working: the endpoint was removed"
+        else:
+            until = "with no expiry"
+            if share.expires:
+                until = (f'until <span class="jupyter-stream-expires" title="{local_time(share.expires, full=True)}">'
+                         f"{html.escape(local_time(share.expires))}</span>")
+
+            note = (f"anyone with a link can run this endpoint (and nothing else of the server) {until}; "
+                    f'share <code class="jupyter-stream-share-id">{html.escape(share.id)}</code>, revoke it with '
+                    f'<code class="jupyter-stream-revoke">{html.escape(share.revoke_hint)}</code>')
+        return f'<div class="jupyter-stream-share-links">{links}<i>{note}</i></div>'
 
     # -- "Try it" ------------------------------------------------------------------------
+
+    def _form(self, widgets: Any) -> list[tuple[dict[str, Any], Any]]:
+        """A field per parameter, from the signature the server has (as on the demo page)."""
+        parameters = self.endpoint.parameters
+        if parameters is None:
+            parameters = self.endpoint.connection.request("GET", f"api/stream/endpoints/{self.endpoint.name}").json()["parameters"]
+            self.endpoint.parameters = parameters
+        fields = []
+        style = {"description_width": "8em"}
+        for p in form_parameters(parameters):
+            hint = f"{p['name']}: {p.get('type', 'any')}" + (" (required)" if p.get("required") else f" = {p.get('default')!r}")
+            if p.get("type") == "bool" and not p.get("optional"):
+                field = widgets.Checkbox(value=bool(p.get("default")), description=p["name"], indent=True, tooltip=hint, style=style)
+            elif p.get("type") == "object":
+                field = widgets.Textarea(value="", placeholder="a JSON object: the request body", description=p["name"],
+                                         tooltip=hint, style=style, layout={"width": "32em"})
+            else:
+                placeholder = "required" if p.get("required") else "None" if p.get("default") is None else ""
+                if p.get("type") == "list":
+                    placeholder = "comma-separated, or a JSON array"
+                field = widgets.Text(value=initial_text(p), placeholder=placeholder, description=p["name"], tooltip=hint, style=style,
+                                     layout={"width": "32em"})
+            field.add_class(f"jupyter-stream-field-{p['name']}")
+            fields.append((p, field))
+        return fields
 
     def _toggle_try(self, _button: Any = None) -> None:
         if self._trying is not None:
             self._trying.set()
             return
+        try:
+            method, query, body = build_request(self.endpoint.parameters or [], {p["name"]: f.value for p, f in self.fields})
+        except ValueError as e:
+            self._show("", f"check the form: {e}")
+            return
         self._trying = threading.Event()
         self.try_button.description = "Stop"
         self.try_button.icon = "stop"
-        threading.Thread(target=self._try, args=(self._trying,), daemon=True).start()
+        threading.Thread(target=self._try, args=(self._trying, method, query, body), daemon=True).start()
 
-    def _show(self, lines: list[str], note: str = "") -> None:
-        body = html.escape("\n".join(lines[-MAX_LINES:]))
-        note_html = f'<div class="jupyter-stream-note"><i>{html.escape(note)}</i></div>' if note else ""
-        self.events.value = f'<pre class="jupyter-stream-output">{body}</pre>{note_html}'
+    def _show(self, body_html: str, note: str, request: str = "") -> None:
+        request_html = f'<code class="jupyter-stream-request">{html.escape(request)}</code> ' if request else ""
+        self.events.value = f'{body_html}<div class="jupyter-stream-note">{request_html}<i>{html.escape(note)}</i></div>'
 
-    def _try(self, stop: threading.Event) -> None:
+    def _try(self, stop: threading.Event, method: str, query: list[tuple[str, str]], body: bytes | None) -> None:
         conn = self.endpoint.connection
-        lines: list[str] = []
-        note = "stream ended"
+        path = f"stream/{self.endpoint.name}"
+        request = f"{method} /{path}" + ("?" + str(httpx.QueryParams(query)) if query else "")
+        view, note, shown = None, "stream ended", 0.0
+        headers = {"Content-Type": "application/json"} if body is not None else {}
         try:
-            with conn.http.stream("GET", f"stream/{self.endpoint.name}", timeout=httpx.Timeout(None, connect=10)) as r:
+            with conn.http.stream(method, path, params=query, content=body, headers=headers,
+                                  timeout=httpx.Timeout(None, connect=10)) as r:
+                request += f" → {r.status_code}"
                 if r.status_code >= 400:
-                    lines.extend(readable_error(r.read().decode(errors="replace")))
-                    note = f"HTTP {r.status_code}"
-                else:
-                    self._show(lines, "connected, waiting for events…")
-                    for line in r.iter_lines():
-                        if stop.is_set():
-                            note = "stopped"
-                            break
-                        if line.startswith("data: {") and lines and lines[-1] == "event: error":
-                            lines[-1:] = readable_error(line[len("data: "):])  # the stream failed midway
-                        elif line:
-                            lines.append(line)
-                            self._show(lines, "streaming…")
-        except Exception as e:  # show what went wrong instead of failing silently
+                    lines = "\n".join(readable_error(r.read().decode(errors="replace")))
+                    self._show(f'<pre class="jupyter-stream-output">{html.escape(lines)}</pre>', f"HTTP {r.status_code}", request)
+                    return
+                view = ResponseView(r.headers.get("content-type", self.endpoint.media_type))
+                self._show("", "connected, waiting for the response…", request)
+                chunks = r.iter_bytes() if view.kind == "bytes" else r.iter_lines()
+                for chunk in chunks:
+                    if stop.is_set():
+                        note = "stopped"
+                        break
+                    if isinstance(chunk, bytes):
+                        view.bytes += len(chunk)
+                    else:
+                        view.feed_line(chunk)
+                    if time.monotonic() - shown > 0.1:  # at most ten redraws a second
+                        shown = time.monotonic()
+                        self._show(view.html(), f"streaming… {view.summary()}", request)
+                view.finish()
+        except Exception as e:  # noqa: BLE001 - show what went wrong instead of failing silently
             note = f"{type(e).__name__}: {e}"
-        self._show(lines, note)
-        self._trying = None
-        self.try_button.description = "Try it"
-        self.try_button.icon = "play"
+        finally:
+            self._trying = None
+            self.try_button.description = "Try it"
+            self.try_button.icon = "play"
+        if view is not None:
+            self._show(view.html(), f"{note} · {view.summary()}", request)
+        else:
+            self._show("", note, request)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..errors import NotRegisteredError
 from ..requirements import requirement_fields
 from ..responses import SSE
 from ..signatures import check_media_type, describe_parameters, parse_expires
@@ -29,12 +30,15 @@ class Endpoint:
 
     openai = False  # also an OpenAI-compatible API at `url` + "/v1"
 
-    def __init__(self, name: str, url: str, media_type: str, fn: Callable, connection: ServerConnection):
+    def __init__(self, name: str, url: str, media_type: str, fn: Callable, connection: ServerConnection,
+                 parameters: list[dict[str, Any]] | None = None):
         self.name = name
         self.url = url
         self.media_type = media_type
         self.fn = fn
         self.connection = connection
+        #: its parameters as the server describes them (names, types, defaults), for forms
+        self.parameters = parameters
 
     @property
     def browser_href(self) -> str:
@@ -84,11 +88,14 @@ class Endpoint:
         restart): its URL and curl line; `fn` is None, the code is the server's."""
         conn = connection or get_connection()
         info = conn.request("GET", f"api/stream/endpoints/{name}").json()
-        return cls(name, conn.endpoint_url(name), info["media_type"], None, conn)
+        return cls(name, conn.endpoint_url(name), info["media_type"], None, conn, info.get("parameters"))
 
     def delete(self) -> None:
         """Unregister the endpoint (and forget it if it was persisted); its URL answers 404 from now on."""
         self.connection.request("DELETE", f"api/stream/endpoints/{self.name}")
+        card = getattr(self, "_card", None)
+        if card is not None:  # say so on its card now, not at the next poll
+            card.removed()
 
     @property
     def demo_url(self) -> str:
@@ -123,16 +130,46 @@ class Share:
         self.state = info.get("state", "active")
         self.connection = connection
 
+    @classmethod
+    def lookup(cls, share_id: str, connection: ServerConnection | None = None) -> Share:
+        """The share with this id (the card and `repr` name it), to `revoke` it later."""
+        conn = connection or get_connection()
+        for info in conn.request("GET", "api/stream/shares").json()["shares"]:
+            if info["id"] == share_id:
+                return cls(info, conn)
+        raise NotRegisteredError(f"no share with id {share_id!r}; Endpoint.shares() lists an endpoint's shares")
+
     def revoke(self) -> None:
         """From now on the link gets 403 saying it was revoked."""
         self.connection.request("DELETE", f"api/stream/shares/{self.id}")
         self.state = "revoked"
 
+    @property
+    def revoke_hint(self) -> str:
+        """The code that revokes this share, from any kernel of this server."""
+        return f"jupyter_stream.Share.lookup({self.id!r}).revoke()"
+
     def __repr__(self) -> str:
-        until = "never expires" if self.expires is None else "expires " + time.strftime("%Y-%m-%d %H:%M", time.localtime(self.expires))
+        until = "never expires" if self.expires is None else f"expires {local_time(self.expires)}"
         if self.url is None:
             return f"<Share {self.id} of {self.endpoint!r}: {self.state}, {until}>"
-        return f"<Share of {self.endpoint!r}, {until}>\nstream: {self.url}\ndemo:   {self.demo_url}"
+        return (f"<Share {self.id} of {self.endpoint!r}, {until}>\nstream: {self.url}\ndemo:   {self.demo_url}\n"
+                f"revoke: {self.revoke_hint}")
+
+
+def local_time(t: float, full: bool = False) -> str:
+    """A moment as the card, `Share` and the demo page all show it: local time with its
+    offset from UTC, and the day when it is not today ("14:05 UTC+2", "Jun 3, 14:05 UTC");
+    with `full`, the whole date and the seconds (for a tooltip)."""
+    when = time.localtime(t)
+    hours, minutes = divmod(abs(when.tm_gmtoff) // 60, 60)
+    zone = "UTC" if not when.tm_gmtoff else f"UTC{'+' if when.tm_gmtoff > 0 else '-'}{hours}" + (f":{minutes:02d}" if minutes else "")
+    if full:
+        return time.strftime("%Y-%m-%d %H:%M:%S ", when) + zone
+    shown = time.strftime("%H:%M ", when) + zone
+    if when[:3] != time.localtime()[:3]:
+        shown = f"{time.strftime('%b', when)} {when.tm_mday}, {shown}"
+    return shown
 
 
 def _in_notebook_kernel() -> bool:
@@ -164,7 +201,7 @@ def register_endpoint(
         "endpoint", fn, name, connection, persist, media_type=media_type, signature=describe_parameters(fn) if callable(fn) else None,
         requirements=requirement_fields(**requirements), queue_timeout=queue_timeout, openai=bool(openai),
     )
-    handle = Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn)
+    handle = Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn, reply.get("parameters"))
     handle.openai = bool(openai)
     return handle
 

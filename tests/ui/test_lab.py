@@ -19,12 +19,12 @@ from . import ARTIFACTS, REPO, launch_chromium, needs_chromium
 pytestmark = needs_chromium
 
 
-@pytest.fixture()
-def lab(tmp_path):
-    """JupyterLab with jupyter_stream, serving a copy of notebooks/progress.ipynb."""
+def start_lab(tmp_path, notebook):
+    """JupyterLab with jupyter_stream (two warm workers) serving a copy of `notebook`; yields
+    its URL and token, and stops it after."""
     root = tmp_path / "root"
     root.mkdir()
-    shutil.copy(REPO / "notebooks" / "progress.ipynb", root / "progress.ipynb")
+    shutil.copy(notebook, root / notebook.name)
     # user settings of this lab only: no "Jupyter news?" prompt over the screenshots
     notification = tmp_path / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True)
@@ -56,6 +56,12 @@ def lab(tmp_path):
     proc.terminate()
     proc.wait(30)
     log.close()
+
+
+@pytest.fixture()
+def lab(tmp_path):
+    """JupyterLab with jupyter_stream, serving a copy of notebooks/progress.ipynb."""
+    yield from start_lab(tmp_path, REPO / "notebooks" / "progress.ipynb")
 
 
 def bar_percent(page):
@@ -137,7 +143,7 @@ def test_progress_and_endpoint_card_in_jupyterlab(lab):
 
             page.click(".jupyter-stream-try")
             page.wait_for_function(
-                "() => /data: tick 2/.test(document.querySelector('.jupyter-stream-output')?.textContent || '')", timeout=30_000
+                "() => /tick 2/.test(document.querySelector('.jupyter-stream-event:nth-child(3)')?.textContent || '')", timeout=30_000
             )
             page.screenshot(path=str(ARTIFACTS / "4-try-it.png"))
             counters = page.locator(".jupyter-stream-counters").first
@@ -166,11 +172,11 @@ def test_progress_and_endpoint_card_in_jupyterlab(lab):
             # "Share" makes a link to copy; it opens the stream without the login cookie
             assert page.locator("a.jupyter-stream-demo").first.get_attribute("href") == "/stream/ticker/demo"
             page.click(".jupyter-stream-share")
-            page.wait_for_selector("input.jupyter-stream-share-stream", timeout=30_000)
+            page.wait_for_selector(".jupyter-stream-share-stream code", timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "5-share.png"))
-            shared = page.locator("input.jupyter-stream-share-stream").first.input_value()
+            shared = page.locator(".jupyter-stream-share-stream code").first.text_content()
             assert "/stream/ticker?share=" in shared, shared
-            assert page.locator("input.jupyter-stream-share-demo").first.input_value().startswith(shared.split("?")[0] + "/demo?share=")
+            assert page.locator(".jupyter-stream-share-demo code").first.text_content().startswith(shared.split("?")[0] + "/demo?share=")
             assert httpx.get(shared.replace("?share=", "?n=1&share="), timeout=30).text == "data: tick 0\n\n"
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "failure.png"))
