@@ -121,24 +121,24 @@ def test_try_it_shows_errors_readably():
     assert readable_error("not json") == ["not json"]
 
 
-def test_a_line_split_across_frames_stays_whole_when_tagging_starts_in_between(capsys):
-    from jupyter_stream.client.functions import PrintedLines, relay_printed
+def test_a_line_split_across_frames_stays_whole_and_every_line_is_tagged(capsys):
+    from jupyter_stream.client.functions import PrintedLines
 
     lines = PrintedLines()
-    relay_printed({"worker": "worker-1", "print": [["stdout", "line 1\nline 2"]]}, False, lines)
-    relay_printed({"worker": "worker-1", "print": [["stdout", " end\nline 3\n"]]}, True, lines)  # now tagged
-    assert capsys.readouterr().out == "line 1\nline 2 end\n[worker-1] line 3\n"
+    lines.relay({"worker": "worker-18", "print": [["stdout", "line 1\nline 2"]]})
+    lines.relay({"worker": "worker-18", "print": [["stdout", " end\nline 3\n"]]})
+    assert capsys.readouterr().out == "[w1] line 1\n[w1] line 2 end\n[w1] line 3\n"
 
 
 def test_lines_of_two_workers_never_run_together(capsys):
     from jupyter_stream.client.functions import PrintedLines
 
     lines = PrintedLines()
-    lines.relay({"worker": "worker-1", "print": [["stdout", "line 1\nli"]]}, True)
-    lines.relay({"worker": "worker-2", "print": [["stdout", "line 9\n"]]}, True)
-    lines.relay({"worker": "worker-1", "print": [["stdout", "ne 2\nunfinished"]]}, True)
+    lines.relay({"worker": "worker-7", "print": [["stdout", "line 1\nli"]]})
+    lines.relay({"worker": "worker-2", "print": [["stdout", "line 9\n"]]})
+    lines.relay({"worker": "worker-7", "print": [["stdout", "ne 2\nunfinished"]]})
     lines.flush()
-    assert capsys.readouterr().out == "[worker-1] line 1\n[worker-2] line 9\n[worker-1] line 2\n[worker-1] unfinished\n"
+    assert capsys.readouterr().out == "[w1] line 1\n[w2] line 9\n[w1] line 2\n[w1] unfinished\n"
 
 
 def test_gpu_specs_parse_as_modal_writes_them():
