@@ -103,6 +103,8 @@ def test_other_refusals_in_a_cell_are_one_line(kernel):
         """
     ))
     assert "".join(o.get("text", "") for o in outputs).startswith("NotRegisteredError | no endpoint named 'gone'"), outputs
-    # a kernelspec the server does not have
+    # a kernelspec the server does not have, and options the server refuses
     lines = refused(kernel, "%%stream_function --kernel nope\ndef f():\n    return 1\n")
     assert len(lines) == 1 and "no kernelspec named 'nope'" in lines[0], lines
+    lines = refused(kernel, "%%stream_endpoint --queue-timeout -1\ndef f():\n    yield 'x'\n")
+    assert len(lines) == 1 and lines[0].startswith("UsageError: %%stream_endpoint: bad registration: ") and "queue" in lines[0], lines

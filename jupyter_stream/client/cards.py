@@ -274,10 +274,14 @@ class EndpointCard:
 
     def _form(self, widgets: Any) -> list[tuple[dict[str, Any], Any]]:
         """A field per parameter, from the signature the server has (as on the demo page)."""
+        if self.endpoint.parameters is None:
+            try:
+                info = self.endpoint.connection.request("GET", f"api/stream/endpoints/{self.endpoint.name}").json()
+                self.endpoint.parameters = info.get("parameters", [])
+            except Exception as e:  # noqa: BLE001 - the card still shows, without a form
+                log.warning("jupyter_stream: no form on the card of %r: %s", self.endpoint.name, e)
+                return []
         parameters = self.endpoint.parameters
-        if parameters is None:
-            parameters = self.endpoint.connection.request("GET", f"api/stream/endpoints/{self.endpoint.name}").json()["parameters"]
-            self.endpoint.parameters = parameters
         fields = []
         style = {"description_width": "8em"}
         for p in form_parameters(parameters):
