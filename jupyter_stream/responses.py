@@ -9,12 +9,59 @@ turned into bytes before they cross to the server.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
+
+#: a header name is an HTTP token (RFC 9110)
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def text_safe(text: str) -> str:
+    """`text` as UTF-8 can carry it: a lone surrogate (half an emoji, as half-decoded LLM
+    tokens have) becomes U+FFFD, a pair written as two surrogates becomes its character.
+    Chunks go out as UTF-8 and messages to the server are UTF-8 JSON: one such character
+    must not stop either."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def check_status(status: Any) -> int:
+    """An HTTP status a streamed response can have: 200-599 and one that carries a body
+    (not 204 or 304). Raises ValueError saying what to use."""
+    if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599 or status in (204, 304):
+        raise ValueError(f"status_code must be a whole number from 200 to 599 that allows a body (not 204 or 304), "
+                         f"got {status!r}")
+    return status
+
+
+def check_headers(headers: Any) -> dict[str, str]:
+    """Response headers as tornado can send them: token names, and values (str or numbers)
+    on one line. Raises ValueError naming the header and what is wrong."""
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ValueError(f"headers must be a dict of names to values, got {type(headers).__name__}")
+    checked = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"header name {name!r} is not valid: use letters, digits and - (e.g. X-Note)")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"header {name!r} must be a str or a number, got {type(value).__name__} {value!r}")
+        value = str(value)
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError(f"header {name!r} has a line break or NUL in its value {value!r}: send it on one line")
+        checked[name] = text_safe(value)
+    return checked
 
 
 @dataclass
@@ -48,8 +95,8 @@ class StreamingResponse:
         media_type: str | None = None,
     ):
         self.body_iterator = content
-        self.status_code = int(status_code)
-        self.headers = dict(headers or {})
+        self.status_code = check_status(status_code)
+        self.headers = check_headers(headers)
         self.media_type = media_type
 
     def __repr__(self) -> str:
@@ -88,7 +135,7 @@ def plain_response(result: Any, media_type: str | None) -> tuple[bytes, str] | N
     dict, number or bool is encoded once for that media type (a list then streams its
     items, as before values were told apart)."""
     if isinstance(result, str):
-        return result.encode(), media_type or "text/plain; charset=utf-8"
+        return text_safe(result).encode(), media_type or "text/plain; charset=utf-8"
     if isinstance(result, (bytes, bytearray, memoryview)):
         return bytes(result), media_type or "application/octet-stream"
     if media_type is None and (result is None or isinstance(result, (dict, list, tuple, int, float, bool))):
@@ -102,7 +149,7 @@ def plain_response(result: Any, media_type: str | None) -> tuple[bytes, str] | N
 
 def _json_document(value: Any) -> bytes:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        return text_safe(json.dumps(value, ensure_ascii=False, separators=(",", ":"))).encode()
     except TypeError as e:
         raise TypeError(
             f"cannot send a return value of type {type(value).__name__} as JSON ({e}): return a dict, list, str, "
@@ -121,11 +168,14 @@ def encoder_for(media_type: str | None) -> Callable[[Any], bytes]:
 
     def encode(chunk: Any) -> bytes:
         if type(chunk) is str:  # the hot case first
-            return chunk.encode()
+            try:
+                return chunk.encode()
+            except UnicodeEncodeError:  # a lone surrogate: sent as U+FFFD
+                return text_safe(chunk).encode()
         if isinstance(chunk, (bytes, bytearray, memoryview)):
             return bytes(chunk)
         if isinstance(chunk, str):
-            return chunk.encode()
+            return text_safe(chunk).encode()
         try:
             text = dumps(chunk)
         except TypeError as e:
@@ -133,6 +183,6 @@ def encoder_for(media_type: str | None) -> Callable[[Any], bytes]:
                 f"cannot send a chunk of type {type(chunk).__name__}: yield str or bytes, "
                 f"or a JSON-serializable object ({e})"
             ) from None
-        return prefix + text.encode() + suffix
+        return prefix + text_safe(text).encode() + suffix
 
     return encode

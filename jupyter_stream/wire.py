@@ -17,6 +17,9 @@ Server -> worker (``data["op"]``):
             when ``pickled_args`` is true. ``request`` (for an endpoint with a
             ``Request`` parameter) holds that parameter's name (``param``) and the
             request's method, path, headers, query, client and ``last_event_id``.
+            With ``json_kwargs`` the keyword arguments come as UTF-8 JSON in the last
+            buffer instead (an HTTP request's, bound and encoded once: compact while
+            the request waits for a worker).
 ``ack``     the server has written ``bytes`` more bytes of call ``id`` to its client (or
             forwarded that much of a map lane's results); the worker may run that much
             further ahead (credit-based backpressure).
@@ -26,10 +29,28 @@ Server -> worker (``data["op"]``):
 ``interrupt`` call ``id`` was cancelled and its code has not stopped within the grace
             period: raise `CallCancelled` in its thread (at its next bytecode). If it
             still runs after as long again, the server replaces the kernel.
+``ping``    answer ``pong`` with the same ``n`` through the sender thread: the server
+            pings every worker each poll, so a worker that can no longer send or
+            receive is found (and replaced) instead of looking idle.
+``forget``  drop functions ``fns`` (content hashes) from the worker's cache: no
+            registration uses them any more (a cell was re-run, an endpoint deleted), or
+            the worker holds more than `MAX_WORKER_FUNCTIONS`. Runs already using them
+            keep them.
+
+The comm's ``comm_open`` carries ``version`` (`PROTOCOL_VERSION`) and
+``cancel_grace_period`` (seconds a timed-out call's code gets to stop).
 
 Worker -> server:
 
-``ready``   sent once when the comm opens: ``pid``, python version.
+``ready``   sent once when the comm opens: ``pid``, python version, ``version`` (the
+            worker's `PROTOCOL_VERSION`: a kernel with another jupyter-stream is refused)
+            and ``control`` (it takes the server's messages on the control channel).
+``pong``    answers ``ping`` ``n``.
+``stuck``   a call timed out (or was cancelled) and its code did not stop within the
+            grace period after its thread was interrupted: the server replaces the
+            kernel in the background, letting its other calls finish.
+``broken``  the worker cannot go on (its sender failed: ``reason``); it exits next, and
+            the server replaces it.
 ``out``     output of call ``id``: buffer 0 holds zero or more bytes (many chunks joined);
             optional ``start`` (``status``, ``headers``, ``media_type``) comes with the
             first message, ``end`` is true on the last one, and ``error`` (a dict from
@@ -38,8 +59,9 @@ Worker -> server:
             lengths; a map lane adds ``items``, one ``[index, ok]`` per object (a failed
             item's object is its pickled `errors.error_payload`) and ``busy``, the seconds
             the worker spent running those items (the server sizes the lane's batches by
-            it); ``revoked`` answers a ``revoke``. ``fatal`` means the call timed
-            out and its thread may be stuck: the server replaces the kernel. Messages from
+            it); ``revoked`` answers a ``revoke``. A call that times out ends with
+            a `FunctionTimeoutError` at once, and its thread is interrupted (see
+            ``stuck``). Messages from
             the worker's sender thread carry ``seq`` (1, 2, ...); the sender waits while
             `MAX_UNACKED_MESSAGES` are not ``acked``, because IOPub drops what a slow
             reader leaves queued. (A call's first message and a plain return value are
@@ -99,6 +121,16 @@ MAX_UNACKED_MESSAGES = 256
 #: ... and the server acknowledges (``acked``) every this many.
 ACK_MESSAGES_EVERY = 64
 
+#: Changes whenever a message changes meaning: a worker kernel whose jupyter-stream speaks
+#: another version is refused at start (install the same version there).
+PROTOCOL_VERSION = 3
+
+#: Functions a worker keeps unpickled at most; the server tells it to forget the least
+#: recently used beyond this (and at once those no registration uses any more).
+MAX_WORKER_FUNCTIONS = 64
+
+WORKER_OPS = ("ready", "out", "pong", "stuck", "broken")
+
 
 # -- server -> worker messages: built only here ------------------------------------------
 
@@ -136,6 +168,89 @@ def close_message(call_id: str) -> dict[str, Any]:
 
 def revoke_message(call_id: str, indices: list[int]) -> dict[str, Any]:
     return {"op": "revoke", "id": call_id, "indices": indices}
+
+
+def ping_message(n: int) -> dict[str, Any]:
+    return {"op": "ping", "n": n}
+
+
+def forget_message(fn_hashes: list[str]) -> dict[str, Any]:
+    return {"op": "forget", "fns": fn_hashes}
+
+
+# -- worker -> server messages: checked only here ----------------------------------------
+
+
+class ProtocolError(ValueError):
+    """A worker sent a message that is not of this protocol (its kernel is replaced)."""
+
+
+def _whole(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _nbytes(buffer: Any) -> int:
+    return buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
+
+
+def check_worker_message(data: Any, buffers: list) -> None:
+    """Raise `ProtocolError` unless `data` (with `buffers`) is a well-formed message from a
+    worker (see above): everything the server reads of it has the type it expects, so
+    that routing it cannot fail halfway. Cheap: it runs for every message."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"a message is a JSON object, not {type(data).__name__}")
+    op = data.get("op")
+    if op == "out":
+        _check_out(data, buffers)
+    elif op in ("ready", "pong"):
+        key = "pid" if op == "ready" else "n"
+        if not _whole(data.get(key)):
+            raise ProtocolError(f"{op!r} needs {key!r}, a whole number")
+    elif op in ("stuck", "broken"):
+        if not isinstance(data.get("reason"), str):
+            raise ProtocolError(f"{op!r} needs a 'reason' string")
+    else:
+        raise ProtocolError(f"unknown op {op!r}; expected one of {', '.join(WORKER_OPS)}")
+
+
+def _check_out(data: dict[str, Any], buffers: list) -> None:
+    if not isinstance(data.get("id"), str):
+        raise ProtocolError("'out' needs an 'id' string")
+    seq = data.get("seq")
+    if seq is not None and not _whole(seq):
+        raise ProtocolError(f"'seq' must be a whole number, not {seq!r}")
+    if not all(isinstance(b, (bytes, bytearray, memoryview)) for b in buffers):
+        raise ProtocolError("buffers must be bytes")
+    sizes = data.get("sizes")
+    if sizes is not None:
+        if not isinstance(sizes, list) or not all(_whole(n) for n in sizes):
+            raise ProtocolError("'sizes' must be a list of whole numbers")
+        total = sum(_nbytes(b) for b in buffers)
+        if len(buffers) > 1 or sum(sizes) != total:
+            raise ProtocolError(f"'sizes' add up to {sum(sizes)} bytes but the buffers hold {total} in {len(buffers)}")
+        items = data.get("items")
+        if items is not None and (not isinstance(items, list) or len(items) != len(sizes) or not all(
+                isinstance(i, list) and len(i) == 2 and _whole(i[0]) and isinstance(i[1], bool) for i in items)):
+            raise ProtocolError("'items' must be one [index, ok] pair per size")
+    elif "items" in data:
+        raise ProtocolError("'items' come with 'sizes'")
+    busy = data.get("busy")
+    if busy is not None and (isinstance(busy, bool) or not isinstance(busy, (int, float))):
+        raise ProtocolError("'busy' must be a number of seconds")
+    revoked = data.get("revoked")
+    if revoked is not None and (not isinstance(revoked, list) or not all(_whole(i) for i in revoked)):
+        raise ProtocolError("'revoked' must be a list of item indices")
+    start = data.get("start")
+    if start is not None and not isinstance(start, dict):
+        raise ProtocolError("'start' must be an object")
+    printed = data.get("print")
+    if printed is not None and (not isinstance(printed, list) or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], str) for p in printed)):
+        raise ProtocolError("'print' must be a list of [stream, text] pairs")
+    error = data.get("error")
+    if error is not None and not (isinstance(error, dict) and isinstance(error.get("type"), str)
+                                  and isinstance(error.get("message"), str)):
+        raise ProtocolError("'error' must be an object with 'type' and 'message' strings")
 
 
 def content_hash(blob: bytes) -> str:

@@ -10,6 +10,8 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ..responses import text_safe
+
 if TYPE_CHECKING:
     from .runtime import Worker
 
@@ -65,7 +67,8 @@ class Run:
         self.room: asyncio.Future | None = None  # an async run waiting for credit (see `aput`)
         self.framed = False  # values: each put() is one pickled object; sizes are sent along
         self.meta: list[list] = []  # map lanes: [index, ok] for each pickled result
-        self.fatal = False  # the call timed out: its thread may be stuck, restart the kernel
+        #: the call's code is running (its thread, or its task on the worker's loop)
+        self.running_code = False
         # map lanes only: batches of (index, pickled args) waiting to run
         self.batches: collections.deque = collections.deque()
         self.has_batch = threading.Condition(worker.lock)
@@ -88,6 +91,7 @@ class Run:
         `MAX_PRINTED` characters waiting, more is dropped with a note, so printing cannot
         outrun the caller without bound."""
         worker = self.worker
+        text = text_safe(text)
         with worker.lock:
             if self.printed_chars >= MAX_PRINTED:
                 return
@@ -214,6 +218,10 @@ class RunThreads:
                 fn(*args)
             except RunCancelled:  # an interrupt that arrived as the call was ending
                 pass
+            except BaseException as exc:  # noqa: BLE001 - the thread serves the next call
+                from .runtime import log_line
+
+                log_line(f"a call thread failed: {type(exc).__name__}: {exc}")
             with self.lock:
                 self.idle += 1
             task = self.tasks.get()

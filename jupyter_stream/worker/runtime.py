@@ -16,6 +16,7 @@ import contextvars
 import ctypes
 import inspect
 import io
+import json
 import os
 import pickle
 import sys
@@ -26,10 +27,10 @@ from typing import Any
 import cloudpickle
 
 from .. import wire
-from ..errors import error_payload, timeout_error
+from ..errors import error_info, error_payload, timeout_error
 from ..responses import SSE, StreamingResponse, encoder_for, plain_response
 from . import arguments
-from .runs import Run, RunCancelled, RunThreads, pack
+from .runs import Run, RunCancelled, RunThreads, pack, text_safe
 
 _worker: Worker | None = None
 #: the run whose code is running here (this thread, or this task on the worker's event
@@ -68,11 +69,46 @@ class RunOutput(io.TextIOBase):
         return self.fallback.fileno()
 
 
+def log_line(text: str) -> None:
+    """One line to the kernel process's own stderr, which reaches the server's log: for
+    what goes wrong in the worker's own threads, where no call is there to report it."""
+    try:
+        sys.__stderr__.write(f"jupyter_stream worker (pid {os.getpid()}): {text}\n")
+        sys.__stderr__.flush()
+    except Exception:  # noqa: BLE001 - nowhere left to say it
+        pass
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as JSON the kernel's message packer takes: text without lone surrogates,
+    and anything JSON has no type for as its repr (the fallback for a message that would
+    not encode, so that a strange header or error text cannot stop the sender)."""
+    if isinstance(value, str):
+        return text_safe(value)
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else repr(value)
+    if isinstance(value, dict):
+        return {text_safe(str(k)): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return text_safe(repr(value))
+
+
 class Worker:
     """Owns the comm to the server, the function cache and the running calls."""
 
-    def __init__(self, comm: Any):
+    def __init__(self, comm: Any, options: dict[str, Any] | None = None):
         self.comm = comm
+        options = options or {}
+        #: seconds a timed-out call's code gets to stop after its thread is interrupted,
+        #: before the server is told it is stuck (and replaces this kernel)
+        self.grace = float(options.get("cancel_grace_period") or 5.0)
+        #: runs that timed out, with the time by which their code must have stopped
+        self.stopping: dict[Run, float] = {}
+        #: ``ping`` numbers to answer through the sender thread
+        self.pongs: list[int] = []
         self.functions: dict[str, Any] = {}
         self.pickled: dict[str, bytes] = {}  # functions received and not loaded yet
         self.loading = threading.Lock()
@@ -101,7 +137,8 @@ class Worker:
         sys.stderr = RunOutput("stderr", sys.stderr)
         threading.Thread(target=self.send_loop, name="jupyter-stream-sender", daemon=True).start()
         atexit.register(self.stop_runs)
-        self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0], "control": isinstance(handlers, dict)})
+        self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0], "control": isinstance(handlers, dict),
+                   "version": wire.PROTOCOL_VERSION})
 
     # -- messages from the server (kernel main thread) -------------------------------
 
@@ -110,9 +147,18 @@ class Worker:
             self.on_msg(msg)
 
     def on_msg(self, msg: dict[str, Any]) -> None:
-        data = msg["content"]["data"]
+        try:
+            self.handle(msg["content"]["data"], msg.get("buffers") or [])
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the next
+            log_line(f"could not handle a message from the server: {type(exc).__name__}: {exc}")
+
+    def handle(self, data: dict[str, Any], buffers: list) -> None:
         op = data.get("op")
-        if op == "acked":
+        if op == "ping":
+            with self.lock:  # answered by the sender thread: a pong says it still sends
+                self.pongs.append(data["n"])
+                self.has_output.notify()
+        elif op == "acked":
             with self.lock:
                 self.acked_seq = max(self.acked_seq, data["seq"])
                 self.has_output.notify()
@@ -123,9 +169,9 @@ class Worker:
                     run.unacked -= data["bytes"]
                     run.wake()
         elif op == "call":
-            self.start_run(data, msg.get("buffers") or [])
+            self.start_run(data, buffers)
         elif op == "batch":
-            self.add_batch(data, msg["buffers"][0])
+            self.add_batch(data, buffers[0])
         elif op == "close":
             run = self.runs.get(data["id"])
             if run is not None:
@@ -138,6 +184,11 @@ class Worker:
             self.cancel(data["id"])
         elif op == "interrupt":
             self.interrupt(data["id"])
+        elif op == "forget":
+            with self.loading:
+                for key in data["fns"]:
+                    self.functions.pop(key, None)
+                    self.pickled.pop(key, None)
 
     def start_run(self, data: dict[str, Any], buffers: list) -> None:
         run = Run(self, data["id"], data.get("window", wire.DEFAULT_WINDOW))
@@ -227,6 +278,7 @@ class Worker:
         error = None
         mode = data.get("mode", "http")
         run.thread = threading.get_ident()
+        run.running_code = True
         token = _current_run.set(run)
         on_loop = False  # an async function's run goes on on the worker's event loop
         try:
@@ -234,6 +286,8 @@ class Worker:
             if mode == "load":  # the server only checks that the pickle loads here
                 return
             args, kwargs = (), dict(data.get("kwargs") or {})
+            if data.get("json_kwargs"):
+                kwargs = json.loads(bytes(buffers[-1]))
             if data.get("pickled_args"):
                 args, more = cloudpickle.loads(buffers[-1])
                 kwargs.update(more)
@@ -266,6 +320,7 @@ class Worker:
                 except RunCancelled:  # the interrupt landed here, after the user's code
                     continue
             if not on_loop:
+                run.running_code = False
                 run.finish(error)
 
     def event_loop(self) -> asyncio.AbstractEventLoop:
@@ -289,6 +344,7 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
             error = error_payload(exc, pickled=mode != "http")
         finally:
+            run.running_code = False
             run.finish(error)
 
     def run_lane(self, run: Run, fn: Any, kwargs: dict[str, Any], timeout: float | None) -> None:
@@ -333,29 +389,65 @@ class Worker:
                 self.watchdog.start()
 
     def watch_loop(self) -> None:
-        """Fail calls (or map items) that run past their timeout. Their thread cannot be
-        stopped from outside, so the run is marked fatal and the server replaces this kernel."""
+        """The watchdog thread: supervised, so that a failure in it is logged and the
+        watching goes on (a timeout that never fires would hang its caller)."""
         while True:
             time.sleep(0.02)
-            now = time.monotonic()
-            expired = []
-            with self.lock:
-                for run in list(self.watched):
-                    if run.done:
-                        self.watched.discard(run)
-                    elif run.deadline is not None and now > run.deadline:
-                        expired.append((run, run.running_index))
-                        run.deadline = None
-                        run.running_index = None
-                        run.fatal = True
-            for run, index in expired:
-                error = timeout_error()
-                if index is not None:
-                    try:
-                        run.put(wire.dumps(error), [index, False])
-                    except RunCancelled:
-                        pass
-                run.finish(error)
+            try:
+                self.check_deadlines()
+            except Exception as exc:  # noqa: BLE001 - log it and keep watching
+                log_line(f"the timeout watchdog failed: {type(exc).__name__}: {exc}")
+
+    def check_deadlines(self) -> None:
+        """End calls (or map items) that run past their timeout with a
+        `FunctionTimeoutError` at once, and stop their code: an async call's task is
+        cancelled, a thread is interrupted at its next bytecode. Other calls on this
+        kernel (``--concurrency``) and a class's loaded model are left alone. Code that
+        has not stopped `grace` seconds later is stuck (in C, a long sleep): the server
+        is told, and replaces this kernel once its other calls are done."""
+        now = time.monotonic()
+        expired = []
+        with self.lock:
+            for run in list(self.watched):
+                if run.done:
+                    self.watched.discard(run)
+                elif run.deadline is not None and now > run.deadline:
+                    expired.append((run, run.running_index))
+                    run.deadline = None
+                    run.running_index = None
+                    self.watched.discard(run)
+        for run, index in expired:
+            error = timeout_error()
+            if index is not None:
+                try:
+                    run.put(wire.dumps(error), [index, False])
+                except RunCancelled:
+                    pass
+            run.finish(error)
+            self.stop_code(run)
+        for run, deadline in list(self.stopping.items()):
+            if not run.running_code:
+                del self.stopping[run]
+            elif now > deadline:
+                del self.stopping[run]
+                log_line(f"a timed-out call's code has not stopped {self.grace:g} s after its thread was interrupted")
+                self.send({"op": "stuck", "id": run.id, "reason": f"a call ran past its timeout and its code did not stop "
+                                                                  f"within {self.grace:g} s of being interrupted"})
+
+    def stop_code(self, run: Run) -> None:
+        """Stop a timed-out run's code: cancel its task or interrupt its thread, and
+        check on it after `grace` seconds (`check_deadlines`)."""
+        with self.lock:
+            run.cancelled = True
+            run.batches.clear()
+            run.wake()
+            run.has_batch.notify_all()
+            if run.thread is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(run.thread), ctypes.py_object(RunCancelled))
+        if run.loop is not None and run.task is not None:
+            run.loop.call_soon_threadsafe(run.task.cancel)
+        if run.running_code:
+            self.stopping[run] = time.monotonic() + self.grace
 
     def function(self, key: str) -> Any:
         """The function `key`, unpickled once. One thread loads it while calls that arrive
@@ -457,18 +549,55 @@ class Worker:
     # -- sending (sender thread) ------------------------------------------------------
 
     def send_loop(self) -> None:
+        """The sender thread, supervised: a message that cannot be sent ends its call with
+        an error (`ship`), and should the loop itself fail, the worker says so and exits,
+        so that the server replaces it rather than keep a worker that never answers."""
+        try:
+            self.send_forever()
+        except BaseException as exc:  # noqa: BLE001 - nothing the worker sends would arrive any more
+            reason = f"its sender thread failed: {type(exc).__name__}: {exc}"
+            log_line(f"{reason}; exiting so that the server replaces this kernel")
+            try:
+                self.send({"op": "broken", "reason": reason})
+            finally:
+                time.sleep(0.5)  # what the kernel's IOPub thread has queued goes out first
+                os._exit(70)
+
+    def send_forever(self) -> None:
         """Ship what has piled up, one message per run, numbered; wait while the server
-        is `MAX_UNACKED_MESSAGES` behind (IOPub would drop messages past its limit)."""
+        is `MAX_UNACKED_MESSAGES` behind (IOPub would drop messages past its limit).
+        Pings are answered here, so that a pong proves this thread still sends."""
         while True:
             with self.lock:
-                while not self.dirty or self.seq - self.acked_seq >= wire.MAX_UNACKED_MESSAGES:
+                while not self.pongs and (not self.dirty or self.seq - self.acked_seq >= wire.MAX_UNACKED_MESSAGES):
                     self.has_output.wait()
-                batch, self.dirty = self.dirty, []
-                messages = [self.take_output(run) for run in batch]
+                pongs, self.pongs = self.pongs, []
+                messages = []
+                if self.dirty and self.seq - self.acked_seq < wire.MAX_UNACKED_MESSAGES:
+                    batch, self.dirty = self.dirty, []
+                    messages = [self.take_output(run) for run in batch]
                 first, self.seq = self.seq + 1, self.seq + len(messages)
+            for n in pongs:
+                self.send({"op": "pong", "n": n})
             for seq, (out, buffers) in enumerate(messages, first):
                 out["seq"] = seq
-                self.send(out, buffers)
+                self.ship(out, buffers)
+
+    def ship(self, out: dict[str, Any], buffers: list) -> None:
+        """Send one run's message; if it cannot be sent (say, its headers do not encode),
+        end that run with an error saying why instead, and go on."""
+        try:
+            self.send(out, buffers)
+        except Exception as exc:  # noqa: BLE001 - this run fails, the sender goes on
+            run = self.runs.pop(out["id"], None)
+            if run is not None:
+                with self.lock:
+                    run.done = run.cancelled = True
+                    run.wake()
+            reason = f"the worker could not send this call's output: {type(exc).__name__}: {exc}"
+            log_line(f"call {out['id']}: {reason}")
+            self.send({"op": "out", "id": out["id"], "seq": out["seq"], "end": True,
+                       "error": error_info("WorkerError", text_safe(reason))})
 
     def take_output(self, run: Run) -> tuple[dict[str, Any], list[bytes]]:
         """The next message for `call`: its pending bytes joined, and its start/end. Holds the lock."""
@@ -495,19 +624,18 @@ class Worker:
             out["end"] = True
             if run.error is not None:
                 out["error"] = run.error
-            if run.fatal:
-                out["fatal"] = True
             self.runs.pop(run.id, None)
         return out, buffers
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
-        self.session.send(
-            self.kernel.iopub_socket,
-            "comm_msg",
-            {"comm_id": self.comm.comm_id, "data": data},
-            ident=self.topic,
-            buffers=buffers,
-        )
+        """One comm message on IOPub. Text the kernel's JSON packer refuses (a lone
+        surrogate, a header of no JSON type) is made safe and sent again."""
+        content = {"comm_id": self.comm.comm_id, "data": data}
+        try:
+            self.session.send(self.kernel.iopub_socket, "comm_msg", content, ident=self.topic, buffers=buffers)
+        except (TypeError, ValueError):
+            content["data"] = jsonable(data)
+            self.session.send(self.kernel.iopub_socket, "comm_msg", content, ident=self.topic, buffers=buffers)
 
 
 def register() -> None:
@@ -515,7 +643,7 @@ def register() -> None:
 
     def on_open(comm: Any, msg: dict[str, Any]) -> None:
         global _worker
-        _worker = Worker(comm)
+        _worker = Worker(comm, msg["content"].get("data") or {})
 
     from IPython import get_ipython
 
