@@ -13,21 +13,39 @@ import collections
 import logging
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from jupyter_client.manager import AsyncKernelManager
 
 from .. import wire
-from ..errors import WorkerError, worker_died_error
+from ..errors import WorkerError, error_info, worker_died_error
 from .transports import WorkerTransport, transport_class
-
-if TYPE_CHECKING:
-    from .pool import WorkerPool
 
 log = logging.getLogger("jupyter_stream")
 
 #: what takes a call's output: each ``out`` message's data and buffers
 OnOutput = Callable[[dict[str, Any], list], None]
+
+
+class WorkerOwner(Protocol):
+    """What a worker kernel tells the pool that owns it (the pool passes itself): the
+    kernel never imports its pool."""
+
+    worker_messages: str  # the transport mode (see `transports.transport_class`)
+    cancel_grace_period: float
+
+    def release(self, worker: WorkerKernel) -> None:
+        """A call stopped counting against `worker`."""
+
+    def available(self, worker: WorkerKernel) -> None:
+        """`worker` takes calls again (it answers after a silence)."""
+
+    def recycle(self, worker: WorkerKernel, reason: str) -> None:
+        """`worker` still works but holds code that will not stop: replace it in the
+        background, letting its other calls finish."""
+
+    def replace(self, worker: WorkerKernel, reason: str) -> None:
+        """`worker` cannot go on: fail what it runs and replace it now."""
 
 
 class Run:
@@ -61,6 +79,20 @@ class Run:
         if not self.ended:
             self.feed({"op": "out", "id": self.id, "end": True, "error": error}, [])
 
+    def abort(self, error: dict[str, Any]) -> None:
+        """The server failed while handling this call's output: stop it on the worker
+        and end it here with `error`, whatever its consumer does with that, so that it
+        never holds its worker for nobody."""
+        if self.ended:
+            return
+        self.cancel()
+        try:
+            self.fail(error)
+        except Exception:  # noqa: BLE001 - the consumer failed again: the call is over anyway
+            log.warning("jupyter_stream: %s: call %s could not be told it failed", self.worker.name, self.id, exc_info=True)
+        if not self.ended:
+            self._end()
+
     def _end(self) -> None:
         self.ended = True
         self.worker.run_ended(self)
@@ -68,7 +100,7 @@ class Run:
     def ack(self, nbytes: int) -> None:
         """The consumer has taken `nbytes` more: the worker may run that much further."""
         if not self.ended:
-            self.worker.transport.send(wire.ack_message(self.id, nbytes))
+            self.worker.send(wire.ack_message(self.id, nbytes))
 
     def consumed(self, nbytes: int) -> None:
         """Like `ack`, gathered into steps of a quarter window (fewer messages)."""
@@ -79,20 +111,20 @@ class Run:
 
     def send_batch(self, indices: list[int], sizes: list[int], payload: bytes) -> None:
         """More items for this map lane: pickled argument tuples back to back."""
-        self.worker.transport.send(wire.batch_message(self.id, indices, sizes), [payload])
+        self.worker.send(wire.batch_message(self.id, indices, sizes), [payload])
 
     def revoke(self, indices: list[int]) -> None:
         """Ask for map items of this lane back, those not started yet; the lane's output
         names the ones it gave back (``revoked``)."""
         if not self.ended:
-            self.worker.transport.send(wire.revoke_message(self.id, indices))
+            self.worker.send(wire.revoke_message(self.id, indices))
 
     def close_lane(self) -> None:
         """No more items for this map lane: it ends once it has run what it has."""
-        self.worker.transport.send(wire.close_message(self.id))
+        self.worker.send(wire.close_message(self.id))
 
     def interrupt(self) -> None:
-        self.worker.transport.send(wire.interrupt_message(self.id))
+        self.worker.send(wire.interrupt_message(self.id))
 
     def cancel(self) -> None:
         """Ask the worker to stop this call (its generator's ``finally`` runs). Nobody
@@ -100,7 +132,7 @@ class Run:
         its code stops (see `WorkerKernel.abandon`)."""
         if not self.ended and not self.cancelled:
             self.cancelled = True
-            self.worker.transport.send(wire.cancel_message(self.id))
+            self.worker.send(wire.cancel_message(self.id))
             self.worker.abandon(self)
 
 
@@ -112,6 +144,7 @@ class OutputQueue:
         #: takes what the function printed ([stream, text] pairs): it never joins the response
         self.on_print = on_print
         self.start: dict[str, Any] | None = None
+        self.start_unread = False  # the start came and its reader has not taken it (`take_start`)
         self.chunks: collections.deque[memoryview] = collections.deque()
         self.ended = False
         self.error: dict[str, Any] | None = None
@@ -122,6 +155,7 @@ class OutputQueue:
             self.on_print(data["print"])
         if "start" in data:
             self.start = data["start"]
+            self.start_unread = True
         for buffer in buffers:
             if buffer.nbytes:
                 self.chunks.append(buffer)
@@ -136,8 +170,8 @@ class OutputQueue:
             self._wakeup.set_result(None)
 
     async def wait(self, timeout: float | None = None) -> bool:
-        """Wait until there is output or the call ended; False on timeout."""
-        if self.chunks or self.ended:
+        """Wait until there is output (its start, chunks) or the call ended; False on timeout."""
+        if self.chunks or self.ended or self.start_unread:
             return True
         self._wakeup = asyncio.get_running_loop().create_future()
         try:
@@ -151,18 +185,24 @@ class OutputQueue:
     def take(self) -> memoryview:
         return self.chunks.popleft()
 
+    def take_start(self) -> dict[str, Any] | None:
+        """The response's start (status, headers, media type), once it has come."""
+        self.start_unread = False
+        return self.start
+
 
 class WorkerKernel:
     """One worker kernel: its kernel manager and client, the comm, and calls in flight."""
 
-    def __init__(self, pool: WorkerPool, index: int, km: AsyncKernelManager):
+    def __init__(self, pool: WorkerOwner, index: int, km: AsyncKernelManager):
         self.pool = pool
         self.index = index
         self.km = km
         self.kc: Any = None
         self.comm_id = uuid.uuid4().hex
         self.runs: dict[str, Run] = {}
-        self.functions: set[str] = set()
+        #: functions this worker has been sent, least recently used first
+        self.functions: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.load = 0
         self.acked_seq = 0
         self.died_with: set[str] = set()
@@ -170,6 +210,12 @@ class WorkerKernel:
         #: a call's code would not stop: this kernel takes no new calls and is shut down
         #: once the calls that have clients are done (a replacement is started first)
         self.draining = False
+        #: pings (see `ping`): the number of the one not yet answered, and when it went
+        self.pinged: int | None = None
+        self.pinged_at = 0.0
+        self.pings = 0
+        #: it has not answered a ping for a while: offered no new calls until it does
+        self.unresponsive = False
         self.pid: int | None = None
         self._ready: asyncio.Future | None = None
         self.transport: WorkerTransport | None = None
@@ -181,7 +227,7 @@ class WorkerKernel:
     @property
     def accepting(self) -> bool:
         """Whether new calls may be placed on this kernel."""
-        return self.alive and not self.draining
+        return self.alive and not self.draining and not self.unresponsive
 
     async def start(self, env: dict[str, str], cwd: str | None, timeout: float) -> None:
         """Start the kernel, load the worker code into it and open the comm."""
@@ -203,47 +249,116 @@ class WorkerKernel:
             )
         self._ready = asyncio.get_running_loop().create_future()
         self.transport = transport_class(self.kc, self.pool.worker_messages)(
-            self.kc, self.comm_id, self.on_comm_msg, self.on_stream
+            self.kc, self.comm_id, self.on_comm_msg, self.on_stream, self.transport_broken
         )
         self.transport.start()
-        self.transport.open_comm(wire.COMM_TARGET)
+        self.transport.open_comm(wire.COMM_TARGET, {"version": wire.PROTOCOL_VERSION,
+                                                    "cancel_grace_period": self.pool.cancel_grace_period})
         ready = await asyncio.wait_for(self._ready, timeout)
-        self.pid = ready.get("pid")
+        if ready.get("version") != wire.PROTOCOL_VERSION:
+            from .. import __version__
+
+            raise WorkerError(
+                f"kernel {self.km.kernel_name!r} runs another version of jupyter-stream (its worker protocol "
+                f"{ready.get('version')!r}, the server's {wire.PROTOCOL_VERSION}): install jupyter-stream "
+                f"{__version__} into that kernel's environment"
+            )
+        self.pid = ready["pid"]
         if ready.get("control"):  # the worker takes our messages on the faster control channel
             self.transport.use_control()
         self.alive = True
 
-    def on_comm_msg(self, data: dict[str, Any], buffers: list) -> None:
-        """Route a message from the worker: call output to its `Run`."""
+    def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
+        """A message to the worker. One that cannot go out means the worker cannot be
+        reached: it is replaced (its calls end with an error), never left looking idle."""
+        try:
+            self.transport.send(data, buffers)
+        except Exception as exc:  # noqa: BLE001 - the channel is gone
+            self.transport_broken(f"a message to it could not be sent: {type(exc).__name__}: {exc}")
+
+    # -- from the worker ----------------------------------------------------------------
+
+    def on_comm_msg(self, data: Any, buffers: list) -> None:
+        """Route a message from the worker: call output to its `Run`. A message that breaks
+        the protocol gets the worker replaced; a failure while a call's consumer handles
+        its output ends that call only."""
+        try:
+            wire.check_worker_message(data, buffers)
+        except wire.ProtocolError as e:
+            self.broken(f"it sent a malformed message ({e})")
+            return
         seq = data.get("seq")
         if seq is not None and seq - self.acked_seq >= wire.ACK_MESSAGES_EVERY:
             self.acked_seq = seq  # the worker's sender may run further ahead
-            self.transport.send(wire.acked_message(seq))
-        op = data.get("op")
+            self.send(wire.acked_message(seq))
+        op = data["op"]
         if op == "out":
             run = self.runs.get(data["id"])
-            fatal = data.get("fatal")
-            if fatal:
-                self.alive = False  # before the call's end frees it: offer it to no one
             if run is not None:
-                run.feed(data, buffers)
-            if fatal:
-                self.retire()
-        elif op == "ready" and self._ready is not None and not self._ready.done():
-            self._ready.set_result(data)
+                try:
+                    run.feed(data, buffers)
+                except Exception as exc:  # noqa: BLE001 - our consumer failed: that call ends, the worker goes on
+                    log.error("jupyter_stream: %s: relaying call %s failed (%s: %s); ending that call",
+                              self.name, run.id, type(exc).__name__, exc, exc_info=True)
+                    run.abort(error_info("WorkerError", f"the server failed while relaying this call's output: "
+                                                        f"{type(exc).__name__}: {exc}"))
+        elif op == "pong":
+            if data["n"] == self.pinged:
+                self.pinged = None
+                if self.unresponsive:
+                    log.info("jupyter_stream: %s (pid %s) answers again", self.name, self.pid)
+                    self.unresponsive = False
+                    self.pool.available(self)
+        elif op == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(data)
+        elif op == "stuck":
+            self.pool.recycle(self, data["reason"])
+        elif op == "broken":
+            self.broken(data["reason"])
 
     def on_stream(self, name: str, text: str) -> None:
         text = text.rstrip("\n")
         if text:
             log.info("[%s %s] %s", self.name, name, text)
 
+    def broken(self, reason: str) -> None:
+        """The worker cannot be trusted to go on: one log line, and it is replaced."""
+        if self.alive:
+            log.error("jupyter_stream: %s (pid %s) %s; replacing it", self.name, self.pid, reason)
+        self.alive = False
+        self.pool.replace(self, f"the worker was replaced: {reason}")
+
+    def transport_broken(self, reason: str) -> None:
+        """The transport can no longer carry this worker's messages (see `transports`)."""
+        if self.transport is not None and self.transport.closed:
+            return  # shut down on purpose
+        self.broken(f"cannot be reached: {reason}")
+
+    # -- liveness -----------------------------------------------------------------------
+
+    def ping(self, now: float) -> None:
+        """Ask the worker to answer through its sender (the pool does, every poll), unless a
+        ping is still unanswered."""
+        if self.pinged is None and self.alive:
+            self.pings += 1
+            self.pinged, self.pinged_at = self.pings, now
+            self.send(wire.ping_message(self.pings))
+
+    def silent_for(self, now: float) -> float:
+        """Seconds the oldest unanswered ping has waited (0 when none waits)."""
+        return now - self.pinged_at if self.pinged is not None else 0.0
+
+    # -- calls --------------------------------------------------------------------------
+
     def start_run(
         self, fn_hash: str, fn_blob: bytes, on_output: OnOutput, *, mode: str, args: bytes | None = None,
-        kwargs: dict[str, Any] | None = None, media_type: str | None = None, timeout: float | None = None,
-        window: int = wire.DEFAULT_WINDOW, request: dict[str, Any] | None = None,
+        kwargs: dict[str, Any] | None = None, json_kwargs: bytes | None = None, media_type: str | None = None,
+        timeout: float | None = None, window: int = wire.DEFAULT_WINDOW, request: dict[str, Any] | None = None,
     ) -> Run:
         """Start a call of function `fn_hash` (see `wire` for the modes); its pickle travels
-        only if this worker lacks it, `args` is a pickled ``(args, kwargs)``."""
+        only if this worker lacks it, `args` is a pickled ``(args, kwargs)``, `json_kwargs`
+        keyword arguments as JSON."""
         run = Run(self, uuid.uuid4().hex[:16], window, on_output)
         self.runs[run.id] = run
         if not self.alive:  # replaced between being handed out and this call: fail it
@@ -252,11 +367,32 @@ class WorkerKernel:
             return run
         send_fn = fn_hash not in self.functions
         buffers = ([fn_blob] if send_fn else []) + ([args] if args is not None else [])
+        if json_kwargs is not None:
+            buffers.append(json_kwargs)
         message = wire.call_message(run.id, fn_hash, send_fn, mode, window, media_type=media_type, kwargs=kwargs,
-                                    pickled_args=True if args is not None else None, timeout=timeout, request=request)
-        self.transport.send(message, buffers)
-        self.functions.add(fn_hash)
+                                    pickled_args=True if args is not None else None, timeout=timeout, request=request,
+                                    json_kwargs=True if json_kwargs is not None else None)
+        self.send(message, buffers)
+        self.remember(fn_hash)
         return run
+
+    def remember(self, fn_hash: str) -> None:
+        """`fn_hash` is in the worker's cache (just used); beyond `MAX_WORKER_FUNCTIONS`,
+        the least recently used one is forgotten there."""
+        functions = self.functions
+        functions[fn_hash] = None
+        functions.move_to_end(fn_hash)
+        if len(functions) > wire.MAX_WORKER_FUNCTIONS:
+            oldest, _ = functions.popitem(last=False)
+            self.send(wire.forget_message([oldest]))
+
+    def forget(self, fn_hashes: list[str]) -> None:
+        """Tell the worker to drop these functions (no registration uses them any more)."""
+        known = [h for h in fn_hashes if h in self.functions]
+        for fn_hash in known:
+            del self.functions[fn_hash]
+        if known and self.alive:
+            self.send(wire.forget_message(known))
 
     def run_ended(self, run: Run) -> None:
         if self.runs.pop(run.id, None) is not None and not run.abandoned:
@@ -297,14 +433,12 @@ class WorkerKernel:
         self.died_with = set(self.runs)  # which runs might have killed it
         error = worker_died_error(reason)
         for run in list(self.runs.values()):
-            run.fail(error)
-
-    def retire(self) -> None:
-        """Replace this kernel now (a call timed out and its thread may be stuck): it
-        leaves the pool at once, so no new call lands on it while it is being killed."""
-        if self in self.pool.workers:
-            log.warning("jupyter_stream: %s (pid %s) ran a call past its timeout; restarting it", self.name, self.pid)
-            self.pool.replace(self, "the kernel was restarted after a call ran past its timeout")
+            try:
+                run.fail(error)
+            except Exception:  # noqa: BLE001 - the others must still hear it
+                log.error("jupyter_stream: %s: call %s could not be told its worker died", self.name, run.id, exc_info=True)
+                if not run.ended:
+                    run._end()
 
     async def is_alive(self) -> bool:
         return await self.km.is_alive()
@@ -323,6 +457,7 @@ class WorkerKernel:
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name, "pid": self.pid, "alive": self.alive, "busy": self.load,
-            "abandoned": self.abandoned, "draining": self.draining, "kernel": self.km.kernel_name,
+            "abandoned": self.abandoned, "draining": self.draining, "unresponsive": self.unresponsive,
+            "kernel": self.km.kernel_name,
             "transport": type(self.transport).__name__ if self.transport is not None else None,
         }

@@ -42,7 +42,7 @@ class PoolKey:
     def describe(self) -> str:
         parts = [f"kernel {self.kernel}", f"gpu {self.gpu}" if self.gpu else "no GPU"]
         parts += [f"concurrency {self.concurrency}"] if self.concurrency else []
-        parts += [f"{k}={v}" for k, v in self.env]
+        parts += [f"env {', '.join(k for k, _ in self.env)}"] if self.env else []  # names only: values may be secrets
         return ", ".join(parts)
 
 
@@ -95,15 +95,18 @@ class Placement:
     def total(self) -> int:
         return len(self.seats)
 
-    def reserve(self, pool: WorkerPool, over_max: bool = False, evict: bool = True) -> Seat | None:
+    def reserve(self, pool: WorkerPool, over_max: bool = False, evict: bool = True, over_cap: bool = False) -> Seat | None:
         """A seat for one more kernel of `pool`, or None if it must wait. `over_max`: a
         replacement for a kernel that is being recycled (it may exceed the caps a moment).
-        `evict`: idle kernels of other pools may be stopped for it (for waiting calls, not
-        for a pool's warm minimum, or two pools would keep stopping each other's)."""
+        `over_cap`: for a call made from inside a worker whose caller holds a seat while it
+        waits (the server-wide cap may be exceeded, the pool's own maximum and the GPUs
+        not). `evict`: idle kernels of other pools may be stopped for it (for waiting
+        calls, not for a pool's warm minimum, or two pools would keep stopping each
+        other's)."""
         if self.closed or (not over_max and pool.full):
             return None
         victims: list[WorkerKernel] = []
-        if not over_max and self.total >= self.max_workers:
+        if not over_max and not over_cap and self.total >= self.max_workers:
             victim = self._idle_worker(exclude=pool) if evict else None
             if victim is None:
                 self.blocked.add(pool)
@@ -123,6 +126,9 @@ class Placement:
             log.info("jupyter_stream: stopping idle %s (pid %s) of pool [%s] to make room for pool [%s]",
                      victim.name, victim.pid, victim.pool.key.describe(), pool.key.describe())
             victim.pool.evict(victim)
+        if over_cap and self.total >= self.max_workers:
+            log.info("jupyter_stream: starting a worker of pool [%s] over max_workers (%d): a call from inside a worker "
+                     "waits for it, and its caller holds a seat meanwhile", pool.key.describe(), self.max_workers)
         seat = Seat(next(self._counter), pool, gpus, victims=victims)
         self.seats.add(seat)
         self.inventory.hold(gpus, seat)

@@ -10,6 +10,12 @@ pools together and gives a GPU pool's kernel its own GPUs (``CUDA_VISIBLE_DEVICE
 
 Where kernels come from is one seam: `kernel_manager_class` (any jupyter_client
 `AsyncKernelManager`, so kernel provisioners and gateway kernel managers plug in).
+
+Nothing here dies unseen: the watcher runs its turns through `supervision.every` (a turn
+that fails is logged, the next one runs), every kernel start and stop is a supervised
+task, each worker is pinged every poll (one that stops answering is offered no new calls,
+and is replaced after `ping_timeout`), and a pool whose kernels fail to start backs off
+(2, 4, 8 ... 60 s) and tells the calls waiting for it why instead of leaving them hanging.
 """
 
 from __future__ import annotations
@@ -25,8 +31,15 @@ from jupyter_client.manager import AsyncKernelManager
 
 from ..errors import WorkerError
 from ..requirements import parse_gpu_spec
+from . import supervision
 from .kernels import WorkerKernel
 from .placement import DEFAULT_SCALEDOWN_WINDOW, Placement, PoolKey, Seat
+
+#: Environment variables a worker kernel never inherits from the server: the server's own
+#: token (workers get `worker_env`'s narrower one instead).
+PRIVATE_ENV = ("JUPYTER_TOKEN", "JUPYTER_TOKEN_FILE", "JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
+#: Longest wait between two tries to start a kernel of a pool whose starts fail.
+MAX_START_BACKOFF = 60.0
 
 log = logging.getLogger("jupyter_stream")
 
@@ -53,6 +66,8 @@ class WorkerPool:
         scaledown_window: float = DEFAULT_SCALEDOWN_WINDOW,
         placement: Placement | None = None,
         concurrency: int | None = None,
+        ping_timeout: float = 30.0,
+        worker_env: dict[str, str] | None = None,
     ):
         self.kernel_name = kernel_name
         self.gpu = parse_gpu_spec(gpu)
@@ -69,7 +84,18 @@ class WorkerPool:
         self.transport = transport
         self.cancel_grace_period = cancel_grace_period
         self.worker_messages = worker_messages
+        #: seconds a worker may leave a ping unanswered before it is replaced; after a
+        #: shorter while it is offered no new calls (`unresponsive_after`)
+        self.ping_timeout = ping_timeout
+        #: what every worker's environment gets on top of the server's (its narrow token)
+        self.worker_env = dict(worker_env or {})
         self.shutdown_wait_time = 2.5
+        #: kernel starts that failed in a row, when the next may be tried (monotonic), and why
+        self.start_failures = 0
+        self.retry_at = 0.0
+        self.start_error: str | None = None
+        #: calls from inside a worker waiting here (their callers hold seats while they wait)
+        self.nested_waiting = 0
         self.workers: list[WorkerKernel] = []
         self.draining: list[WorkerKernel] = []
         self.starting = 0
@@ -88,14 +114,26 @@ class WorkerPool:
         """Start the warm minimum of workers and the watcher that replaces dead ones and
         scales idle ones down."""
         if self._watcher is None:
-            self._watcher = asyncio.create_task(self._watch())
+            what = f"the watcher of pool [{self.key.describe()}]"
+            self._watcher = supervision.spawn(
+                supervision.every(lambda: self.poll_interval, self.watch_once, what, lambda: not self._closed), what)
         tasks = [self._grow(evict=False) for _ in range(max(self.min_workers - len(self.workers) - self.starting, 0))]
         await asyncio.gather(*(t for t in tasks if t is not None), return_exceptions=True)
+
+    @property
+    def unresponsive_after(self) -> float:
+        """Seconds without an answer to a ping after which a worker gets no new calls."""
+        return min(max(2.0, 4 * self.poll_interval), self.ping_timeout)
 
     @property
     def watched(self) -> bool:
         """Whether `start` has run: dead kernels are replaced, idle ones scaled down."""
         return self._watcher is not None
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a worker of this pool."""
+        return len(self._waiters)
 
     @property
     def full(self) -> bool:
@@ -126,17 +164,22 @@ class WorkerPool:
             return caller
         return None
 
-    async def acquire(self) -> WorkerKernel:
-        """A worker with room for one more call, starting a new kernel if the pool may grow."""
+    async def acquire(self, nested: bool = False) -> WorkerKernel:
+        """A worker with room for one more call, starting a new kernel if the pool may grow.
+        `nested`: the call comes from inside a worker of another pool, whose caller waits
+        for it holding its seat; if the machine is full it may start a kernel over the
+        server-wide cap, or the two could wait for each other for ever."""
         if self._closed:
             raise WorkerError("the worker pool is shut down")
         worker = self.try_acquire()
         if worker is not None:
             return worker
+        self.check_can_start()
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        self.grow_for_waiters()
+        self.nested_waiting += nested
         try:
+            self.grow_for_waiters()
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
@@ -144,6 +187,17 @@ class WorkerPool:
             else:
                 self._forget(waiter)
             raise
+        finally:
+            self.nested_waiting -= nested
+
+    def check_can_start(self) -> None:
+        """Raise `WorkerError` saying why when nothing could serve a call now: no worker
+        runs, none is starting, and the last starts failed (the pool is backing off)."""
+        if self.start_error is None or self.starting or any(w.accepting for w in self.workers):
+            return
+        wait = self.retry_at - time.monotonic()
+        if wait > 0:
+            raise WorkerError(f"could not start a worker kernel: {self.start_error} (the next try is in {wait:.0f} s)")
 
     def release(self, worker: WorkerKernel) -> None:
         worker.load -= 1
@@ -156,6 +210,10 @@ class WorkerPool:
             self.idle_since[worker] = time.time()
             if self.placement.blocked:  # another pool may stop this idle kernel to start its own
                 self.placement.wake()
+
+    def available(self, worker: WorkerKernel) -> None:
+        """A worker that was silent answers again: the calls waiting here may have it."""
+        self._offer(worker)
 
     def _offer(self, worker: WorkerKernel) -> None:
         """Hand a worker with spare room to the calls waiting for one."""
@@ -171,30 +229,36 @@ class WorkerPool:
         except ValueError:
             pass
 
-    def _spawn(self, coro: Any) -> asyncio.Task:
-        task = asyncio.create_task(coro)
+    def _spawn(self, coro: Any, what: str) -> asyncio.Task:
+        task = supervision.spawn(coro, what)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _grow(self, over_max: bool = False, evict: bool = True) -> asyncio.Task | None:
+    def _grow(self, over_max: bool = False, evict: bool = True, over_cap: bool = False) -> asyncio.Task | None:
         """Start one more kernel if the placement finds room (None if not: the pool is
-        woken when room frees up). Counted as starting at once, so that calls arriving in
-        the same loop turn see it and the pool never grows past `max_workers`."""
-        seat = self.placement.reserve(self, over_max=over_max, evict=evict)
+        woken when room frees up), unless starts failed lately and the next try is not due.
+        Counted as starting at once, so that calls arriving in the same loop turn see it
+        and the pool never grows past `max_workers`."""
+        if not over_max and time.monotonic() < self.retry_at:
+            return None
+        seat = self.placement.reserve(self, over_max=over_max, evict=evict, over_cap=over_cap)
         if seat is None:
             return None
         self.starting += 1
-        return self._spawn(self._start_worker(seat))
+        return self._spawn(self._start_worker(seat), f"starting a worker of pool [{self.key.describe()}]")
 
     def grow_for_waiters(self) -> None:
-        """Start kernels for calls waiting here, one per waiting call not already covered."""
+        """Start kernels for calls waiting here, one per waiting call not already covered.
+        A call from inside a worker may have one started over the server-wide cap."""
         while not self._closed and len(self._waiters) > self.starting and not self.full:
             if self._grow() is None:
-                break
+                if self.nested_waiting <= self.starting or self._grow(over_cap=True) is None:
+                    break
 
     def _env_for(self, seat: Seat) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        env.update(self.worker_env)
         env.update(self.env)
         env["JUPYTER_STREAM_WORKER"] = f"{seat.index}:{self.worker_key(seat.index)}"
         # exactly its own GPUs, numbered as NVML numbers them; none at all for a CPU pool,
@@ -239,7 +303,7 @@ class WorkerPool:
             self.draining.remove(worker)
             log.info("jupyter_stream: %s (pid %s) has no more calls with clients; shutting it down", worker.name, worker.pid)
             worker.died("it was replaced")
-            self._spawn(self._stop(worker, now=True))
+            self._spawn(self._stop(worker, now=True), f"stopping {worker.name}")
 
     async def _start_worker(self, seat: Seat) -> WorkerKernel | None:
         """Start a kernel counted in `starting` by `_grow`, in `seat` (after the idle
@@ -251,28 +315,40 @@ class WorkerPool:
             if seat.victims:
                 await asyncio.gather(*(v.pool.stopped(v) for v in seat.victims), return_exceptions=True)
             await worker.start(self._env_for(seat), self.cwd, self.startup_timeout)
-        except Exception as exc:
-            exc = WorkerError(f"{type(exc).__name__}: {exc}") if not str(exc) else exc
-            log.error("jupyter_stream: could not start %s: %s", worker.name, exc)
-            await self._stop(worker, now=True)
-            if not any(w.alive for w in self.workers):
-                # nothing can serve the waiters: tell them why instead of hanging
-                while self._waiters:
-                    waiter = self._waiters.popleft()
-                    if not waiter.done():
-                        waiter.set_exception(WorkerError(f"could not start a worker kernel: {exc}"))
-            return None
-        finally:
+        except BaseException as exc:
             self.starting -= 1
+            if not isinstance(exc, Exception):  # cancelled: the server is stopping
+                await self._stop(worker, now=True)
+                raise
+            self.start_failed(worker, str(exc) or type(exc).__name__)
+            await self._stop(worker, now=True)
+            return None
+        self.starting -= 1
         if self._closed:
             await self._stop(worker, now=True)
             return None
+        self.start_failures, self.retry_at, self.start_error = 0, 0.0, None
         self.workers.append(worker)
         self.idle_since[worker] = time.time()
         gpus = f" on GPU {','.join(map(str, seat.gpus))}" if seat.gpus else ""
         log.info("jupyter_stream: %s ready (pid %s)%s", worker.name, worker.pid, gpus)
         self._offer(worker)
         return worker
+
+    def start_failed(self, worker: WorkerKernel, problem: str) -> None:
+        """A kernel did not start: one log line, no new start before the backoff is over
+        (2, 4, 8 ... 60 s), and the calls waiting here hear why, unless a kernel of this
+        pool runs or another start may still serve them."""
+        self.start_failures += 1
+        backoff = min(MAX_START_BACKOFF, 2.0 ** self.start_failures)
+        self.retry_at, self.start_error = time.monotonic() + backoff, problem
+        log.error("jupyter_stream: could not start %s of pool [%s]: %s (next try in %g s)",
+                  worker.name, self.key.describe(), problem, backoff)
+        if not any(w.accepting for w in self.workers) and not self.starting:
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(WorkerError(f"could not start a worker kernel: {problem}"))
 
     async def _stop(self, worker: WorkerKernel, now: bool = False) -> None:
         """Shut a kernel down; its seat and GPUs are free once it has exited."""
@@ -290,7 +366,7 @@ class WorkerPool:
         if worker in self.workers:
             self.workers.remove(worker)
         worker.draining = True
-        self.stopping[worker] = task = self._spawn(self._stop(worker))
+        self.stopping[worker] = task = self._spawn(self._stop(worker), f"stopping {worker.name}")
         task.add_done_callback(lambda _: self.stopping.pop(worker, None))
 
     async def stopped(self, worker: WorkerKernel) -> None:
@@ -308,23 +384,49 @@ class WorkerPool:
                      now - self.idle_since.get(worker, now))
             self.evict(worker)
 
-    async def _watch(self) -> None:
-        """Notice dead kernels, fail their calls, and keep the warm minimum."""
-        while not self._closed:
-            await asyncio.sleep(self.poll_interval)
-            for worker in list(self.workers):
-                if not await worker.is_alive() and worker in self.workers:
+    async def watch_once(self) -> None:
+        """One turn of the watcher (every `poll_interval`, supervised): notice dead and
+        silent kernels, scale idle ones down, keep the warm minimum, serve the waiters."""
+        now = time.monotonic()
+        for worker in list(self.workers) + list(self.draining):
+            if not await self._is_alive(worker):
+                if worker in self.workers:
                     log.warning("jupyter_stream: %s (pid %s) died; replacing it", worker.name, worker.pid)
                     self.replace(worker, "kernel process exited")
-            for worker in list(self.draining):
-                if not await worker.is_alive() and worker in self.draining:
+                elif worker in self.draining:
                     self.replace(worker, "kernel process exited")  # also frees its seat and GPUs
-            self._scale_down()
-            missing = self.min_workers - len(self.workers) - self.starting
-            for _ in range(max(missing, 0)):  # the warm minimum takes free room only: no other pool's kernel is stopped for it
-                if self._grow(evict=False) is None:
-                    break
-            self.grow_for_waiters()
+            elif worker in self.workers:
+                self._check_answers(worker, now)
+        self._scale_down()
+        missing = self.min_workers - len(self.workers) - self.starting
+        for _ in range(max(missing, 0)):  # the warm minimum takes free room only: no other pool's kernel is stopped for it
+            if self._grow(evict=False) is None:
+                break
+        self.grow_for_waiters()
+
+    async def _is_alive(self, worker: WorkerKernel) -> bool:
+        """Whether the kernel process runs; one whose kernel manager cannot say (it raises
+        or hangs) counts as alive this turn, with a log line."""
+        try:
+            return await asyncio.wait_for(worker.is_alive(), timeout=max(5.0, self.poll_interval))
+        except Exception as exc:  # noqa: BLE001 - asked again next turn
+            log.warning("jupyter_stream: could not tell whether %s (pid %s) is alive: %s: %s",
+                        worker.name, worker.pid, type(exc).__name__, exc)
+            return True
+
+    def _check_answers(self, worker: WorkerKernel, now: float) -> None:
+        """Ping the worker; one silent for `unresponsive_after` gets no new calls, one
+        silent for `ping_timeout` is replaced (its calls end with WorkerDied)."""
+        silent = worker.silent_for(now)
+        if silent > self.ping_timeout:
+            log.error("jupyter_stream: %s (pid %s) has not answered for %.0f s; replacing it", worker.name, worker.pid, silent)
+            self.replace(worker, f"it stopped answering ({silent:.0f} s without a reply)")
+            return
+        if silent > self.unresponsive_after and not worker.unresponsive:
+            log.warning("jupyter_stream: %s (pid %s) has not answered for %.1f s; no new calls go to it until it does",
+                        worker.name, worker.pid, silent)
+            worker.unresponsive = True
+        worker.ping(now)
 
     def replace(self, worker: WorkerKernel, reason: str) -> None:
         """Take a dead or doomed worker out of the pool, fail what it still runs, and
@@ -337,7 +439,7 @@ class WorkerPool:
         else:
             return
         worker.died(reason)
-        self._spawn(self._stop(worker, now=True))
+        self._spawn(self._stop(worker, now=True), f"stopping {worker.name}")
 
     async def shutdown(self) -> None:
         """Stop every worker kernel (the server is shutting down), gracefully: each kernel
@@ -346,6 +448,7 @@ class WorkerPool:
         self._closed = True
         if self._watcher is not None:
             self._watcher.cancel()
+        self.nested_waiting = 0
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_exception(WorkerError("the server is shutting down"))
@@ -360,7 +463,7 @@ class WorkerPool:
         return {
             "kernel_name": self.kernel_name,
             "gpu": self.key.gpu,
-            "env": self.env,
+            "env": sorted(self.env),  # names only: values may be secrets
             "min_workers": self.min_workers,
             "max_workers": self.max_workers,
             "scaledown_window": self.scaledown_window,

@@ -15,11 +15,16 @@ Both send through the client's channels: the comm is opened on the shell channel
 messages go on the control channel once the worker says it takes them there (ipykernel
 handles control messages without a hop to the kernel's main thread).
 
+Every transport is supervised: its reader routes each message inside a ``try``, and if it
+ends for any reason but `close` (a socket that fails, a message that does not decode, a
+failure while routing), ``on_broken`` hears why, once, and the worker is replaced. A
+transport never leaves a worker that looks alive while nothing reaches it.
+
 Usage, as `WorkerKernel.start` does it::
 
-    transport = transport_class(kc, "auto")(kc, comm_id, on_comm_msg, on_stream)
+    transport = transport_class(kc, "auto")(kc, comm_id, on_comm_msg, on_stream, on_broken)
     transport.start()                 # begin routing IOPub
-    transport.open_comm(target)       # the worker answers with a "ready" comm message
+    transport.open_comm(target, data) # the worker answers with a "ready" comm message
     transport.use_control()           # if it said it takes control messages
     transport.send({"op": ...}, [buffer, ...])
     transport.close()
@@ -42,6 +47,8 @@ log = logging.getLogger("jupyter_stream")
 OnCommMessage = Callable[[dict[str, Any], list], None]
 #: a print from the kernel: stream name ("stdout", "stderr") and text
 OnStream = Callable[[str, str], None]
+#: the transport stopped working: why
+OnBroken = Callable[[str], None]
 
 MODES = ("auto", "zmq", "channels")
 
@@ -49,11 +56,13 @@ MODES = ("auto", "zmq", "channels")
 class WorkerTransport:
     """Carries one comm's messages between the server and a worker kernel."""
 
-    def __init__(self, kc: Any, comm_id: str, on_comm_msg: OnCommMessage, on_stream: OnStream):
+    def __init__(self, kc: Any, comm_id: str, on_comm_msg: OnCommMessage, on_stream: OnStream,
+                 on_broken: OnBroken | None = None):
         self.kc = kc
         self.comm_id = comm_id
         self.on_comm_msg = on_comm_msg
         self.on_stream = on_stream
+        self.on_broken = on_broken
         self.closed = False
         self._channel = kc.shell_channel
         self._reader: asyncio.Task | None = None
@@ -61,13 +70,27 @@ class WorkerTransport:
     def start(self) -> None:
         """Begin reading the kernel's IOPub; called once the worker code is loaded."""
         self._reader = asyncio.create_task(self._read())
+        self._reader.add_done_callback(self._reader_ended)
 
     async def _read(self) -> None:
+        """Read and `route` messages until `close`; raise (or return) only when no more
+        can be read: the transport is then broken."""
         raise NotImplementedError
 
-    def open_comm(self, target_name: str) -> None:
+    def _reader_ended(self, task: asyncio.Task) -> None:
+        if self.closed or task.cancelled():
+            return
+        self.closed = True
+        exc = task.exception()
+        reason = f"its message reader stopped: {type(exc).__name__}: {exc}" if exc else "its message reader stopped"
+        if self.on_broken is not None:
+            self.on_broken(reason)
+        else:
+            log.error("jupyter_stream: worker comm %s: %s", self.comm_id, reason)
+
+    def open_comm(self, target_name: str, data: dict[str, Any] | None = None) -> None:
         self.kc.shell_channel.send(
-            self.kc.session.msg("comm_open", {"comm_id": self.comm_id, "target_name": target_name, "data": {}})
+            self.kc.session.msg("comm_open", {"comm_id": self.comm_id, "target_name": target_name, "data": data or {}})
         )
 
     def use_control(self) -> None:
@@ -81,11 +104,13 @@ class WorkerTransport:
         self._channel.send(msg)
 
     def route(self, msg_type: str, content: dict[str, Any], buffers: list) -> None:
+        """Hand one IOPub message on. Whatever goes wrong in here propagates: the reader
+        then stops and the worker is replaced, since a message was lost."""
         if msg_type == "comm_msg":
             if content.get("comm_id") == self.comm_id:
-                self.on_comm_msg(content["data"], buffers)
+                self.on_comm_msg(content.get("data"), buffers)
         elif msg_type == "stream":
-            self.on_stream(content.get("name", ""), content.get("text", ""))
+            self.on_stream(str(content.get("name", "")), str(content.get("text", "")))
 
     def close(self) -> None:
         self.closed = True
@@ -107,16 +132,9 @@ class ZmqTransport(WorkerTransport):
         socket = self.kc.iopub_channel.socket
         session = self.kc.session
         while not self.closed:
-            try:
-                frames = await socket.recv_multipart(copy=False)
-                _, frames = session.feed_identities(frames, copy=False)
-                msg = session.deserialize(frames, content=False, copy=False)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a closed socket when the kernel goes away, or a bad signature
-                log.debug("worker comm %s: error reading IOPub", self.comm_id, exc_info=True)
-                await asyncio.sleep(0.01)
-                continue
+            frames = await socket.recv_multipart(copy=False)
+            _, frames = session.feed_identities(frames, copy=False)
+            msg = session.deserialize(frames, content=False, copy=False)  # a bad signature raises
             self.route(msg["header"]["msg_type"], session.unpack(msg["content"]), msg["buffers"])
 
 
@@ -125,14 +143,7 @@ class ChannelTransport(WorkerTransport):
 
     async def _read(self) -> None:
         while not self.closed:
-            try:
-                msg = await self.kc.get_iopub_msg()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the channel closed under us, or a message it could not read
-                log.debug("worker comm %s: error reading IOPub", self.comm_id, exc_info=True)
-                await asyncio.sleep(0.01)
-                continue
+            msg = await self.kc.get_iopub_msg()
             self.route(msg["header"]["msg_type"], msg["content"], msg.get("buffers") or [])
 
 
