@@ -509,26 +509,29 @@ def register_function(
     timeout: float | None = None,
     connection: ServerConnection | None = None,
     persist: bool = False,
+    queue_timeout: float | None = None,
     **requirements: Any,
 ) -> Function:
     """Register `fn` with the server so workers can run it; returns its `Function` handle.
     Like endpoints, it belongs to the server, and `requirements` choose its workers (see
-    `register_endpoint`)."""
+    `register_endpoint`). `queue_timeout`: seconds a call may wait for a worker (default:
+    as long as it takes, 60 for a call made from inside a worker)."""
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
         raise ValueError(f"retries must be a whole number from 0 to {MAX_RETRIES}")
     if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError(f"timeout must be a positive number of seconds, at most {MAX_TIMEOUT:g} (7 days)")
     is_generator = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
     fields = requirement_fields(**requirements)
+    extra = {"queue_timeout": queue_timeout} if queue_timeout is not None else {}
     name, _, conn = register("function", fn, name, connection, persist, generator=is_generator, retries=retries, timeout=timeout,
-                             requirements=fields)
+                             requirements=fields, **extra)
     return Function(name, is_generator, fn, conn)
 
 
 def function(fn: Callable | None = None, *, name: str | None = None, retries: int = 0, timeout: float | None = None,
              persist: bool = False, gpu: str | list[str] | None = None, min_workers: int | None = None,
              max_workers: int | None = None, scaledown_window: float | None = None, kernel: str | None = None,
-             env: dict[str, str] | None = None, concurrency: int | None = None) -> Any:
+             env: dict[str, str] | None = None, concurrency: int | None = None, queue_timeout: float | None = None) -> Any:
     """Decorator: run this function on worker kernels, with Modal's call forms::
 
         @jupyter_stream.function(retries=2, gpu="H100:2")
@@ -540,5 +543,5 @@ def function(fn: Callable | None = None, *, name: str | None = None, retries: in
     requirements = dict(gpu=gpu, min_workers=min_workers, max_workers=max_workers,
                         scaledown_window=scaledown_window, kernel=kernel, env=env, concurrency=concurrency)
     if fn is not None:
-        return register_function(fn, name, retries, timeout, persist=persist, **requirements)
-    return lambda f: register_function(f, name, retries, timeout, persist=persist, **requirements)
+        return register_function(fn, name, retries, timeout, persist=persist, queue_timeout=queue_timeout, **requirements)
+    return lambda f: register_function(f, name, retries, timeout, persist=persist, queue_timeout=queue_timeout, **requirements)

@@ -182,6 +182,9 @@ class StreamMagics(Magics):
     @argument("--retries", type=int, default=0, help="Times an input that raised is run again.")
     @argument("--timeout", type=float, default=None, help="Seconds one attempt may run.")
     @argument("--persist", action="store_true", help="Register it again when the server restarts.")
+    @argument("--queue-timeout", type=float, default=None, metavar="S",
+              help="Seconds a call may wait for a worker before it fails (default: as long as it takes; "
+                   "60 for a call made from inside a worker).")
     @requirement_arguments
     @cell_magic
     def stream_function(self, line: str, cell: str) -> Any:
@@ -189,7 +192,7 @@ class StreamMagics(Magics):
         return self._register_cell(  # its repr is the cell's one-line confirmation
             self.stream_function, line, cell,
             lambda fn, args: register_function(fn, args.name, args.retries, args.timeout, persist=args.persist,
-                                               **requirements_of(args)),
+                                               queue_timeout=args.queue_timeout, **requirements_of(args)),
         )
 
 

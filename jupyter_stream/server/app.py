@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 from typing import Any
 
@@ -22,7 +23,7 @@ from traitlets import Bool, Enum, Float, Int, List, TraitError, Type, Unicode, d
 
 from .. import wire
 from ..responses import SSE
-from . import handlers
+from . import handlers, supervision
 from .gpus import GpuInventory
 from .kernels import OutputQueue
 from .persist import RegistrationStore, StoredRegistration
@@ -34,6 +35,9 @@ from .shares import ShareStore
 #: Environment variables through which kernels started by this server find it.
 URL_ENV = "JUPYTER_STREAM_URL"
 TOKEN_ENV = "JUPYTER_STREAM_TOKEN"
+
+#: How often revoked and expired share links past their retention are forgotten.
+SHARE_SWEEP_SECONDS = 600.0
 
 
 class JupyterStream(ExtensionApp):
@@ -50,7 +54,12 @@ class JupyterStream(ExtensionApp):
     max_workers = Int(4, config=True, help="Most worker kernels running at once; further calls wait for one.")
     calls_per_worker = Int(1, config=True, help="Calls one worker kernel runs at the same time.")
     worker_startup_timeout = Float(60.0, config=True, help="Seconds a worker kernel may take to start.")
-    worker_poll_interval = Float(0.5, config=True, help="Seconds between checks that worker kernels are alive.")
+    worker_poll_interval = Float(0.5, config=True, help="Seconds between checks that worker kernels are alive (and pings).")
+    worker_ping_timeout = Float(
+        30.0, config=True,
+        help="Seconds a worker kernel may leave a ping unanswered before it is replaced (its calls end with WorkerDied); "
+        "after a shorter silence (4 polls, at least 2 s) it gets no new calls until it answers.",
+    )
     kernel_manager_class = Type(
         AsyncKernelManager,
         klass=AsyncKernelManager,
@@ -82,7 +91,11 @@ class JupyterStream(ExtensionApp):
         1024 * 1024 * 1024, config=True,
         help="Largest WebSocket message of a remote call, in bytes: one call's pickled arguments, or one batch of map inputs.",
     )
-    export_env = Bool(True, config=True, help=f"Set {URL_ENV}/{TOKEN_ENV} so kernels started by this server find it.")
+    export_env = Bool(
+        True, config=True,
+        help=f"Set {URL_ENV}/{TOKEN_ENV} so kernels started by this server find it (worker kernels get a token of "
+        "their own that opens only the calls socket).",
+    )
     exit_with_pid = Int(0, config=True, help="Stop the server when the process with this pid exits (embedded servers).")
     notebooks = List(
         Unicode(), config=True, help="Notebooks to run at startup so their endpoints register (used by `jupyter stream serve`)."
@@ -140,6 +153,10 @@ class JupyterStream(ExtensionApp):
     def initialize_settings(self) -> None:
         # the package's own loggers (pool, scheduler) write to the server's log
         logging.getLogger("jupyter_stream").parent = self.log
+        #: what worker kernels authenticate with: it opens the calls socket (their calls of
+        #: other functions) and nothing else, so code serving anonymous share traffic never
+        #: holds the server's own token
+        self.worker_token = secrets.token_urlsafe(32)
         self.store = RegistrationStore(self.persist_dir)
         self.endpoints = Registry("endpoint", ENDPOINT_STATS)
         self.functions = Registry("function", FUNCTION_STATS)
@@ -173,6 +190,8 @@ class JupyterStream(ExtensionApp):
             cancel_grace_period=self.cancel_grace_period,
             worker_messages=self.worker_messages,
             placement=self.placement,
+            ping_timeout=self.worker_ping_timeout,
+            worker_env={TOKEN_ENV: self.worker_token} if self.export_env else {},
         )
 
     def initialize_handlers(self) -> None:
@@ -183,11 +202,13 @@ class JupyterStream(ExtensionApp):
             os.environ[URL_ENV] = self.server_url
             os.environ[TOKEN_ENV] = self.token
         if self.exit_with_pid:
-            asyncio.create_task(self._exit_with(self.exit_with_pid))
+            supervision.spawn(self._exit_with(self.exit_with_pid), "watching the embedding process")
         await self.pool.start()
         self.started = True
         self.configure_pools()
-        asyncio.create_task(self.restore_persisted())
+        supervision.spawn(self.restore_persisted(), "restoring persisted registrations")
+        supervision.spawn(supervision.every(SHARE_SWEEP_SECONDS, self.shares.sweep, "forgetting ended share links",
+                                            lambda: not self.placement.closed), "forgetting ended share links")
         if self.notebooks:
             from .serve import run_notebooks, stop_on_signals
 
@@ -205,12 +226,15 @@ class JupyterStream(ExtensionApp):
         common = dict(name=name, fn_hash=wire.content_hash(blob), fn_blob=blob, doc=body["doc"], persist=body.get("persist", False),
                       owner=body["owner"], requirements=body["requirements"])
         previous = self.registries[kind].get(name)
+        if restoring and previous is not None:
+            raise RuntimeError("a newer registration of that name was made while it was being restored; kept the newer one")
         spec: EndpointSpec | FunctionSpec
         if kind == "endpoint":
             spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], queue_timeout=body["queue_timeout"],
                                 openai=body["openai"], **common)
         else:
-            spec = FunctionSpec(is_generator=body.get("generator", False), retries=body["retries"], timeout=body["timeout"], **common)
+            spec = FunctionSpec(is_generator=body.get("generator", False), retries=body["retries"], timeout=body["timeout"],
+                                queue_timeout=body["queue_timeout"], **common)
         replaced = self.registries[kind].register(spec)
         if not restoring:
             if spec.persist:
@@ -219,13 +243,27 @@ class JupyterStream(ExtensionApp):
                 self.store.remove(kind, name)
         self.log.info("jupyter_stream: %s %s %s%s", "restored" if restoring else "replaced" if replaced else "registered",
                       kind, name, " (persisted)" if spec.persist and not restoring else "")
+        if previous is not None and previous.fn_hash != spec.fn_hash:
+            self.forget_unused(previous.fn_hash)
         self.configure_pools()
         return spec, previous
+
+    def forget_unused(self, fn_hash: str) -> None:
+        """Workers drop a function no registration uses any more (a cell ran again, a
+        registration was deleted); calls still running with it keep it."""
+        if any(spec.fn_hash == fn_hash for registry in self.registries.values() for spec in registry.values()):
+            return
+        for pool in self.placement.pools.values():
+            for worker in pool.workers + pool.draining:
+                worker.forget([fn_hash])
 
     def remove(self, kind: str, name: str) -> bool:
         """Unregister (and forget, if persisted) an endpoint or function."""
         self.store.remove(kind, name)
+        spec = self.registries[kind].get(name)
         removed = self.registries[kind].remove(name)
+        if spec is not None:
+            self.forget_unused(spec.fn_hash)
         if removed and kind == "endpoint":
             self.shares.endpoint_removed(name)
         self.configure_pools()
@@ -278,7 +316,7 @@ class JupyterStream(ExtensionApp):
             pool.max_workers = max(pool.max_workers, pool.min_workers)
             pool.scaledown_window = max(windows) if windows else self.scaledown_window
             if self.started and (not pool.watched or len(pool.workers) + pool.starting < pool.min_workers):
-                asyncio.ensure_future(pool.start())
+                supervision.spawn(pool.start(), f"starting pool [{pool.key.describe()}]")
 
     async def restore_persisted(self) -> None:
         """Register again what was persisted, once a worker has loaded each pickle; a
@@ -286,7 +324,7 @@ class JupyterStream(ExtensionApp):
         for item in self.store.load():
             if isinstance(item, tuple):
                 path, problem = item
-                self.log.error("jupyter_stream: could not restore %s: %s; delete it", path, problem)
+                self.log.error("jupyter_stream: could not restore %s: %s", path, problem)
                 continue
             try:
                 await self._restore(item)
@@ -295,6 +333,8 @@ class JupyterStream(ExtensionApp):
                                "notebook (with --persist), or delete the file", item.kind, item.name, item.path, e)
 
     async def _restore(self, item: StoredRegistration) -> None:
+        if item.name in self.registries[item.kind]:
+            raise RuntimeError("a newer registration of that name was made before it was restored; kept the newer one")
         try:
             body = parse_registration(item.body, item.kind)
         except RegistrationError as e:
@@ -302,11 +342,21 @@ class JupyterStream(ExtensionApp):
         fn_hash = wire.content_hash(body["blob"])
         if fn_hash != item.fn_hash:
             raise RuntimeError("its pickle is corrupted (it does not match the hash it was stored with)")
-        worker = await asyncio.wait_for(self.pool.acquire(), self.worker_startup_timeout + 30)
+        try:
+            self.check_machine(body["requirements"])
+        except RegistrationError as e:
+            raise RuntimeError(f"this server cannot run it any more ({e})") from None
+        # loaded on a worker of its own pool: its --env, --kernel and GPUs, not the default pool's
+        pool = self.placement.pool_for(body["requirements"], self.make_pool)
+        worker = await asyncio.wait_for(pool.acquire(), self.worker_startup_timeout + 30)
         output = OutputQueue()
-        worker.start_run(fn_hash, body["blob"], output, mode="load")
-        while not output.ended:
-            await asyncio.wait_for(output.wait(), 60)
+        run = worker.start_run(fn_hash, body["blob"], output, mode="load")
+        try:
+            while not output.ended:
+                await asyncio.wait_for(output.wait(), 60)
+        finally:
+            if not output.ended:  # gave up waiting: the worker is not left counted busy
+                run.cancel()
         if output.error is not None:
             raise RuntimeError(f"its pickle no longer loads on a worker ({output.error['type']}: {output.error['message']})")
         self.register(item.kind, item.body, restoring=True)
@@ -355,7 +405,8 @@ class JupyterStream(ExtensionApp):
         common = {"name": spec.name, "doc": spec.doc, "persist": spec.persist, "created": spec.created,
                   "owner": spec.owner, "stats": dict(spec.stats)}
         if isinstance(spec, FunctionSpec):
-            return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout}
+            return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout,
+                    "queue_timeout": spec.queue_timeout}
         return {**common, "url": self.endpoint_url(spec.name), "media_type": spec.media_type or SSE,
                 "output": list(spec.output),
                 "media_type_declared": spec.media_type is not None,

@@ -5,12 +5,21 @@ the query/body to keyword arguments, borrows a worker from the pool, starts the 
 it and then copies the worker's output to the socket, flushing after every batch, until
 the call ends. Every route requires Jupyter's auth (token header, ``?token=`` or the
 login cookie); unauthenticated API requests get 403 rather than a login redirect.
+
+Who a request is: a request that presents a token (``Authorization`` or ``?token=``,
+``?share=``) is judged by that token alone, never by a login cookie beside it; a share
+token opens only its endpoint's routes; the workers' own token opens only the calls
+socket. A request authenticated by the login cookie alone runs an endpoint only when it
+comes from this server's own pages (``Sec-Fetch-Site: same-origin``, or ``none`` for an
+address typed or bookmarked) or carries the ``_xsrf`` token, so that another site cannot
+run one with its parameters through the browser (an ``<img>``, a link, a form).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import html
 import json
 import re
@@ -20,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_core.utils import ensure_async
-from jupyter_server.auth.decorator import allow_unauthenticated, authorized, ws_authenticated
+from jupyter_server.auth.decorator import allow_unauthenticated, authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from tornado import httputil, web
@@ -28,8 +37,8 @@ from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import wire
-from ..errors import WorkerError, error_body
-from ..responses import SSE
+from ..errors import WorkerError, error_body, error_info
+from ..responses import SSE, check_headers, check_status
 from ..signatures import parse_expires
 from .kernels import OutputQueue
 from .registry import RESERVED_QUERY, EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
@@ -39,10 +48,43 @@ from .shares import Share, ShareRefused
 
 NOT_AUTHENTICATED = ("authenticate with the server's token: an 'Authorization: token ...' header, "
                      "?token=..., or JupyterLab's login cookie")
+CROSS_SITE = ("a request authenticated only by the login cookie runs an endpoint when it comes from this server's own "
+              "pages (or an address typed into the browser) or carries the _xsrf token; from a script or another site, "
+              "send the token (an 'Authorization: token ...' header or ?token=) or use a share link")
+WORKER_TOKEN_REFUSED = "the workers' token opens the calls socket only; use the server's token"
+
+
+def presented_token(handler: web.RequestHandler) -> str | None:
+    """The token a request presents, if any: ``?share=``, ``?token=``, or an
+    ``Authorization: token|Bearer`` header (not the login cookie)."""
+    for name in ("share", "token"):
+        value = handler.get_query_argument(name, None)
+        if value:
+            return value
+    match = re.match(r"(?:token|bearer)\s+(\S+)", handler.request.headers.get("Authorization", ""), re.IGNORECASE)
+    return match.group(1) if match else None
+
+
+def is_worker_token(state: Any, token: str | None) -> bool:
+    """Whether `token` is the one the server gives its worker kernels."""
+    return bool(token) and hmac.compare_digest(token.encode(), state.worker_token.encode())
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 
 
-class StreamHandlerBase(APIHandler):
+class PathOnlyLogging:
+    """A failed request costs the log one line that names its path, never its URI: the
+    query may carry ?token= or ?share= (tornado's own line logs the URI)."""
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, web.HTTPError):
+            level = self.log.debug if value.status_code < 500 else self.log.warning
+            level("jupyter_stream: %s %s %s: %s", value.status_code, self.request.method, self.request.path, value.log_message)
+            return
+        self.log.error("jupyter_stream: uncaught exception in %s %s", self.request.method, self.request.path,
+                       exc_info=(typ, value, tb))
+
+
+class StreamHandlerBase(PathOnlyLogging, APIHandler):
     #: Jupyter's authorizer sees our routes as the kernels they run code in: listing needs
     #: "read", registering or calling an endpoint or function "execute", removing one "write".
     auth_resource = "kernels"
@@ -52,8 +94,15 @@ class StreamHandlerBase(APIHandler):
 
     async def prepare(self) -> None:
         await super().prepare()
+        self._cors_ready = True  # from now on, an error response keeps its CORS headers (see `clear`)
         if self.request.method == "OPTIONS" and self.accepts_shares:
             return  # a CORS preflight carries no credentials; it answers headers only
+        token = presented_token(self)
+        if token is not None and not self.token_authenticated and self.current_user:
+            # a token beside a login cookie (a client's cookie jar): judged by the token alone
+            self.current_user = self._jupyter_current_user = None
+        if token is not None and is_worker_token(self.stream, token):
+            raise web.HTTPError(403, WORKER_TOKEN_REFUSED)
         if not self.current_user:  # before reading a body (the auth decorators run after it)
             token = self.presented_share() if self.accepts_shares else None
             if not token:
@@ -63,16 +112,17 @@ class StreamHandlerBase(APIHandler):
             except ShareRefused as e:
                 raise web.HTTPError(403, str(e)) from None
 
+    @property
+    def cookie_authenticated(self) -> bool:
+        """Whether the request's user comes from the login cookie alone (no token, no share)."""
+        return bool(self.current_user) and not self.token_authenticated and self.share is None
+
     def presented_share(self) -> str | None:
         """A share token, from ``?share=``, ``?token=``, the Authorization header or the
         demo page's cookie (scoped to the shared endpoint's path)."""
-        for name in ("share", "token"):
-            value = self.get_query_argument(name, None)
-            if value:
-                return value
-        match = re.match(r"(?:token|bearer)\s+(\S+)", self.request.headers.get("Authorization", ""), re.IGNORECASE)
-        if match:
-            return match.group(1)
+        token = presented_token(self)
+        if token:
+            return token
         # the cookie only for reading: a POST needs the token itself (another port of the
         # same host is the same site, so SameSite=Strict alone would let its pages post)
         return self.get_cookie(SHARE_COOKIE) if self.request.method == "GET" else None
@@ -90,6 +140,8 @@ class StreamHandlerBase(APIHandler):
     def check_xsrf_cookie(self) -> None:
         if self.accepts_shares and hasattr(self, "_jupyter_current_user") and not self.current_user:
             return  # no Jupyter user: only a share may open it (a bearer token, its cookie SameSite=Strict); see prepare
+        if hasattr(self, "_jupyter_current_user") and not self.token_authenticated and presented_token(self) is not None:
+            return  # a token that is not the server's, beside a cookie: judged by that token alone (see prepare)
         # once prepare() knows the user (jupyter-server's own test), say the real problem
         # rather than "'_xsrf' argument missing"
         if hasattr(self, "_jupyter_current_user") and not self.current_user:
@@ -103,6 +155,13 @@ class StreamHandlerBase(APIHandler):
         if self.accepts_shares and origin and origin in self.stream.cors_origins:
             return True
         return super().check_origin(origin_to_satisfy_tornado)
+
+    def clear(self) -> None:
+        """tornado clears every header before an error response; the CORS headers come
+        back, so that an allowed page can read why it failed (a 400, 403, 500 or 503)."""
+        super().clear()
+        if getattr(self, "_cors_ready", False):
+            self.set_cors_headers()
 
     def set_cors_headers(self) -> None:
         """Let pages of the configured origins (``JupyterStream.cors_origins``) read what a
@@ -121,16 +180,8 @@ class StreamHandlerBase(APIHandler):
         return self.settings["jupyter_stream"]
 
     # A bad request costs the log one line: jupyter-server's access line with its status
-    # (and a scrubbed URL). The reason goes to the client, and to the log at debug level.
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        # the path, never the URI: its query may carry ?token= or ?share= (tornado logs the URI)
-        if isinstance(value, web.HTTPError):
-            level = self.log.debug if value.status_code < 500 else self.log.warning
-            level("jupyter_stream: %s %s %s: %s", value.status_code, self.request.method, self.request.path, value.log_message)
-            return
-        self.log.error("jupyter_stream: uncaught exception in %s %s", self.request.method, self.request.path,
-                       exc_info=(typ, value, tb))
+    # (and a scrubbed URL). The reason goes to the client, and to the log at debug level
+    # (`PathOnlyLogging`).
 
     retry_after: int | None = None  # seconds, for a 503 of a full queue
 
@@ -176,6 +227,19 @@ class EndpointHandler(StreamHandlerBase):
         # still see it). Tornado's own limit stays out of the way: it answers an empty 400.
         self.drain_limit = limit + max(limit, 64 << 20)
         self.request.connection.set_max_body_size(1 << 62)
+        if self.request.method == "GET" and self.cookie_authenticated and not self.from_own_pages():
+            raise web.HTTPError(403, CROSS_SITE)
+
+    def from_own_pages(self) -> bool:
+        """Whether a cookie-authenticated request comes from this server's own pages: the
+        browser says so (``Sec-Fetch-Site``), or it carries the ``_xsrf`` token."""
+        if self.request.headers.get("Sec-Fetch-Site") in ("same-origin", "none"):
+            return True
+        try:
+            web.RequestHandler.check_xsrf_cookie(self)  # the _xsrf argument or X-XSRFToken header
+        except web.HTTPError:
+            return False
+        return True
 
     def _too_large(self, size: int | str) -> str:
         limit = self.stream.max_request_body
@@ -215,17 +279,24 @@ class EndpointHandler(StreamHandlerBase):
             raise web.HTTPError(413, self._too_large(self._body_size))
         if not self._body:
             return None
-        body = loads_json(bytes(self._body), "the request body")
+        raw, self._body = bytes(self._body), bytearray()  # kept once, not twice, while parsed
+        body = loads_json(raw, "the request body")
         if not isinstance(body, dict):
             raise ParameterError("request body must be a JSON object of parameters")
         return body
+
+    @staticmethod
+    def encode_kwargs(kwargs: dict[str, Any]) -> bytes:
+        """Bound arguments as compact JSON, as they travel to the worker: a request waiting
+        for a worker holds these bytes, not the parsed objects (many times their size)."""
+        return json.dumps(kwargs, separators=(",", ":")).encode()
 
     async def run_endpoint(self, name: str) -> None:
         spec = self.stream.endpoints.get(name)
         if spec is None:
             raise web.HTTPError(404, self.stream.endpoints.not_found(name))
         try:
-            kwargs = spec.bind(self.query_parameters(), self.parse_body())
+            kwargs = self.encode_kwargs(spec.bind(self.query_parameters(), self.parse_body()))
         except ParameterError as e:
             raise web.HTTPError(400, str(e)) from None
         stats = spec.stats
@@ -270,9 +341,12 @@ class EndpointHandler(StreamHandlerBase):
         return {"param": param, "method": self.request.method, "path": self.request.path, "headers": headers,
                 "query": query, "client": self.request.remote_ip, "last_event_id": self.request.headers.get("Last-Event-ID")}
 
-    async def relay(self, spec: EndpointSpec, kwargs: dict[str, Any], stats: Any, media_type: str | None = None) -> None:
-        """Start the call on a worker and copy its output to the client as it arrives
-        (`media_type`: how the worker encodes it, when not the endpoint's own)."""
+    async def relay(self, spec: EndpointSpec, kwargs: bytes, stats: Any, media_type: str | None = None) -> None:
+        """Start the call on a worker (`kwargs`: the arguments, as `encode_kwargs` made
+        them) and copy its output to the client as it arrives (`media_type`: how the
+        worker encodes it, when not the endpoint's own). Whatever ends the relay early (the
+        client left, a header tornado refuses, a bug of ours), the call is cancelled on
+        its worker: it never runs on for nobody."""
         media_type = media_type or spec.media_type
         worker = await self.wait_for_worker(spec, (media_type or "").startswith(SSE))
         if worker is None:
@@ -283,33 +357,43 @@ class EndpointHandler(StreamHandlerBase):
         output = self.output = OutputQueue(on_print=lambda printed: self.printed(spec, worker.name, printed))
         request = self.request_info(spec.request_parameter) if spec.request_parameter else None
         run = self.run = worker.start_run(spec.fn_hash, spec.fn_blob, output, mode="http",
-                                          media_type=media_type, kwargs=kwargs, request=request)
+                                          media_type=media_type, json_kwargs=kwargs, request=request)
         # The worker sends the response's start (status, headers, media type) as soon as
-        # the function has returned its iterable. A response with nothing to send yet is
-        # committed after `commit_headers_after` seconds anyway (as the registered media
-        # type when the function has not even returned), so clients and proxies see its
-        # status instead of timing out; an idle SSE stream then gets comment heartbeats.
+        # the function has returned its iterable. A stream with nothing to send yet is
+        # committed after `commit_headers_after` seconds anyway (as its declared media type
+        # if the function has not even returned), so clients and proxies see its status
+        # instead of timing out; an idle SSE stream then gets comment heartbeats. A
+        # function of no declared type may still return a plain value (a dict is one JSON
+        # document, an error a 500): until its start says otherwise, it is waited for,
+        # however long it takes (a generator's start comes at once).
         heartbeat = self.stream.sse_heartbeat_interval
-        commit_after = self.stream.commit_headers_after
+        commit_after = self.stream.commit_headers_after if self.commit_early else None
         begun = sse = self._headers_written  # an SSE response already begun while queued
         try:
             while True:
                 if self._headers_written:
                     timeout = heartbeat if sse else None
                 else:
-                    timeout = commit_after if self.commit_early else None
+                    timeout = commit_after if begun or media_type else None
                 if self.closed:
                     return
                 if not await output.wait(timeout):
                     if not begun:
-                        sse = self.begin({"media_type": media_type or SSE})
+                        sse = self.begin({"media_type": media_type})
                         begun = True
                     if sse:
                         self.write(b": keep-alive\n\n")
                     await self.flush()
                     continue
-                if not begun and output.start is not None:
-                    sse = self.begin(output.start)
+                start = output.take_start()
+                if not begun and start is not None:
+                    problem = self.bad_start(start)
+                    if problem is not None:
+                        run.cancel()
+                        stats["errors"] += 1
+                        self.failed(error_info("ResponseError", problem), False)
+                        return
+                    sse = self.begin(start)
                     begun = True
                 if output.chunks:
                     data = output.take()
@@ -326,6 +410,20 @@ class EndpointHandler(StreamHandlerBase):
                 self.complete()
         except StreamClosedError:
             run.cancel()
+        except BaseException:  # noqa: BLE001 - logged as a 500 by tornado; the call stops either way
+            run.cancel()
+            raise
+
+    @staticmethod
+    def bad_start(start: dict[str, Any]) -> str | None:
+        """What is wrong with a response's status or headers, as the function gave them
+        (tornado would refuse to send them), or None."""
+        try:
+            check_status(start.get("status", 200))
+            check_headers(start.get("headers"))
+        except ValueError as e:
+            return f"the endpoint's response cannot be sent: {e}"
+        return None
 
     async def emit(self, data: memoryview) -> None:
         """One chunk of the worker's output to the client, as it came."""
@@ -489,7 +587,7 @@ class RegistrationHandler(StreamHandlerBase):
         self.finish()
 
 
-class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
+class CallsHandler(PathOnlyLogging, WebSocketMixin, WebSocketHandler, JupyterHandler):
     """``WS {base_url}api/stream/calls``: one client's remote calls and maps, multiplexed
     (frames described in `wire`). Only authenticated callers may send pickled code."""
 
@@ -497,12 +595,15 @@ class CallsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
     def max_message_size(self) -> int:  # tornado's default (10 MiB) is too small for pickled arguments
         return self.settings["jupyter_stream"].max_call_message
 
-    @ws_authenticated
+    @allow_unauthenticated  # Jupyter's auth, or the workers' own token: checked here
     async def get(self, *args: Any, **kwargs: Any) -> None:
-        # as for a kernel's own websocket: sending code to run needs "execute" on kernels
-        if not await ensure_async(self.authorizer.is_authorized(self, self.current_user, "execute", "kernels")):
-            raise web.HTTPError(403, "not authorized to execute code in kernels")
         state = self.settings["jupyter_stream"]
+        if not is_worker_token(state, presented_token(self)):
+            if not self.current_user:
+                raise web.HTTPError(403, NOT_AUTHENTICATED)
+            # as for a kernel's own websocket: sending code to run needs "execute" on kernels
+            if not await ensure_async(self.authorizer.is_authorized(self, self.current_user, "execute", "kernels")):
+                raise web.HTTPError(403, "not authorized to execute code in kernels")
         caller_worker = state.placement.worker_named(self.request.headers.get("X-Jupyter-Stream-Worker", ""))
         self.session = ClientSession(state.pool_for, state.functions, self.send_frame, caller_worker)
         await super().get(*args, **kwargs)

@@ -24,9 +24,17 @@ from tornado import web
 from .handlers import EndpointHandler, StreamHandlerBase
 from .registry import EndpointSpec, ParameterError, loads_json
 
+#: Most text a whole (``"stream": false``) completion may hold: past it the call is stopped
+#: and the client is told to stream instead.
+MAX_COMPLETION_BYTES = 16 * 1024 * 1024
+
 
 def openai_error(message: str, kind: str = "invalid_request_error") -> str:
     return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+class CompletionTooLong(Exception):
+    """A whole completion outgrew `MAX_COMPLETION_BYTES` (the relay stops its call)."""
 
 
 class OpenAIMixin:
@@ -90,7 +98,7 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
         if request.get("temperature") is not None and "temperature" in accepted:
             arguments["temperature"] = request["temperature"]
         try:
-            kwargs = spec.bind({}, arguments)
+            kwargs = self.encode_kwargs(spec.bind({}, arguments))
         except ParameterError as e:
             raise web.HTTPError(400, str(e)) from None
         self.streaming = self.commit_early = bool(request.get("stream"))  # a whole completion keeps its status until it is done
@@ -99,11 +107,17 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
         self.created = int(time.time())
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.text = []
+        self.text_bytes = 0
         stats = spec.stats
         stats["requests"] += 1
         stats["open_streams"] += 1
         try:
             await self.relay(spec, kwargs, stats, media_type="text/plain; charset=utf-8")
+        except CompletionTooLong:  # the relay has stopped the call
+            stats["errors"] += 1
+            self.text = []
+            self.failed({"type": "CompletionTooLong", "message": f"the completion is longer than {MAX_COMPLETION_BYTES >> 20} "
+                         'MiB; ask for it with "stream": true, or a smaller max_tokens'}, False)
         finally:
             stats["open_streams"] -= 1
 
@@ -130,6 +144,9 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
         if not text:
             return
         if not self.streaming:
+            self.text_bytes += data.nbytes
+            if self.text_bytes > MAX_COMPLETION_BYTES:  # held here whole: stop it before it takes the server's memory
+                raise CompletionTooLong()
             self.text.append(text)
             return
         self.write(self.chunk({"content": text}))

@@ -7,12 +7,17 @@ registration's JSON body, as the client sent it, in one file per name under
 `JupyterStream.persist_dir` (owner-only permissions: it holds code the workers will
 run). The server restores it through the same checks as a new registration, and has a
 worker load its pickle before serving it again.
+
+Since a stored registration is code the workers run, `load` reads nothing that someone
+else could have written: the directory and each file must belong to the server's user
+and be writable by no one else, and a file may not be a symbolic link.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -71,21 +76,48 @@ class RegistrationStore:
     def load(self) -> Iterator[StoredRegistration | tuple[str, str]]:
         """Each stored registration, or ``(path, what is wrong with it)``."""
         try:
+            problem = unsafe(os.stat(self.directory), "the directory", self.directory, 0o700)
             names = sorted(os.listdir(self.directory))
         except FileNotFoundError:
+            return
+        if problem:
+            yield self.directory, problem
             return
         for filename in names:
             if not filename.endswith(".json") or filename.startswith("."):
                 continue
             path = os.path.join(self.directory, filename)
             try:
-                with open(path, "rb") as f:
-                    record = json.load(f)
-                kind, name = record["kind"], record["name"]
-                if kind not in KINDS or filename != f"{kind}-{name}.json":
-                    raise ValueError(f"it names {kind} {name!r}")
-                body = json.dumps(record["registration"]).encode()
-            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-                yield path, f"the file is not a stored registration ({type(e).__name__}: {e})"
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except FileNotFoundError:
+                continue  # removed since the listing (a newer registration of that name)
+            except OSError as e:
+                yield path, f"it cannot be opened ({e}; a symbolic link is not followed)"
                 continue
+            with os.fdopen(fd, "rb") as f:
+                problem = unsafe(os.fstat(f.fileno()), "the file", path, 0o600)
+                if problem:
+                    yield path, problem
+                    continue
+                try:
+                    record = json.load(f)
+                    kind, name = record["kind"], record["name"]
+                    if kind not in KINDS or filename != f"{kind}-{name}.json":
+                        raise ValueError(f"it names {kind} {name!r}")
+                    body = json.dumps(record["registration"]).encode()
+                except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+                    yield path, f"the file is not a stored registration ({type(e).__name__}: {e}); delete it"
+                    continue
             yield StoredRegistration(kind, name, path, body, record.get("fn_hash"))
+
+
+def unsafe(st: os.stat_result, what: str, path: str, mode: int) -> str | None:
+    """Why a stored registration's directory or file must not be trusted (someone other
+    than the server's user owns it or may write to it), or None."""
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return (f"{what} belongs to user {st.st_uid}, not to the server's user ({os.getuid()}): it could hold "
+                f"someone else's code. If it is yours, `chown` it; otherwise delete it")
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        return (f"{what} is writable by others (mode {stat.S_IMODE(st.st_mode):o}): anyone could have put code there. "
+                f"Check it, then `chmod {mode:o} {path}`")
+    return None

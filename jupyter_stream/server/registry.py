@@ -13,6 +13,7 @@ import collections
 import functools
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,30 +37,52 @@ RECENT_OUTPUT = 50
 DEFAULT_QUEUE_TIMEOUT = 60.0
 
 #: Arrays and objects nested deeper than this in a JSON body are refused (a 400), so that
-#: no request can make the server or a worker recurse without bound.
+#: no request can make the server or a worker recurse without bound ...
 MAX_JSON_DEPTH = 32
+#: ... and a document with more values than this (arrays, objects and the values in them),
+#: whose parsing would hold the server's event loop and take memory many times its size.
+MAX_JSON_VALUES = 1_000_000
+
+#: JSON strings (whose brackets and commas are text), for `json_values`
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
 class ParameterError(ValueError):
     """A request's parameters do not fit the endpoint's signature (an HTTP 400)."""
 
 
-def json_depth(value: Any) -> int:
-    """How deeply arrays and objects nest in a parsed JSON value (iteratively)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = item.values()
-        elif not isinstance(item, list):
-            continue
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
-    return deepest
+def json_values(raw: bytes) -> int:
+    """About how many values a JSON document holds: its arrays and objects, and one per
+    comma outside its strings (read from the text, at C speed, without parsing it)."""
+    structure = _JSON_STRING.sub(b"", raw)
+    return structure.count(b"[") + structure.count(b"{") + structure.count(b",")
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value, level by level (no
+    recursion), counting no further than ``limit + 1``."""
+    level, depth = [value], 0
+    while depth <= limit:
+        containers = [v for v in level if type(v) is dict or type(v) is list]
+        if not containers:
+            break
+        depth += 1
+        level = []
+        for container in containers:
+            level.extend(container.values() if type(container) is dict else container)
+    return depth
 
 
 def loads_json(raw: bytes | str, what: str) -> Any:
-    """Parse a request's JSON, refusing what is not JSON or nests past `MAX_JSON_DEPTH`."""
+    """Parse a request's JSON, refusing what is not JSON, holds more than
+    `MAX_JSON_VALUES` values (told from the text before anything is parsed: the parse
+    runs on the server's event loop) or nests past `MAX_JSON_DEPTH`. Its cheap counts of
+    commas and brackets skip the exact checks for all but large or deep documents."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    brackets = data.count(b"[") + data.count(b"{")
+    if brackets + data.count(b",") > MAX_JSON_VALUES and json_values(data) > MAX_JSON_VALUES:
+        raise ParameterError(f"{what} holds more than {MAX_JSON_VALUES:,} values; send fewer, or pass large data "
+                             "as a file or URL the endpoint reads")
     too_deep = f"{what} nests arrays or objects more than {MAX_JSON_DEPTH} levels deep; send a flatter document"
     try:
         value = json.loads(raw)
@@ -67,14 +90,14 @@ def loads_json(raw: bytes | str, what: str) -> Any:
         raise ParameterError(too_deep) from None
     except ValueError as e:  # also UnicodeDecodeError: the bytes are not UTF-8
         raise ParameterError(f"{what} is not valid JSON ({e}); send UTF-8 JSON such as {{\"n\": 3}}") from None
-    if json_depth(value) > MAX_JSON_DEPTH:
+    if brackets > MAX_JSON_DEPTH and json_depth(value) > MAX_JSON_DEPTH:
         raise ParameterError(too_deep)
     return value
 
 
 REGISTRATION_FIELDS = {
     "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner", "requirements", "queue_timeout", "openai"},
-    "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner", "requirements"},
+    "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner", "requirements", "queue_timeout"},
 }
 
 
@@ -127,11 +150,7 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
         queue_timeout = body.get("queue_timeout")
         if queue_timeout is None:
             queue_timeout = DEFAULT_QUEUE_TIMEOUT
-        if isinstance(queue_timeout, bool) or not isinstance(queue_timeout, (int, float)) or not math.isfinite(queue_timeout) \
-                or not 0 < queue_timeout <= MAX_TIMEOUT:
-            raise RegistrationError(f"'queue_timeout' must be a number of seconds above 0 and at most {MAX_TIMEOUT:g}, "
-                                    f"got {queue_timeout!r}")
-        body["queue_timeout"] = float(queue_timeout)
+        body["queue_timeout"] = check_queue_timeout(queue_timeout)
         if not isinstance(body.get("openai", False), bool):
             raise RegistrationError("'openai' must be true or false")
         body["openai"] = body.get("openai", False)
@@ -155,7 +174,15 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
             f"'timeout' must be a number of seconds above 0 and at most {MAX_TIMEOUT:g} (7 days), or null for none; got {timeout!r}"
         )
     body["timeout"] = float(timeout) if timeout is not None else None
+    # none: a call from a notebook waits as long as it takes (`scheduler.queue_timeout`)
+    body["queue_timeout"] = check_queue_timeout(body["queue_timeout"]) if body.get("queue_timeout") is not None else None
     return body
+
+
+def check_queue_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT:
+        raise RegistrationError(f"'queue_timeout' must be a number of seconds above 0 and at most {MAX_TIMEOUT:g}, got {value!r}")
+    return float(value)
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -170,9 +197,11 @@ def _list_items(name: str, values: list[str]) -> list[Any]:
     text = values[0].strip()
     if text.startswith("["):
         try:
-            items = json.loads(text)
-        except ValueError:
-            raise ParameterError(f"parameter {name!r} looks like a JSON array but is not one: {text!r}") from None
+            items = loads_json(text, f"parameter {name!r}")
+        except ParameterError as e:
+            if "not valid JSON" in str(e):
+                raise ParameterError(f"parameter {name!r} looks like a JSON array but is not one: {text[:200]!r}") from None
+            raise
         if not isinstance(items, list):
             raise ParameterError(f"parameter {name!r} must be a list")
         return [item if isinstance(item, str) else json.dumps(item) for item in items]
@@ -324,6 +353,8 @@ class FunctionSpec:
     is_generator: bool = False
     retries: int = 0
     timeout: float | None = None
+    #: seconds a call may wait for a worker (None: see `scheduler.queue_timeout`)
+    queue_timeout: float | None = None
     doc: str = ""
     persist: bool = False
     owner: str = ""

@@ -21,9 +21,10 @@ from typing import Any
 
 from .. import wire
 from ..errors import WorkerError, error_info, gave_up_error
+from . import supervision
 from .kernels import Run, WorkerKernel
 from .pool import WorkerPool
-from .registry import FunctionSpec, Registry
+from .registry import DEFAULT_QUEUE_TIMEOUT, FunctionSpec, Registry
 
 log = logging.getLogger("jupyter_stream")
 
@@ -54,6 +55,32 @@ STEAL_MIN_SECONDS = 0.005
 MAX_DEATHS = 3
 MAX_SHARED_DEATHS = 10
 
+#: A map lane with nothing to run while the map waits for inputs (its caller holds the
+#: iterator without reading on) is closed after this many seconds, at once when other
+#: calls wait for the pool, so that an idle map never holds workers; more inputs open
+#: lanes again.
+LANE_LINGER = 1.0
+
+
+def queue_timeout(spec: FunctionSpec, nested: bool) -> float | None:
+    """How long a call of `spec` may wait for a worker: its ``--queue-timeout``; without
+    one, a call from inside a worker (its caller holds a worker while it waits, so a
+    wait could be a deadlock) waits `DEFAULT_QUEUE_TIMEOUT`, and one from a notebook or
+    script as long as it takes, as queued jobs do."""
+    if spec.queue_timeout is not None:
+        return spec.queue_timeout
+    return DEFAULT_QUEUE_TIMEOUT if nested else None
+
+
+def queue_timeout_error(spec: FunctionSpec, pool: WorkerPool, waited: float) -> dict[str, Any]:
+    busy = sum(1 for w in pool.workers if w.load > 0)
+    return error_info(
+        "TimeoutError",
+        f"no worker of function {spec.name!r} became free in {waited:g} s (pool [{pool.key.describe()}]: "
+        f"{busy} of {len(pool.workers)} worker(s) busy, at most {pool.max_workers}; the server runs at most "
+        f"{pool.placement.max_workers} in all). Raise its --max-workers or --queue-timeout, or the server's "
+        "JupyterStream.max_workers", "builtins")
+
 
 def killed_alone(run: Run) -> bool:
     """Whether `run` was the only one on its kernel when the kernel died."""
@@ -82,18 +109,33 @@ class RemoteCall:
         if worker is not None:
             self.launch(worker)
         else:
-            self.task = asyncio.create_task(self.wait_for_worker())
+            self.task = supervision.spawn(self.wait_for_worker(), f"call {self.id} of function {self.spec.name!r}",
+                                          on_crash=self.crashed)
 
     async def wait_for_worker(self) -> None:
+        nested = self.session.caller is not None
+        timeout = queue_timeout(self.spec, nested)
         try:
-            worker = await self.pool.acquire()
+            worker = await asyncio.wait_for(self.pool.acquire(nested=nested), timeout)
         except WorkerError as e:
-            self.session.end(self.id, error_info("WorkerError", str(e)))
+            self.finish_with(error_info("WorkerError", str(e)))
+            return
+        except asyncio.TimeoutError:
+            self.finish_with(queue_timeout_error(self.spec, self.pool, timeout))
             return
         if self.cancelled:
             self.pool.release(worker)
             return
         self.launch(worker)
+
+    def crashed(self, exc: BaseException) -> None:
+        self.finish_with(error_info("WorkerError", f"the server failed while placing this call: {type(exc).__name__}: {exc}"))
+
+    def finish_with(self, error: dict[str, Any]) -> None:
+        """End the call with `error` before it ran anywhere."""
+        if not self.cancelled:
+            self.spec.stats["failed"] += 1
+            self.session.end(self.id, error)
 
     def launch(self, worker: WorkerKernel) -> None:
         self.attempts += 1
@@ -157,11 +199,13 @@ class Lane:
         self.declined = False
         #: when it last sent results, or was given work with nothing in flight (monotonic)
         self.progress = 0.0
+        #: told to close while it had nothing to do (`MapCall.close_idle_lanes`): no more items
+        self.closing = False
 
     @property
     def queued(self) -> int:
         """Items waiting behind the running one that may still be asked back."""
-        if self.revoking or self.declined or self.run.ended:
+        if self.revoking or self.declined or self.run.ended or self.closing:
             return 0
         return len(self.inflight) - 1
 
@@ -191,10 +235,15 @@ class MapCall:
         self.lane_items = 1
         self.stolen = 0  # items taken back from a lane and run on another
         self.steal_timer: asyncio.TimerHandle | None = None
+        #: closes lanes that have nothing to run while the caller reads no further
+        self.idle_timer: asyncio.TimerHandle | None = None
+        #: when the map began waiting for its first lane (monotonic), for its queue timeout
+        self.waiting_since = time.monotonic()
 
     # -- from the client --------------------------------------------------------------
 
     def add_items(self, indices: list[int], sizes: list[int], payload: memoryview) -> None:
+        self.stop_idle_timer()
         for index, blob in zip(indices, wire.split(payload, sizes)):
             self.pending.append((index, blob.tobytes(), 0))
         self.outstanding += len(indices)
@@ -209,6 +258,7 @@ class MapCall:
         self.cancelled = True
         self.pending.clear()
         self.stop_steal_timer()
+        self.stop_idle_timer()
         for task in self.lane_tasks:
             task.cancel()
         for lane in self.lanes:
@@ -227,20 +277,33 @@ class MapCall:
             self.feed(lane)
         if not self.pending:
             self.steal()
+            self.check_idle()
             return
         wanted = min(self.pool.max_workers, self.outstanding)
         while len(self.lanes) + len(self.lane_tasks) < wanted and self.pending:
-            task = asyncio.create_task(self.open_lane())
+            task = supervision.spawn(self.open_lane(first=not self.lanes and not self.lane_tasks),
+                                     f"opening a lane of map {self.id} of function {self.spec.name!r}", on_crash=self.crashed)
             self.lane_tasks.add(task)
             task.add_done_callback(self.lane_tasks.discard)
 
-    async def open_lane(self) -> None:
+    async def open_lane(self, first: bool = False) -> None:
+        """Borrow a worker for one more lane. The first lane of a map from inside a worker
+        may have a kernel started over the server-wide cap (see `WorkerPool.acquire`); while
+        the map has no lane at all, it waits at most its queue timeout."""
+        nested = first and self.session.caller is not None
+        timeout = queue_timeout(self.spec, self.session.caller is not None) if first else None
         try:
             caller_has_lane = any(lane.worker is self.session.caller for lane in self.lanes)
-            worker = self.session.worker_now(self.pool, allow_caller=not caller_has_lane) or await self.pool.acquire()
+            worker = self.session.worker_now(self.pool, allow_caller=not caller_has_lane)
+            if worker is None:
+                worker = await asyncio.wait_for(self.pool.acquire(nested=nested), timeout)
         except WorkerError as e:
             if not self.lanes:
                 self.fail_all(error_info("WorkerError", str(e)))
+            return
+        except asyncio.TimeoutError:
+            if not self.lanes and not self.finished and not self.cancelled:
+                self.fail_all(queue_timeout_error(self.spec, self.pool, timeout))
             return
         if self.cancelled or self.finished or not (self.pending or any(lane.queued for lane in self.lanes)):
             self.pool.release(worker)
@@ -258,7 +321,7 @@ class MapCall:
     def feed(self, lane: Lane) -> None:
         inflight = lane.inflight
         room = self.lane_items - len(inflight)
-        if room <= 0 or not self.pending or lane.run.ended:
+        if room <= 0 or not self.pending or lane.run.ended or lane.closing:
             return
         # a suspect (see `blame`) runs alone on its lane, so that a death can be blamed on it
         suspects = self.suspects
@@ -319,7 +382,7 @@ class MapCall:
         lanes (`on_revoked`). Each item is either here, or in flight on exactly one lane."""
         if self.cancelled or self.finished or self.pending:
             return
-        idle = sum(1 for lane in self.lanes if not lane.inflight and not lane.run.ended)
+        idle = sum(1 for lane in self.lanes if not lane.inflight and not lane.run.ended and not lane.closing)
         idle -= sum(len(lane.revoking) for lane in self.lanes)  # already on their way back
         while idle > 0:
             victim, queued, retry = self.victim()
@@ -358,6 +421,43 @@ class MapCall:
             self.pending.extendleft(reversed(returned))
             self.dispatch()
 
+    # -- lanes with nothing to do --------------------------------------------------------
+
+    def check_idle(self) -> None:
+        """Every lane ran dry and no inputs wait here, though more may come (the caller
+        has not read on): close the idle lanes after `LANE_LINGER`, at once when other
+        calls wait for the pool, so that a map held open never holds workers."""
+        if self.finished or self.cancelled or self.inputs_done or self.pending:
+            return
+        if not any(not lane.inflight and not lane.closing for lane in self.lanes):
+            return
+        if self.pool.waiting:
+            self.close_idle_lanes()
+        elif self.idle_timer is None:
+            self.idle_timer = asyncio.get_running_loop().call_later(LANE_LINGER, self.close_idle_lanes)
+
+    def close_idle_lanes(self) -> None:
+        self.idle_timer = None
+        if self.finished or self.cancelled or self.pending:
+            return
+        for lane in self.lanes:
+            if not lane.inflight and not lane.closing:
+                lane.closing = True
+                lane.run.close_lane()  # it ends once it has run what it has: nothing
+
+    def stop_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def crashed(self, exc: BaseException) -> None:
+        """A task of this map failed (a bug of ours): the map ends with the error instead of
+        hanging; its lanes are stopped."""
+        if not self.finished and not self.cancelled:
+            self.fail_all(error_info("WorkerError", f"the server failed while running this map: {type(exc).__name__}: {exc}"))
+            for lane in self.lanes:
+                lane.run.cancel()
+
     def on_output(self, lane: Lane, data: dict[str, Any], buffers: list) -> None:
         if data.get("print") and not self.cancelled:
             self.session.send({"op": "out", "id": self.id, "print": data["print"], "worker": lane.worker.name})
@@ -379,6 +479,7 @@ class MapCall:
             self.feed(lane)
             if not lane.inflight and not self.pending:
                 self.steal()
+                self.check_idle()
         self.maybe_finish()
 
     def observe(self, count: int, busy: float) -> None:
@@ -466,15 +567,21 @@ class MapCall:
             return
         self.finished = True
         self.stop_steal_timer()
+        self.stop_idle_timer()
         for task in self.lane_tasks:
             task.cancel()
         for lane in self.lanes:
-            lane.run.close_lane()
+            if not lane.closing:
+                lane.run.close_lane()
         self.session.end(self.id)
 
     def fail_all(self, error: dict[str, Any]) -> None:
         self.finished = True
         self.stop_steal_timer()
+        self.stop_idle_timer()
+        for task in self.lane_tasks:
+            task.cancel()
+        self.spec.stats["failed"] += 1
         self.session.end(self.id, error)
 
 

@@ -20,6 +20,12 @@ from typing import Any
 
 COOKIE = "jupyter-stream-share"
 
+#: How long a revoked or expired share is still known (its link then says why it stopped
+#: working); after that it is forgotten, and its link is just not valid.
+ENDED_SHARES_KEPT_FOR = 24 * 3600.0
+#: Ended shares known at most (the oldest are forgotten first).
+MAX_ENDED_SHARES = 1000
+
 
 class ShareRefused(Exception):
     """A presented share token does not open this route (an HTTP 403 with this message)."""
@@ -37,6 +43,15 @@ class Share:
     created: float = field(default_factory=time.time)
     expires: float | None = None  # time.time() after which it no longer opens anything
     revoked: str | None = None  # why it stopped working, once it has
+    revoked_at: float | None = None
+
+    def ended_at(self) -> float | None:
+        """When it stopped working (revoked or expired), or None while it works."""
+        if self.revoked:
+            return self.revoked_at or self.created
+        if self.expires is not None and time.time() >= self.expires:
+            return self.expires
+        return None
 
     def state(self, now: float | None = None) -> str:
         if self.revoked:
@@ -63,6 +78,8 @@ class ShareStore:
         share = Share(secrets.token_hex(8), digest(token), endpoint,
                       expires=time.time() + seconds if seconds is not None else None)
         self.by_digest[share.digest] = share
+        if len(self.by_digest) > 2 * MAX_ENDED_SHARES:
+            self.sweep()
         return share, token
 
     def list(self, endpoint: str | None = None) -> list[Share]:
@@ -72,7 +89,21 @@ class ShareStore:
         return next((s for s in self.by_digest.values() if hmac.compare_digest(s.id, share_id)), None)
 
     def revoke(self, share: Share, why: str = "it was revoked") -> None:
-        share.revoked = share.revoked or why
+        if not share.revoked:
+            share.revoked, share.revoked_at = why, time.time()
+
+    def sweep(self) -> int:
+        """Forget shares that stopped working more than `ENDED_SHARES_KEPT_FOR` ago, and the
+        oldest ended ones past `MAX_ENDED_SHARES` (the server runs this every few minutes);
+        returns how many were forgotten."""
+        now = time.time()
+        ended = sorted(((s.ended_at(), s) for s in self.by_digest.values() if s.ended_at() is not None), key=lambda e: e[0])
+        drop = [s for at, s in ended if now - at > ENDED_SHARES_KEPT_FOR]
+        kept = [s for at, s in ended if now - at <= ENDED_SHARES_KEPT_FOR]
+        drop += kept[: max(len(kept) - MAX_ENDED_SHARES, 0)]
+        for share in drop:
+            self.by_digest.pop(share.digest, None)
+        return len(drop)
 
     def endpoint_removed(self, endpoint: str) -> None:
         for share in self.list(endpoint):
