@@ -1,9 +1,11 @@
 """What a function asks of the workers that run it: GPUs, pool size, kernel, environment.
 
-``--gpu`` takes Modal's forms: ``any``, ``N`` (that many GPUs of any kind), ``TYPE``
-(matched case-insensitively against the device name, as a whole word: ``H100`` matches
-"NVIDIA H100 80GB HBM3", ``A10`` does not match an A100), ``TYPE:N``, and a comma-separated
-fallback list tried in order (``H100,A100:2``; a Python list in the decorators).
+``--gpu`` takes Modal's forms: ``any``, ``N`` (that many GPUs of any kind: of one kind
+when this machine has that many of one, mixed only when it has not), ``TYPE`` (matched
+case-insensitively against the device name, as a whole word: ``H100`` matches "NVIDIA
+H100 80GB HBM3", ``A10`` does not match an A100), ``TYPE:N``, ``mixed:N`` (any N devices,
+of whatever kinds are free), and a comma-separated fallback list tried in order
+(``H100,A100:2``; a Python list in the decorators).
 
 Both sides check these: the client early in the notebook cell, the server again (it trusts
 no client) and against its own devices (`server.gpus`).
@@ -27,20 +29,29 @@ MAX_SCALEDOWN_WINDOW = 7 * 24 * 3600.0
 MAX_GPUS = 64
 REQUIREMENT_FIELDS = {"gpu", "min_workers", "max_workers", "scaledown_window", "kernel", "env", "concurrency"}
 MAX_CONCURRENCY = 1000
-GPU_SPEC_HELP = "any, N, TYPE, TYPE:N, or a fallback list such as H100,A100:2"
+GPU_SPEC_HELP = "any, N, TYPE, TYPE:N, mixed:N, or a fallback list such as H100,A100:2"
 
 
 @dataclass(frozen=True)
 class GpuRequest:
-    """One alternative of a GPU spec: `count` devices whose name matches `kind` (any if None)."""
+    """One alternative of a GPU spec: `count` devices whose name matches `kind` (any if
+    None); several devices of any kind are of one kind unless `mixed`."""
 
     kind: str | None
     count: int
+    mixed: bool = False
 
     def __str__(self) -> str:
+        if self.mixed:
+            return f"mixed:{self.count}"
         if self.kind is None:
             return "any" if self.count == 1 else str(self.count)
         return self.kind if self.count == 1 else f"{self.kind}:{self.count}"
+
+    @property
+    def one_kind(self) -> bool:
+        """Whether its devices should all be of one kind (several of any kind, not mixed)."""
+        return self.kind is None and not self.mixed and self.count > 1
 
     def matches(self, device_name: str) -> bool:
         if self.kind is None:
@@ -87,6 +98,8 @@ def _parse_one(part: str, whole: Any) -> GpuRequest:
         raise ValueError(f"{bad}: {part!r} asks for {count} GPUs; ask for 1 to {MAX_GPUS}")
     if kind.lower() in ("", "any"):
         return GpuRequest(None, count)
+    if kind.lower() == "mixed":
+        return GpuRequest(None, count, mixed=True)
     if not GPU_TYPE_RE.fullmatch(kind):
         raise ValueError(f"{bad}: {kind!r} is not a GPU type; write {GPU_SPEC_HELP}")
     return GpuRequest(kind.upper(), count)

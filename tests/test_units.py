@@ -229,3 +229,32 @@ def test_placement_gives_each_worker_its_own_gpus_and_stops_idle_ones_for_room()
     assert taken.gpus == [0, 1] and sorted(w.name for w in taken.victims) == ["w1", "w2"] and len(evicted) == 2
     placement.free(first), placement.free(second)
     assert placement.inventory.holders == {0: taken, 1: taken}
+
+
+def test_a_count_of_any_gpus_takes_one_kind_unless_mixed_is_asked_or_nothing_else_fits(caplog):
+    """`--gpu 2` on two H100s and an A100 used to give an H100 and an A100."""
+    import logging
+
+    from jupyter_stream.requirements import GpuRequest, parse_gpu_spec
+    from jupyter_stream.server.gpus import GpuInventory
+    from jupyter_stream.server.placement import Placement
+    from jupyter_stream.server.pool import WorkerPool
+
+    assert parse_gpu_spec("mixed:2") == (GpuRequest(None, 2, mixed=True),) and str(GpuRequest(None, 2, True)) == "mixed:2"
+    devices = ["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"]
+    placement = Placement(max_workers=8, inventory=GpuInventory(devices))
+    two, mixed, one = (WorkerPool(gpu=spec, placement=placement) for spec in ("2", "mixed:2", "any"))
+    first = placement.reserve(two)
+    assert first.gpus == [1, 2]  # the two H100s, not the A100 and an H100
+    placement.free(first)
+    assert placement.reserve(one).gpus == [0]  # one of any kind
+    placement.inventory.holders.clear()
+    held = placement.reserve(WorkerPool(gpu="H100", placement=placement))
+    assert held.gpus == [1]
+    assert placement.reserve(two) is None  # an A100 and an H100 are free, but two H100s exist: it waits, it does not mix
+    assert placement.reserve(mixed).gpus == [0, 2]  # asked for: mixed at once
+    # a machine with no two of one kind: mixed, with a log line
+    small = Placement(max_workers=8, inventory=GpuInventory(["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"]))
+    with caplog.at_level(logging.INFO, logger="jupyter_stream"):
+        assert small.reserve(WorkerPool(gpu="2", placement=small)).gpus == [0, 1]
+    assert "no 2 GPUs of one kind on this machine" in caplog.text

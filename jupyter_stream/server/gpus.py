@@ -46,6 +46,13 @@ class GpuInventory:
     def matching(self, request: GpuRequest) -> list[Gpu]:
         return [d for d in self.devices if request.matches(d.name)]
 
+    def by_name(self) -> dict[str, list[int]]:
+        """Device indices by device name (the kinds this machine has, and how many of each)."""
+        kinds: dict[str, list[int]] = {}
+        for device in self.devices:
+            kinds.setdefault(device.name, []).append(device.index)
+        return kinds
+
     def check_satisfiable(self, requests: tuple[GpuRequest, ...]) -> None:
         """Raise ValueError, naming what the machine has, if no alternative could ever be met."""
         if requests and not any(len(self.matching(r)) >= r.count for r in requests):

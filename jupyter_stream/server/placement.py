@@ -67,6 +67,7 @@ class Placement:
         self.seats: set[Seat] = set()
         self.blocked: set[WorkerPool] = set()  # pools with waiting calls that could not start a kernel
         self._counter = itertools.count(1)
+        self._pool_numbers = itertools.count(1)
         self._secret = secrets.token_bytes(32)
         self.closed = False
 
@@ -78,6 +79,7 @@ class Placement:
 
     def add_pool(self, pool: WorkerPool) -> None:
         pool.placement = self
+        pool.number = next(self._pool_numbers)  # tells apart pools whose env differs only in values
         self.pools[pool.key] = pool
 
     def pool_for(self, requirements: dict[str, Any], make: Any) -> WorkerPool:
@@ -168,21 +170,46 @@ class Placement:
         freed = {i for v in victims for i in self.seat_of(v).gpus} if victims else set()
         for request in requests:
             free = [d.index for d in inventory.matching(request) if d.index not in inventory.holders or d.index in freed]
-            if len(free) >= request.count:
-                return free[: request.count], []
+            chosen = self._pick(request, free)
+            if chosen is not None:
+                return chosen, []
         for request in requests:
             chosen = [d.index for d in inventory.matching(request) if d.index not in inventory.holders or d.index in freed]
             more: list[WorkerKernel] = []
-            while len(chosen) < request.count:
+            while self._pick(request, chosen) is None:
                 wanted = {d.index for d in inventory.matching(request)} - set(chosen)
                 victim = self._idle_worker(exclude=pool, holding=wanted)
                 if victim is None or victim in more:
                     break
                 more.append(victim)
                 chosen += sorted(set(self.seat_of(victim).gpus) & wanted)
-            if len(chosen) >= request.count:
-                return sorted(chosen[: request.count]), more
+            picked = self._pick(request, chosen)
+            if picked is not None:
+                return picked, more
         return None
+
+    def _pick(self, request: GpuRequest, available: list[int]) -> list[int] | None:
+        """`request.count` of the `available` devices, or None. Several devices of any kind
+        are of one kind (the kind with most available first), unless the request is
+        ``mixed`` or this machine has no kind with that many devices (then mixed, with a
+        log line); until one kind has enough free, it waits."""
+        if len(available) < request.count:
+            return None
+        if not request.one_kind:
+            return sorted(available)[: request.count]
+        by_name: dict[str, list[int]] = {}
+        for index in sorted(available):
+            by_name.setdefault(self.inventory.devices[index].name, []).append(index)
+        best = max(by_name.values(), key=len)
+        if len(best) >= request.count:
+            return best[: request.count]
+        if any(len(devices) >= request.count for devices in self.inventory.by_name().values()):
+            return None  # one kind has enough devices: wait for them to be free
+        chosen = sorted(available)[: request.count]
+        log.info("jupyter_stream: no %d GPUs of one kind on this machine; giving %s mixed devices %s (ask for mixed:%d to "
+                 "say so)", request.count, request, ", ".join(f"{i}: {self.inventory.devices[i].name}" for i in chosen),
+                 request.count)
+        return chosen
 
     def seat_of(self, worker: WorkerKernel) -> Seat:
         return next(seat for seat in self.seats if seat.worker is worker)
