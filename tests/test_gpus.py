@@ -133,7 +133,11 @@ def test_the_api_lists_pools_workers_and_their_gpus(gpu_server):
     info = gpu_server.workers()
     assert info["simulated_gpus"] is True and [g["name"] for g in info["gpus"]] == DEVICES
     pool = next(p for p in info["pools"] if p["gpu"] == "H100:2")
-    assert pool["functions"] == ["listed"] and pool["env"] == ["MODEL"]
+    assert pool["functions"] == ["listed"] and pool["env"] == ["MODEL"] and "tiny" not in str(info)
+    assert pool["name"].endswith("kernel python3, gpu H100:2, env MODEL") and pool["concurrency"] is None
+    listed = gpu_server.get("api/stream/functions/listed").json()
+    assert listed["requirements"] == {"gpu": "H100:2", "min_workers": 1, "max_workers": 2, "scaledown_window": 30.0,
+                                      "env": ["MODEL"]}, listed
     assert (pool["min_workers"], pool["max_workers"], pool["scaledown_window"]) == (1, 2, 30.0)
     assert pool["kernel_name"] == "python3" and pool["waiting_calls"] == 0
     worker = next(w for w in pool["workers"] if w["state"] == "busy")
@@ -156,6 +160,18 @@ def test_re_registering_with_new_requirements_moves_the_function_without_breakin
     assert indices(moved.remote()) == [2]
     pools = {p["gpu"]: p["functions"] for p in gpu_server.workers()["pools"]}
     assert pools["A100"] == ["moving"] and pools["H100"] == []
+
+
+def test_a_pool_nothing_uses_is_forgotten_once_its_workers_are_gone(gpu_server):
+    """Every GPU spec a function ever had used to stay listed in /api/stream/workers."""
+    fn(gpu_server, "fickle", gpu="A100", scaledown_window=1).remote()
+    fn(gpu_server, "fickle", gpu="H100", scaledown_window=1).remote()
+    deadline = time.monotonic() + 30
+    while "A100" in [p["gpu"] for p in gpu_server.workers()["pools"]]:
+        assert time.monotonic() < deadline, gpu_server.workers()["pools"]
+        time.sleep(0.2)
+    assert [p["functions"] for p in gpu_server.workers()["pools"] if p["gpu"] == "H100"] == [["fickle"]]
+    assert "forgot pool [kernel python3, gpu A100]" in gpu_server.log()
 
 
 def test_env_and_kernel_requirements(gpu_server):

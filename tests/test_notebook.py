@@ -2,6 +2,7 @@
 and the embedded server for plain scripts."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -292,3 +293,36 @@ def test_the_embedded_servers_token_is_not_on_its_command_line():
         assert register_function(token_seen, connection=conn).remote() is None
     finally:
         conn.close()
+
+
+def test_ctrl_c_ends_open_streams_properly(tmp_path):
+    """An SSE client reading when serve stops gets a last event saying so and a properly
+    terminated body (it used to get curl's error 18: the body cut short)."""
+    with serve("quickstart.ipynb", tmp_path) as (out, base, headers):
+        events = []
+        with httpx.stream("GET", base + "ticker?n=1000", headers=headers, timeout=30) as r:
+            for line in r.iter_lines():  # raises if the chunked body is cut short
+                if line:
+                    events.append(line)
+                if len(events) == 4:
+                    serve.proc.send_signal(signal.SIGINT)
+        assert events[0] == "id: 0" and events[-2] == "event: error", events
+        error = json.loads(events[-1][len("data: "):])["error"]
+        assert error["type"] == "ServerStopping" and "the server is stopping" in error["message"], error
+        assert serve.proc.wait(15) == 0
+
+
+def test_ctrl_c_while_serve_starts_says_so_in_one_line(tmp_path):
+    from jupyter_stream.pytest_plugin import free_port
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_stream.server.cli", "serve", str(REPO / "notebooks" / "quickstart.ipynb"),
+         "--port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path), "JUPYTER_DATA_DIR": str(tmp_path / "data")},
+    )
+    first = proc.stdout.readline()  # the server is loading its extensions
+    proc.send_signal(signal.SIGINT)
+    out = first + proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert "interrupted while starting; stopped" in out or "SIGINT: stopping" in out, out

@@ -95,8 +95,20 @@ def test_the_openai_client_reads_an_openai_endpoint(server):
     share = server.connection.request("POST", "api/stream/shares", json={"endpoint": "echo", "expires": 600}).json()
     shared = openai.OpenAI(base_url=server.url + "stream/echo/v1", api_key=share["token"], max_retries=0)
     assert shared.chat.completions.create(model="echo", messages=messages, max_tokens=1).choices[0].message.content == "hello"
-    with pytest.raises(openai.PermissionDeniedError, match="not valid here"):
+    # a wrong, missing, revoked or expired key: a 401 in OpenAI's shape, so its clients raise AuthenticationError
+    with pytest.raises(openai.AuthenticationError, match="not valid here") as raised:
         openai.OpenAI(base_url=server.url + "stream/echo/v1", api_key="wrong", max_retries=0).models.list()
+    assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
+    assert raised.value.body["type"] == "invalid_request_error"
+    missing = httpx.post(server.url + "stream/echo/v1/chat/completions", json={"messages": messages}, timeout=10)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key", missing.text
+    server.connection.request("DELETE", f"api/stream/shares/{share['id']}")
+    with pytest.raises(openai.AuthenticationError, match="no longer works: it was revoked"):
+        shared.chat.completions.create(model="echo", messages=messages)
+    expiring = server.connection.request("POST", "api/stream/shares", json={"endpoint": "echo", "expires": 1}).json()
+    time.sleep(1.2)
+    with pytest.raises(openai.AuthenticationError, match="expired at"):
+        openai.OpenAI(base_url=server.url + "stream/echo/v1", api_key=expiring["token"], max_retries=0).models.list()
 
     register_endpoint(lambda messages: iter(["x"]), "plain", connection=server.connection)
     with pytest.raises(openai.NotFoundError, match="register it with --openai"):

@@ -295,3 +295,30 @@ def test_serve_share_prints_links_and_no_token(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_tokens_in_urls_never_reach_the_log(shared):
+    """A refused `POST /api/kernels?share=<token>` used to log the whole token in tornado's
+    "'_xsrf' argument missing" warning. Every path that logs a URL, with a share token and
+    with a wrong server token in the query: the lines are there, the tokens are not."""
+    server, share = shared
+    wrong = "wrong" + share.token[5:]
+    for token in (share.token, wrong):
+        for name in ("share", "token"):
+            q = {name: token}
+            fetch(server, "POST", "api/kernels", params=q)  # tornado: 403 ... '_xsrf' argument missing
+            fetch(server, "POST", "api/sessions", params=q, cookies={"_xsrf": "x"})
+            fetch(server, "PUT", "api/contents/x.txt", params=q)
+            fetch(server, "DELETE", "api/kernels/nope", params=q)
+            fetch(server, "GET", "api/nope", params=q)  # 404
+            fetch(server, "GET", "lab", params=q)  # a page: login redirect
+            fetch(server, "GET", "files/nope.txt", params=q)
+            fetch(server, "GET", "api/stream/calls", params=q, headers={"Connection": "Upgrade", "Upgrade": "websocket",
+                                                                      "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "x" * 22 + "=="})
+            fetch(server, "GET", "api/kernels/0/channels", params=q, headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+            fetch(server, "GET", "stream/ticks", params={**q, "n": "not a number"})  # 400 of ours
+            fetch(server, "GET", "stream/secret_thing", params=q)  # 403 of ours
+    log = server.log()
+    leaks = [line for line in log.splitlines() if share.token in line or wrong in line]
+    assert not leaks, leaks
+    assert "'_xsrf' argument missing" in log and "share=[secret]" in log and "token=[secret]" in log

@@ -23,7 +23,7 @@ from traitlets import Bool, Enum, Float, Int, List, TraitError, Type, Unicode, d
 
 from .. import wire
 from ..responses import SSE
-from . import handlers, supervision
+from . import handlers, scrub, supervision
 from .gpus import GpuInventory
 from .kernels import OutputQueue
 from .persist import RegistrationStore, StoredRegistration
@@ -36,8 +36,10 @@ from .shares import ShareStore
 URL_ENV = "JUPYTER_STREAM_URL"
 TOKEN_ENV = "JUPYTER_STREAM_TOKEN"
 
-#: How often revoked and expired share links past their retention are forgotten.
+#: How often revoked and expired share links past their retention are forgotten ...
 SHARE_SWEEP_SECONDS = 600.0
+#: ... and pools no registration uses, once they have scaled down to nothing.
+POOL_SWEEP_SECONDS = 5.0
 
 
 class JupyterStream(ExtensionApp):
@@ -153,6 +155,8 @@ class JupyterStream(ExtensionApp):
     def initialize_settings(self) -> None:
         # the package's own loggers (pool, scheduler) write to the server's log
         logging.getLogger("jupyter_stream").parent = self.log
+        if self.notebooks:  # `jupyter stream serve`: Ctrl-C while it starts stops it (no "shut down? y/n")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         #: what worker kernels authenticate with: it opens the calls socket (their calls of
         #: other functions) and nothing else, so code serving anonymous share traffic never
         #: holds the server's own token
@@ -166,10 +170,14 @@ class JupyterStream(ExtensionApp):
         #: the pool of what asks for nothing in particular (no GPU, the default kernel)
         self.pool = self.make_pool(self.placement.key_for({}))
         self.shares = ShareStore()
+        #: the endpoint requests being answered now (`EndpointHandler`), ended properly at shutdown
+        self.open_requests: set[Any] = set()
         self.settings["jupyter_stream"] = self
-        # share tokens in a query string never reach the log (jupyter-server scrubs ?token=)
-        scrub = list(self.serverapp.extra_log_scrub_param_keys)
-        self.settings["extra_log_scrub_param_keys"] = scrub if "share" in scrub else [*scrub, "share"]
+        # share tokens in a query string never reach the log: jupyter-server's access lines
+        # scrub ?token= (and now ?share=), and every other line goes through SecretsFilter
+        keys = list(self.serverapp.extra_log_scrub_param_keys)
+        self.settings["extra_log_scrub_param_keys"] = keys if "share" in keys else [*keys, "share"]
+        scrub.install(self.serverapp.log)
 
     def make_pool(self, key: PoolKey) -> WorkerPool:
         default = key == self.placement.key_for({})
@@ -198,6 +206,10 @@ class JupyterStream(ExtensionApp):
         self.handlers.extend(handlers.default_handlers())
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        if self.notebooks:  # `jupyter stream serve`: Ctrl-C stops it at once, also while it starts
+            from .serve import stop_on_signals
+
+            stop_on_signals(self)
         if self.export_env:
             os.environ[URL_ENV] = self.server_url
             os.environ[TOKEN_ENV] = self.token
@@ -209,11 +221,12 @@ class JupyterStream(ExtensionApp):
         supervision.spawn(self.restore_persisted(), "restoring persisted registrations")
         supervision.spawn(supervision.every(SHARE_SWEEP_SECONDS, self.shares.sweep, "forgetting ended share links",
                                             lambda: not self.placement.closed), "forgetting ended share links")
-        if self.notebooks:
-            from .serve import run_notebooks, stop_on_signals
+        supervision.spawn(supervision.every(POOL_SWEEP_SECONDS, self.forget_unused_pools, "forgetting unused pools",
+                                            lambda: not self.placement.closed), "forgetting unused pools")
+        if self.notebooks and not self.stopping:
+            from .serve import run_notebooks
 
-            self.serving = asyncio.create_task(run_notebooks(self, list(self.notebooks)))
-            stop_on_signals(self)
+            self.serving = supervision.spawn(run_notebooks(self, list(self.notebooks)), "running the notebooks")
 
     # -- registrations: the one path for the API, and for restoring persisted ones ------
 
@@ -301,13 +314,17 @@ class JupyterStream(ExtensionApp):
         """Size each pool from what its functions and endpoints ask: the largest minimum,
         maximum and scale-down window among them (the server's settings for the default
         pool, and as the maximum where none is given). A pool whose minimum went up starts
-        kernels; one whose functions all left scales down to nothing."""
+        kernels; one whose functions all left scales down to nothing over the window it had
+        (and is then forgotten: `forget_unused_pools`)."""
         asked: dict[WorkerPool, list[dict[str, Any]]] = {pool: [] for pool in self.placement.pools.values()}
         for registry in self.registries.values():
             for spec in registry.values():
                 asked.setdefault(self.pool_for(spec), []).append(spec.requirements)
         for pool, wants in asked.items():
             default = pool is self.pool
+            if not wants and not default:  # nothing uses it now: it scales down as it was told, then is forgotten
+                pool.min_workers = 0
+                continue
             mins = [w["min_workers"] for w in wants if "min_workers" in w]
             maxes = [w["max_workers"] for w in wants if "max_workers" in w]
             windows = [w["scaledown_window"] for w in wants if "scaledown_window" in w]
@@ -317,6 +334,19 @@ class JupyterStream(ExtensionApp):
             pool.scaledown_window = max(windows) if windows else self.scaledown_window
             if self.started and (not pool.watched or len(pool.workers) + pool.starting < pool.min_workers):
                 supervision.spawn(pool.start(), f"starting pool [{pool.key.describe()}]")
+
+    async def forget_unused_pools(self) -> None:
+        """Forget the pools no registration uses any more (a function got new requirements,
+        or was removed) once they have no kernel and no call waits: `/api/stream/workers`
+        then lists only the pools that serve something (the default one always)."""
+        used = {self.pool_for(spec) for registry in self.registries.values() for spec in registry.values()}
+        for key, pool in list(self.placement.pools.items()):
+            if pool is self.pool or pool in used or pool.workers or pool.draining or pool.starting \
+                    or pool.waiting or pool.stopping:
+                continue
+            del self.placement.pools[key]
+            self.log.info("jupyter_stream: forgot pool [%s]: nothing uses it any more", key.describe())
+            await pool.shutdown()
 
     async def restore_persisted(self) -> None:
         """Register again what was persisted, once a worker has loaded each pickle; a
@@ -375,7 +405,18 @@ class JupyterStream(ExtensionApp):
                 pass
 
     async def stop_extension(self) -> None:
+        """The server is stopping: end the open streams properly first (an SSE client gets an
+        event saying so and every body its last chunk), then stop every worker gracefully."""
+        await self.end_streams("the server is stopping; retry in a moment")
         await self.placement.shutdown()
+
+    async def end_streams(self, why: str, wait: float = 2.0) -> None:
+        for handler in list(self.open_requests):
+            handler.server_stopping(why)
+        deadline = asyncio.get_running_loop().time() + wait
+        while self.open_requests and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)  # their last bytes leave the sockets
 
     @property
     def server_url(self) -> str:
@@ -403,12 +444,21 @@ class JupyterStream(ExtensionApp):
     def info(self, spec: EndpointSpec | FunctionSpec) -> dict[str, Any]:
         """What the API shows of an endpoint or function."""
         common = {"name": spec.name, "doc": spec.doc, "persist": spec.persist, "created": spec.created,
-                  "owner": spec.owner, "stats": dict(spec.stats)}
+                  "owner": spec.owner, "stats": dict(spec.stats), "requirements": public_requirements(spec.requirements)}
         if isinstance(spec, FunctionSpec):
             return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout,
                     "queue_timeout": spec.queue_timeout}
-        return {**common, "url": self.endpoint_url(spec.name), "media_type": spec.media_type or SSE,
+        return {**common, "url": self.endpoint_url(spec.name), "path": f"stream/{spec.name}", "media_type": spec.media_type or SSE,
                 "output": list(spec.output),
                 "media_type_declared": spec.media_type is not None,
                 "queue_timeout": spec.queue_timeout, "openai": spec.openai,
                 "parameters": spec.signature.get("params", [])}
+
+
+def public_requirements(requirements: dict[str, Any]) -> dict[str, Any]:
+    """A registration's requirements as the API shows them: GPU spec, pool size, kernel,
+    concurrency, and the names of its env variables (their values may be secrets)."""
+    shown = {k: v for k, v in requirements.items() if k != "env"}
+    if requirements.get("env"):
+        shown["env"] = sorted(requirements["env"])
+    return shown

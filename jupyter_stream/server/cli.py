@@ -80,6 +80,14 @@ def list_endpoints(out: Any = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        run(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the server runs (once it runs, `serve.stop_on_signals` has it)
+        print("jupyter-stream: interrupted while starting; stopped", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
+def run(argv: list[str] | None = None) -> None:
     from .. import __version__
 
     parser = argparse.ArgumentParser(prog="jupyter stream", description="Streaming endpoints from Jupyter notebooks.")

@@ -91,6 +91,8 @@ class StreamHandlerBase(PathOnlyLogging, APIHandler):
     #: whether a share link's token opens this route (for the endpoint it shares)
     accepts_shares = False
     share: Share | None = None
+    #: the status of a request whose credentials are missing or wrong (OpenAI's API says 401)
+    unauthenticated_status = 403
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -102,15 +104,15 @@ class StreamHandlerBase(PathOnlyLogging, APIHandler):
             # a token beside a login cookie (a client's cookie jar): judged by the token alone
             self.current_user = self._jupyter_current_user = None
         if token is not None and is_worker_token(self.stream, token):
-            raise web.HTTPError(403, WORKER_TOKEN_REFUSED)
+            raise web.HTTPError(self.unauthenticated_status, WORKER_TOKEN_REFUSED)
         if not self.current_user:  # before reading a body (the auth decorators run after it)
             token = self.presented_share() if self.accepts_shares else None
             if not token:
-                raise web.HTTPError(403, NOT_AUTHENTICATED)
+                raise web.HTTPError(self.unauthenticated_status, NOT_AUTHENTICATED)
             try:
                 self.share = self.stream.shares.check(token, self.path_kwargs.get("name"))
             except ShareRefused as e:
-                raise web.HTTPError(403, str(e)) from None
+                raise web.HTTPError(self.unauthenticated_status, str(e)) from None
 
     @property
     def cookie_authenticated(self) -> bool:
@@ -133,7 +135,7 @@ class StreamHandlerBase(PathOnlyLogging, APIHandler):
         if self.share is not None:
             return
         if not self.current_user:
-            raise web.HTTPError(403, NOT_AUTHENTICATED)
+            raise web.HTTPError(self.unauthenticated_status, NOT_AUTHENTICATED)
         if not await ensure_async(self.authorizer.is_authorized(self, self.current_user, action, self.auth_resource)):
             raise web.HTTPError(403, f"not authorized to {action} {self.auth_resource}")
 
@@ -210,6 +212,8 @@ class EndpointHandler(StreamHandlerBase):
 
     run = None  # the endpoint function running on a worker
     closed = False
+    #: why the server ends this response itself (it is stopping), once it does
+    stopping: str | None = None
     waiting: asyncio.Future | None = None  # for a worker, while the request is queued
 
     async def prepare(self) -> None:
@@ -302,10 +306,12 @@ class EndpointHandler(StreamHandlerBase):
         stats = spec.stats
         stats["requests"] += 1
         stats["open_streams"] += 1
+        self.stream.open_requests.add(self)
         try:
             await self.relay(spec, kwargs, stats)
         finally:
             stats["open_streams"] -= 1
+            self.stream.open_requests.discard(self)
 
     def query_parameters(self) -> dict[str, list[str]]:
         """The query string as text; tornado gives names as latin-1 and values as bytes."""
@@ -376,6 +382,9 @@ class EndpointHandler(StreamHandlerBase):
                 else:
                     timeout = commit_after if begun or media_type else None
                 if self.closed:
+                    return
+                if self.stopping:
+                    self.end_for_stopping(sse)
                     return
                 if not await output.wait(timeout):
                     if not begun:
@@ -476,7 +485,9 @@ class EndpointHandler(StreamHandlerBase):
                         self.begin({"media_type": spec.media_type})
                     self.write(b": waiting for a worker\n\n")
                     await self.flush()
-        except (asyncio.CancelledError, StreamClosedError):  # the client left while queued: the call never starts
+        except (asyncio.CancelledError, StreamClosedError):  # the client left while queued, or the server stops
+            if self.stopping and not self.closed:
+                self.end_for_stopping(self._headers_written)
             return None
         except WorkerError as e:
             if self._headers_written:
@@ -490,6 +501,27 @@ class EndpointHandler(StreamHandlerBase):
                     waiting.cancel()  # leaves the queue (acquire gives back a worker it got meanwhile)
                 elif not waiting.cancelled() and waiting.exception() is None:
                     pool.release(waiting.result())
+
+    def server_stopping(self, why: str) -> None:
+        """The server is stopping: stop the call and end the response properly (see
+        `end_for_stopping`) instead of cutting the connection."""
+        self.stopping = why
+        if self.waiting is not None:
+            self.waiting.cancel()
+        if self.run is not None:
+            self.run.cancel()
+            self.output.wake()
+
+    def end_for_stopping(self, sse: bool) -> None:
+        """The last words of a response the server ends: an SSE stream gets an error event
+        saying so, then every body its terminating chunk (tornado finishes the response
+        when the handler returns); one not begun yet is a 503."""
+        if not self._headers_written:
+            self.clear()
+            self.retry_after = 5
+            self.send_error(503, exc_info=(None, web.HTTPError(503, self.stopping), None))
+        elif sse:
+            self.write(f"event: error\ndata: {error_body(error_info('ServerStopping', self.stopping))}\n\n")
 
     def begin(self, start: dict[str, Any]) -> bool:
         """Send the status line and headers; returns whether this is an SSE stream."""

@@ -29,8 +29,8 @@ from .registry import EndpointSpec, ParameterError, loads_json
 MAX_COMPLETION_BYTES = 16 * 1024 * 1024
 
 
-def openai_error(message: str, kind: str = "invalid_request_error") -> str:
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}})
+def openai_error(message: str, kind: str = "invalid_request_error", code: str | None = None) -> str:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
 class CompletionTooLong(Exception):
@@ -38,6 +38,9 @@ class CompletionTooLong(Exception):
 
 
 class OpenAIMixin:
+    #: a missing or wrong key is a 401, as OpenAI answers it (`openai.AuthenticationError`)
+    unauthenticated_status = 401
+
     def openai_spec(self, name: str) -> EndpointSpec:
         spec = self.stream.endpoints.get(name)
         if spec is None or not spec.openai:
@@ -49,9 +52,13 @@ class OpenAIMixin:
         """Errors the way OpenAI's clients read them: ``{"error": {"message", "type"}}``."""
         error = (kwargs.get("exc_info") or (None, None))[1]
         message = error.log_message if isinstance(error, web.HTTPError) and error.log_message else self._reason
-        kind = "authentication_error" if status_code in (401, 403) else "invalid_request_error" if status_code < 500 else "server_error"
         if self.retry_after:
             self.set_header("Retry-After", str(self.retry_after))
+        if status_code == 401:  # OpenAI's own answer to a wrong key: the clients raise AuthenticationError
+            self.set_header("WWW-Authenticate", 'Bearer realm="jupyter-stream"')
+            self.finish(openai_error(f"Incorrect API key provided: {message}", "invalid_request_error", "invalid_api_key"))
+            return
+        kind = "permission_error" if status_code == 403 else "invalid_request_error" if status_code < 500 else "server_error"
         self.finish(openai_error(message, kind))
 
 

@@ -96,6 +96,7 @@ class WorkerPool:
         self.start_error: str | None = None
         #: calls from inside a worker waiting here (their callers hold seats while they wait)
         self.nested_waiting = 0
+        self.number = 0  # the placement numbers its pools (see `info`)
         self.workers: list[WorkerKernel] = []
         self.draining: list[WorkerKernel] = []
         self.starting = 0
@@ -461,9 +462,11 @@ class WorkerPool:
     def info(self) -> dict[str, Any]:
         """The pool as `GET /api/stream/workers` shows it."""
         return {
+            "name": f"pool {self.number}: {self.key.describe()}",  # tells two pools of the same GPU spec apart
             "kernel_name": self.kernel_name,
             "gpu": self.key.gpu,
             "env": sorted(self.env),  # names only: values may be secrets
+            "concurrency": self.key.concurrency,
             "min_workers": self.min_workers,
             "max_workers": self.max_workers,
             "scaledown_window": self.scaledown_window,
