@@ -6,6 +6,13 @@ it" form built from its parameters that shows the response as it arrives (`try_i
 a "Share" button that makes a link to copy. The widget's text/plain and text/html
 fallbacks carry the URL and curl line.
 
+The bundle also carries `ENDPOINT_MIME`: the card's own data (name, path, media type,
+parameters, doc, owner), which the JupyterLab extension (labextension/) draws as the
+card, with live counters from the server, ranked above the widget view. That card needs
+nothing from this kernel, so it still works after a kernel restart, in a reopened
+notebook and in Notebook 7; where the extension is missing the widget shows, and where
+widgets cannot (nbconvert, GitHub), the HTML and text fallbacks.
+
 One `CardPoller` thread per process keeps every live card current with one request a
 second for all of them. A card stops when its endpoint is removed, or when the cell is run
 again (a newer card for the same name takes over); the thread ends with the last card.
@@ -14,6 +21,7 @@ again (a newer card for the same name takes over); the thread ends with the last
 from __future__ import annotations
 
 import html
+import inspect
 import logging
 import threading
 import time
@@ -30,6 +38,8 @@ log = logging.getLogger("jupyter_stream")
 REFRESH = 1.0
 #: Lines of the endpoint's printed output shown on the card.
 PRINTED_LINES = 10
+#: The card's data in an output bundle, for the JupyterLab extension's renderer.
+ENDPOINT_MIME = "application/vnd.jupyter-stream.endpoint+json"
 
 #: A button that copies `data-copy` to the clipboard (or selects the text where the page
 #: may not use the clipboard, as on plain http from another host).
@@ -137,6 +147,7 @@ class EndpointCard:
         import ipywidgets as widgets
 
         self.endpoint = endpoint
+        self.info = self._info()
         self.header = widgets.HTML(self._header_html())
         self.counters = widgets.HTML(self._counters_html({}))
         self.try_button = widgets.Button(description="Try it", icon="play",
@@ -164,8 +175,39 @@ class EndpointCard:
         self._trying: threading.Event | None = None
         POLLER.add(self)
 
+    def _info(self) -> dict[str, Any]:
+        """The endpoint as the server describes it (its parameters for the form, doc, owner);
+        without the server, nothing: the card still shows, without a form."""
+        try:
+            info = self.endpoint.connection.request("GET", f"api/stream/endpoints/{self.endpoint.name}").json()
+        except Exception as e:  # noqa: BLE001 - the card still shows, without a form
+            log.warning("jupyter_stream: no form on the card of %r: %s", self.endpoint.name, e)
+            return {}
+        if self.endpoint.parameters is None:
+            self.endpoint.parameters = info.get("parameters", [])
+        return info
+
+    def card_data(self) -> dict[str, Any]:
+        """What the JupyterLab extension draws the card from (`ENDPOINT_MIME`)."""
+        endpoint, info = self.endpoint, self.info
+        doc = info.get("doc")
+        if doc is None:
+            doc = (inspect.getdoc(endpoint.fn) if callable(endpoint.fn) else None) or ""
+        return {
+            "version": 1,
+            "name": endpoint.name,
+            "path": f"stream/{endpoint.name}",
+            "url": endpoint.url,
+            "media_type": endpoint.media_type,
+            "media_type_declared": bool(info.get("media_type_declared", False)),
+            "parameters": endpoint.parameters,
+            "doc": doc,
+            "owner": info.get("owner", ""),
+        }
+
     def mimebundle(self) -> dict[str, Any]:
         return {
+            ENDPOINT_MIME: self.card_data(),
             "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0, "model_id": self.widget.model_id},
             "text/html": self.endpoint._repr_html_(),
             "text/plain": repr(self.endpoint),
@@ -274,14 +316,9 @@ class EndpointCard:
 
     def _form(self, widgets: Any) -> list[tuple[dict[str, Any], Any]]:
         """A field per parameter, from the signature the server has (as on the demo page)."""
-        if self.endpoint.parameters is None:
-            try:
-                info = self.endpoint.connection.request("GET", f"api/stream/endpoints/{self.endpoint.name}").json()
-                self.endpoint.parameters = info.get("parameters", [])
-            except Exception as e:  # noqa: BLE001 - the card still shows, without a form
-                log.warning("jupyter_stream: no form on the card of %r: %s", self.endpoint.name, e)
-                return []
         parameters = self.endpoint.parameters
+        if parameters is None:  # the server could not say (`_info`)
+            return []
         fields = []
         style = {"description_width": "8em"}
         for p in form_parameters(parameters):

@@ -4,8 +4,10 @@
 every `MIN_INTERVAL` seconds, so a fast map costs a few renders per second, not one per
 item, and stays far below jupyter-server's IOPub rate limits. In a notebook the display
 is an ipywidgets bar whose plain-text fallback (nbconvert, consoles) is a summary line,
-never a widget repr; in a terminal it is a line on stderr, rewritten in place; elsewhere
-(a script whose stderr is a file) the summary line once, at the end.
+never a widget repr, and whose final bundle also carries `MAP_MIME` (the figures, which
+the JupyterLab extension draws without the kernel); in a terminal it is a line on stderr,
+rewritten in place; elsewhere (a script whose stderr is a file) the summary line once, at
+the end.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 #: Seconds between two renders while a map runs (about 10 updates a second at most).
 MIN_INTERVAL = 0.1
+#: A finished map's figures in an output bundle, for the JupyterLab extension's renderer.
+MAP_MIME = "application/vnd.jupyter-stream.map+json"
 
 
 class MapProgress:
@@ -103,6 +107,14 @@ class MapProgress:
             "rate": self.rate, "elapsed": self.elapsed, "eta": self.eta,
         }
 
+    def figures(self) -> dict[str, Any]:
+        """The finished map as the JupyterLab extension draws it (`MAP_MIME`)."""
+        return {
+            "version": 1, "function": self.label.rsplit(".", 1)[0], "label": self.label, "total": self.total,
+            "done": self.done, "failed": self.failed, "retried": self.retried, "elapsed": round(self.elapsed, 3),
+            "rate": round(self.rate, 3), "ok": self.state == "success", "state": self.state, "summary": self.summary(),
+        }
+
     def summary(self) -> str:
         """One line: what a person wants to know about the map at a glance."""
         done = f"{self.done:,}/{self.total:,}" if self.total is not None else f"{self.done:,}"
@@ -159,10 +171,13 @@ class WidgetDisplay:
         self.handle = display(self._bundle(progress), raw=True, display_id=True)
 
     def _bundle(self, progress: MapProgress) -> dict[str, Any]:
-        return {
+        bundle = {
             "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0, "model_id": self.box.model_id},
             "text/plain": progress.summary(),
         }
+        if progress.state != "running":  # live progress stays the widget; the summary outlives the kernel
+            bundle[MAP_MIME] = progress.figures()
+        return bundle
 
     def update(self, progress: MapProgress) -> None:
         total = progress.total
