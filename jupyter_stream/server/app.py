@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
@@ -23,7 +24,8 @@ from traitlets import Bool, Enum, Float, Int, List, TraitError, Type, Unicode, d
 
 from .. import wire
 from ..responses import SSE
-from . import handlers, scrub, supervision
+from . import handlers, metrics, scrub, supervision
+from .events import TICK, EventHub
 from .gpus import GpuInventory
 from .kernels import OutputQueue
 from .persist import RegistrationStore, StoredRegistration
@@ -120,9 +122,11 @@ class JupyterStream(ExtensionApp):
         help="Web page origins (e.g. https://example.org) allowed to read streams, such as shared ones, from their scripts.",
     )
     simulated_gpus = List(
-        Unicode(), default_value=None, allow_none=True, config=True,
+        Unicode(), config=True,
         help="GPU names to act as if this machine had them instead of asking NVML, e.g. "
-        "[\"NVIDIA H100 80GB HBM3\", \"NVIDIA A100-SXM4-80GB\"] (tests and demos on machines without GPUs).",
+        "[\"NVIDIA H100 80GB HBM3\", \"NVIDIA A100-SXM4-80GB\"] (tests and demos on machines without GPUs); "
+        "on the command line, once per device: --JupyterStream.simulated_gpus=\"NVIDIA H100 80GB HBM3\". "
+        "Empty (the default): the devices NVML finds.",
     )
 
     persist_dir = Unicode(
@@ -165,13 +169,17 @@ class JupyterStream(ExtensionApp):
         self.endpoints = Registry("endpoint", ENDPOINT_STATS)
         self.functions = Registry("function", FUNCTION_STATS)
         self.registries = {"endpoint": self.endpoints, "function": self.functions}
-        self.placement = Placement(max_workers=self.max_workers, inventory=GpuInventory(self.simulated_gpus),
+        self.placement = Placement(max_workers=self.max_workers, inventory=GpuInventory(self.simulated_gpus or None),
                                    default_kernel=self.kernel_name)
         #: the pool of what asks for nothing in particular (no GPU, the default kernel)
         self.pool = self.make_pool(self.placement.key_for({}))
-        self.shares = ShareStore()
+        self.shares = ShareStore(on_change=self.share_changed)
         #: the endpoint requests being answered now (`EndpointHandler`), ended properly at shutdown
         self.open_requests: set[Any] = set()
+        #: what happens here, for `GET /api/stream/events` (the Streams panel), and the calls running now
+        self.events = EventHub(self.snapshot)
+        self.activity = self.events.activity
+        metrics.STATE.attach(self)
         self.settings["jupyter_stream"] = self
         # share tokens in a query string never reach the log: jupyter-server's access lines
         # scrub ?token= (and now ?share=), and every other line goes through SecretsFilter
@@ -223,6 +231,9 @@ class JupyterStream(ExtensionApp):
                                             lambda: not self.placement.closed), "forgetting ended share links")
         supervision.spawn(supervision.every(POOL_SWEEP_SECONDS, self.forget_unused_pools, "forgetting unused pools",
                                             lambda: not self.placement.closed), "forgetting unused pools")
+        supervision.spawn(supervision.every(TICK, lambda: self.events.tick(self.registration_infos, self.workers_info),
+                                            "publishing server events", lambda: not self.placement.closed),
+                          "publishing server events")
         if self.notebooks and not self.stopping:
             from .serve import run_notebooks
 
@@ -259,6 +270,7 @@ class JupyterStream(ExtensionApp):
         if previous is not None and previous.fn_hash != spec.fn_hash:
             self.forget_unused(previous.fn_hash)
         self.configure_pools()
+        self.events.publish(kind, {"action": "registered", kind: self.info(spec)})
         return spec, previous
 
     def forget_unused(self, fn_hash: str) -> None:
@@ -280,7 +292,60 @@ class JupyterStream(ExtensionApp):
         if removed and kind == "endpoint":
             self.shares.endpoint_removed(name)
         self.configure_pools()
+        if removed:
+            self.events.publish(kind, {"action": "removed", kind: {"name": name}})
         return removed
+
+    # -- what the API and the event stream show ---------------------------------------------
+
+    def registration_infos(self, kind: str) -> list[dict[str, Any]]:
+        return [self.info(spec) for spec in self.registries[kind].values()]
+
+    def workers_info(self) -> dict[str, Any]:
+        """``GET /api/stream/workers``: the pools, their kernels and the GPUs. ``workers`` and
+        ``starting`` are totals over all pools; ``pools`` has each pool's requirements,
+        size limits, waiting calls, what uses it, and its kernels."""
+        pools = [pool.info() for pool in self.placement.pools.values()]
+        for pool, info in zip(self.placement.pools.values(), pools):
+            info["functions"] = [s.name for s in self.functions.values() if self.pool_for(s) is pool]
+            info["endpoints"] = [s.name for s in self.endpoints.values() if self.pool_for(s) is pool]
+        return {
+            **self.placement.info(),
+            "kernel_name": self.kernel_name,
+            "min_workers": self.pool.min_workers,
+            "starting": sum(p["starting"] for p in pools),
+            "waiting_calls": sum(p["waiting_calls"] for p in pools),
+            "replaced": sum(p["replaced"] for p in pools),
+            "workers": [w for p in pools for w in p["workers"]],
+            "pools": pools,
+            "time": time.time(),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a new reader of the event stream starts from."""
+        from .. import __version__
+
+        return {"server": {"id": self.events.server_id, "version": __version__},
+                "endpoints": self.registration_infos("endpoint"), "functions": self.registration_infos("function"),
+                "workers": self.workers_info(), "shares": [s.info() for s in self.shares.list()],
+                "calls": self.activity.list()}
+
+    def share_changed(self, action: str, share: Any) -> None:
+        self.events.publish("share", {"action": action, "share": share.info()})
+
+    def shut_down_worker(self, name: str) -> bool:
+        """Shut one worker down (JupyterLab's Running panel): an idle one gracefully, a busy
+        one at once (its calls end with WorkerDied). False if there is none of that name."""
+        for pool in self.placement.pools.values():
+            for worker in pool.workers:
+                if worker.name == name:
+                    self.log.info("jupyter_stream: %s (pid %s) shut down on request", worker.name, worker.pid)
+                    if worker.load <= 0:
+                        pool.evict(worker)
+                    else:
+                        pool.replace(worker, "it was shut down from JupyterLab")
+                    return True
+        return False
 
     # -- pools: which one runs what, and how large each is ---------------------------------
 
@@ -411,6 +476,7 @@ class JupyterStream(ExtensionApp):
         await self.placement.shutdown()
 
     async def end_streams(self, why: str, wait: float = 2.0) -> None:
+        self.events.close()
         for handler in list(self.open_requests):
             handler.server_stopping(why)
         deadline = asyncio.get_running_loop().time() + wait
@@ -448,11 +514,18 @@ class JupyterStream(ExtensionApp):
         if isinstance(spec, FunctionSpec):
             return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout,
                     "queue_timeout": spec.queue_timeout}
+        common["stats"].update(latency_p50=percentile(spec.first_bytes, 0.5), latency_p99=percentile(spec.first_bytes, 0.99))
         return {**common, "url": self.endpoint_url(spec.name), "path": f"stream/{spec.name}", "media_type": spec.media_type or SSE,
                 "output": list(spec.output),
                 "media_type_declared": spec.media_type is not None,
                 "queue_timeout": spec.queue_timeout, "openai": spec.openai,
                 "parameters": spec.signature.get("params", [])}
+
+
+def percentile(values: Any, q: float) -> float | None:
+    """The `q` quantile of `values` (None when there are none)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
 
 def public_requirements(requirements: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from .. import wire
 from ..errors import WorkerError, error_body, error_info
 from ..responses import SSE, check_headers, check_status
 from ..signatures import parse_expires
+from . import metrics
 from .kernels import OutputQueue
 from .registry import RESERVED_QUERY, EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
 from .scheduler import ClientSession
@@ -212,8 +213,15 @@ class EndpointHandler(StreamHandlerBase):
 
     run = None  # the endpoint function running on a worker
     closed = False
-    #: why the server ends this response itself (it is stopping), once it does
+    #: why the server ends this response itself (it is stopping, or someone stopped the
+    #: call from the Streams panel), once it does, and the error type it says so with
     stopping: str | None = None
+    stopping_type = "ServerStopping"
+    spec: EndpointSpec | None = None
+    call_id: str | None = None  # in the server's `Activity` (the panel lists and stops it)
+    started = 0.0  # time.time() the call began
+    first_byte: float | None = None  # seconds from the request's arrival to its first body byte
+    sent = 0  # bytes of output sent
     waiting: asyncio.Future | None = None  # for a worker, while the request is queued
 
     async def prepare(self) -> None:
@@ -303,15 +311,44 @@ class EndpointHandler(StreamHandlerBase):
             kwargs = self.encode_kwargs(spec.bind(self.query_parameters(), self.parse_body()))
         except ParameterError as e:
             raise web.HTTPError(400, str(e)) from None
+        await self.serve_call(spec, kwargs)
+
+    async def serve_call(self, spec: EndpointSpec, kwargs: bytes, media_type: str | None = None) -> None:
+        """Relay one call of `spec`, counted in its stats and listed as running meanwhile."""
         stats = spec.stats
         stats["requests"] += 1
         stats["open_streams"] += 1
+        self.spec, self.started = spec, time.time()
         self.stream.open_requests.add(self)
+        self.call_id = self.stream.activity.started(self)
         try:
-            await self.relay(spec, kwargs, stats)
+            await self.relay(spec, kwargs, stats, media_type)
         finally:
             stats["open_streams"] -= 1
             self.stream.open_requests.discard(self)
+            self.stream.activity.ended(self.call_id, self.output.error if self.run is not None else None)
+
+    # -- what the Streams panel and the metrics see of this request -----------------------
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": "request", "function": self.spec.name if self.spec else None, "started": self.started,
+                "done": self.sent, "total": None, "failed": 0, "retried": 0,  # done: bytes sent
+                "lanes": 1 if self.run is not None else 0, "client": self.request.remote_ip}
+
+    def stop(self, why: str) -> None:
+        """Stopped from the Streams panel: ends as a stopping server ends it, saying why."""
+        self.stopping_type = "Stopped"
+        self.server_stopping(why)
+
+    def on_finish(self) -> None:
+        if self.request.method == "OPTIONS":
+            return
+        name = self.path_kwargs.get("name")
+        label = name if name in self.stream.endpoints else ""
+        metrics.REQUESTS.labels(label, str(self.get_status())).inc()
+        metrics.REQUEST_SECONDS.labels(label).observe(self.request.request_time())
+        if self.share is not None:
+            metrics.SHARE_REQUESTS.labels(label).inc()
 
     def query_parameters(self) -> dict[str, list[str]]:
         """The query string as text; tornado gives names as latin-1 and values as bytes."""
@@ -375,6 +412,7 @@ class EndpointHandler(StreamHandlerBase):
         heartbeat = self.stream.sse_heartbeat_interval
         commit_after = self.stream.commit_headers_after if self.commit_early else None
         begun = sse = self._headers_written  # an SSE response already begun while queued
+        sent_bytes, sent_chunks = metrics.SENT_BYTES.labels(spec.name), metrics.SENT_CHUNKS.labels(spec.name)
         try:
             while True:
                 if self._headers_written:
@@ -406,8 +444,15 @@ class EndpointHandler(StreamHandlerBase):
                     begun = True
                 if output.chunks:
                     data = output.take()
+                    if self.first_byte is None:
+                        self.first_byte = self.request.request_time()
+                        spec.first_bytes.append(self.first_byte)
+                        metrics.FIRST_BYTE_SECONDS.labels(spec.name).observe(self.first_byte)
                     await self.emit(data)
                     stats["bytes_sent"] += data.nbytes
+                    self.sent += data.nbytes
+                    sent_bytes.inc(data.nbytes)
+                    sent_chunks.inc()
                     run.consumed(data.nbytes)
                     continue
                 if output.ended:
@@ -467,6 +512,7 @@ class EndpointHandler(StreamHandlerBase):
                     busy = len(pool.workers)
                     message = (f"all {busy} worker(s) of endpoint {spec.name!r} are busy: the request waited "
                                f"{spec.queue_timeout:g} s in the queue (its --queue-timeout); retry in a moment")
+                    metrics.QUEUE_TIMEOUTS.labels(spec.name).inc()
                     if self._headers_written:
                         self.failed({"type": "QueueTimeout", "message": message}, True)
                         return None
@@ -521,7 +567,7 @@ class EndpointHandler(StreamHandlerBase):
             self.retry_after = 5
             self.send_error(503, exc_info=(None, web.HTTPError(503, self.stopping), None))
         elif sse:
-            self.write(f"event: error\ndata: {error_body(error_info('ServerStopping', self.stopping))}\n\n")
+            self.write(f"event: error\ndata: {error_body(error_info(self.stopping_type, self.stopping))}\n\n")
 
     def begin(self, start: dict[str, Any]) -> bool:
         """Send the status line and headers; returns whether this is an SSE stream."""
@@ -547,8 +593,10 @@ class EndpointHandler(StreamHandlerBase):
             self.set_header("Content-Type", "application/json")
             self.finish(error_body(error))
         elif sse:
+            metrics.STREAM_ERRORS.labels(self.spec.name if self.spec else "").inc()
             self.write(f"event: error\ndata: {error_body(error)}\n\n")
         else:
+            metrics.STREAM_ERRORS.labels(self.spec.name if self.spec else "").inc()
             # Close without the final chunk so the client sees a truncated response.
             self.request.connection.stream.close()
             self._finished = True
@@ -637,7 +685,8 @@ class CallsHandler(PathOnlyLogging, WebSocketMixin, WebSocketHandler, JupyterHan
             if not await ensure_async(self.authorizer.is_authorized(self, self.current_user, "execute", "kernels")):
                 raise web.HTTPError(403, "not authorized to execute code in kernels")
         caller_worker = state.placement.worker_named(self.request.headers.get("X-Jupyter-Stream-Worker", ""))
-        self.session = ClientSession(state.pool_for, state.functions, self.send_frame, caller_worker)
+        self.session = ClientSession(state.pool_for, state.functions, self.send_frame, caller_worker, state.activity,
+                                     self.request.remote_ip)
         await super().get(*args, **kwargs)
 
     # WebSocketMixin gives these in milliseconds for its own pings, which we do not use;
@@ -682,29 +731,85 @@ class CallsHandler(PathOnlyLogging, WebSocketMixin, WebSocketHandler, JupyterHan
 
 
 class WorkersHandler(StreamHandlerBase):
-    """``GET {base_url}api/stream/workers``: the pools, their kernels and the GPUs.
-    ``workers`` and ``starting`` are totals over all pools; ``pools`` has each pool's
-    requirements, size limits, waiting calls and kernels."""
+    """``GET {base_url}api/stream/workers``: the pools, their kernels and the GPUs
+    (`JupyterStream.workers_info`); ``DELETE .../workers/<name>`` shuts one worker down
+    (JupyterLab's Running panel): an idle one gracefully, a busy one at once (its calls
+    end with WorkerDied); its pool starts another if it keeps a warm minimum."""
 
     @web.authenticated
     @authorized
-    def get(self) -> None:
-        state = self.stream
-        pools = [pool.info() for pool in state.placement.pools.values()]
-        for pool, info in zip(state.placement.pools.values(), pools):
-            info["functions"] = [s.name for s in state.functions.values() if state.pool_for(s) is pool]
-            info["endpoints"] = [s.name for s in state.endpoints.values() if state.pool_for(s) is pool]
-        self.finish(json.dumps({
-            **state.placement.info(),
-            "kernel_name": state.kernel_name,
-            "min_workers": state.pool.min_workers,
-            "starting": sum(p["starting"] for p in pools),
-            "waiting_calls": sum(p["waiting_calls"] for p in pools),
-            "replaced": sum(p["replaced"] for p in pools),
-            "workers": [w for p in pools for w in p["workers"]],
-            "pools": pools,
-            "time": time.time(),
-        }))
+    def get(self, name: str | None = None) -> None:
+        self.finish(json.dumps(self.stream.workers_info()))
+
+    @web.authenticated
+    @authorized("write")
+    def delete(self, name: str | None = None) -> None:
+        if not name or not self.stream.shut_down_worker(name):
+            raise web.HTTPError(404, f"no worker named {name!r} (GET /api/stream/workers lists them)")
+        self.set_status(204)
+        self.finish()
+
+
+class CallHandler(StreamHandlerBase):
+    """``DELETE {base_url}api/stream/calls/<id>``: stop a running call, map or endpoint
+    request (its client gets an error saying it was stopped); ``GET .../calls/`` lists them."""
+
+    @web.authenticated
+    @authorized
+    def get(self, call_id: str | None = None) -> None:
+        self.finish(json.dumps({"calls": self.stream.activity.list()}))
+
+    @web.authenticated
+    @authorized("execute")
+    def delete(self, call_id: str | None = None) -> None:
+        who = getattr(self.current_user, "username", None) or "a user"
+        if not call_id or not self.stream.activity.stop(call_id, f"stopped by {who} from JupyterLab"):
+            raise web.HTTPError(404, f"no running call {call_id!r} (GET /api/stream/calls/ lists them)")
+        self.set_status(204)
+        self.finish()
+
+
+class EventsHandler(StreamHandlerBase):
+    """``GET {base_url}api/stream/events``: the server's events as Server-Sent Events (see
+    `events`), behind Jupyter's auth (a share link does not open it): a snapshot first,
+    then what changes, with a comment every `sse_heartbeat_interval` seconds."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        hub = self.stream.events
+        queue, first = hub.subscribe()
+        self.queue, self.closed = queue, False
+        try:
+            self.set_header("Content-Type", "text/event-stream")
+            for k, v in SSE_HEADERS.items():
+                self.set_header(k, v)
+            self.write(first)
+            await self.flush()
+            while not self.closed and queue in hub.subscribers:
+                try:
+                    frame = await asyncio.wait_for(queue.get(), self.stream.sse_heartbeat_interval)
+                except asyncio.TimeoutError:
+                    frame = b": keep-alive\n\n"
+                self.write(frame)
+                while not queue.empty():  # what piled up goes out in one write
+                    self.write(queue.get_nowait())
+                await self.flush()
+        except StreamClosedError:
+            pass
+        finally:
+            hub.unsubscribe(queue)
+
+    queue: asyncio.Queue | None = None
+
+    def on_connection_close(self) -> None:
+        self.closed = True
+        if self.queue is not None and not self.queue.full():
+            self.queue.put_nowait(b"")  # wakes the loop, which ends now
+
+    def finish(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("set_content_type", "text/event-stream")
+        return super().finish(*args, **kwargs)
 
 
 @functools.cache
@@ -872,6 +977,10 @@ def default_handlers() -> list[tuple[str, type]]:
         (r"/api/stream/endpoints/?", RegistrationsHandler, {"kind": "endpoint"}),
         (rf"/api/stream/endpoints/{name}/?", RegistrationHandler, {"kind": "endpoint"}),
         (r"/api/stream/workers/?", WorkersHandler),
+        (rf"/api/stream/workers/{name}/?", WorkersHandler),
+        (r"/api/stream/calls/(?P<call_id>c[0-9]{1,12})/?", CallHandler),
+        (r"/api/stream/calls/", CallHandler),
+        (r"/api/stream/events/?", EventsHandler),
         (r"/api/stream/functions/?", RegistrationsHandler, {"kind": "function"}),
         (rf"/api/stream/functions/{name}/?", RegistrationHandler, {"kind": "function"}),
         (r"/api/stream/calls", CallsHandler),

@@ -115,18 +115,13 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.text = []
         self.text_bytes = 0
-        stats = spec.stats
-        stats["requests"] += 1
-        stats["open_streams"] += 1
         try:
-            await self.relay(spec, kwargs, stats, media_type="text/plain; charset=utf-8")
+            await self.serve_call(spec, kwargs, media_type="text/plain; charset=utf-8")
         except CompletionTooLong:  # the relay has stopped the call
-            stats["errors"] += 1
+            spec.stats["errors"] += 1
             self.text = []
             self.failed({"type": "CompletionTooLong", "message": f"the completion is longer than {MAX_COMPLETION_BYTES >> 20} "
                          'MiB; ask for it with "stream": true, or a smaller max_tokens'}, False)
-        finally:
-            stats["open_streams"] -= 1
 
     # -- the endpoint's output, wrapped ----------------------------------------------------
 

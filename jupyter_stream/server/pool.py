@@ -31,7 +31,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from ..errors import WorkerError
 from ..requirements import parse_gpu_spec
-from . import supervision
+from . import metrics, supervision
 from .kernels import WorkerKernel
 from .placement import DEFAULT_SCALEDOWN_WINDOW, Placement, PoolKey, Seat
 
@@ -179,9 +179,12 @@ class WorkerPool:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self.nested_waiting += nested
+        since = time.monotonic()
         try:
             self.grow_for_waiters()
-            return await waiter
+            worker = await waiter
+            metrics.QUEUE_WAIT_SECONDS.labels(metrics.pool_label(self)).observe(time.monotonic() - since)
+            return worker
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release(waiter.result())

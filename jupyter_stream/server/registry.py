@@ -33,6 +33,8 @@ from ..signatures import (
 RESERVED_QUERY = {"token", "_xsrf", "share"}
 #: lines of printed output kept per endpoint
 RECENT_OUTPUT = 50
+#: requests whose time to first byte is kept per endpoint
+RECENT_LATENCIES = 1000
 #: seconds a request may wait for a worker before it gets a 503 (an endpoint's --queue-timeout)
 DEFAULT_QUEUE_TIMEOUT = 60.0
 
@@ -262,6 +264,9 @@ class EndpointSpec:
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     #: the last lines its code printed, for the endpoint card's live view
     output: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_OUTPUT), repr=False, compare=False)
+    #: seconds to the first byte of its recent requests (their p50 and p99 show in its info)
+    first_bytes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECENT_LATENCIES), repr=False,
+                                           compare=False)
 
     def describe(self) -> str:
         parts = []

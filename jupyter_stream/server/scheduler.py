@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import wire
 from ..errors import WorkerError, error_info, gave_up_error
-from . import supervision
+from . import metrics, supervision
 from .kernels import Run, WorkerKernel
 from .pool import WorkerPool
 from .registry import DEFAULT_QUEUE_TIMEOUT, FunctionSpec, Registry
@@ -101,8 +101,20 @@ class RemoteCall:
         self.run: Run | None = None
         self.cancelled = False
         self.task: asyncio.Task | None = None
+        self.started = time.time()
+        self.activity_id: str | None = None  # in the server's `Activity` (the Streams panel)
         self.attempt()
 
+    def info(self) -> dict[str, Any]:
+        """What the Streams panel shows of it."""
+        return {"kind": "remote", "function": self.spec.name, "started": self.started, "done": 0, "total": 1,
+                "failed": 0, "retried": max(self.attempts - 1, 0), "lanes": 0 if self.run is None else 1,
+                "client": self.session.client}
+
+    def stop(self, why: str) -> None:
+        """Stopped from the Streams panel: its caller gets a WorkerError saying so."""
+        self.cancel()
+        self.session.end(self.id, error_info("WorkerError", f"the call was {why}"))
     def attempt(self) -> None:
         """Start on an idle worker now (the common, fast case), or wait for one."""
         worker = self.session.worker_now(self.pool)
@@ -135,6 +147,7 @@ class RemoteCall:
         """End the call with `error` before it ran anywhere."""
         if not self.cancelled:
             self.spec.stats["failed"] += 1
+            metrics.CALLS.labels(self.spec.name, "failed").inc()
             self.session.end(self.id, error)
 
     def launch(self, worker: WorkerKernel) -> None:
@@ -169,7 +182,8 @@ class RemoteCall:
         if data.get("end"):
             if data.get("error"):
                 self.spec.stats["failed"] += 1
-            self.session.calls.pop(self.id, None)
+            metrics.CALLS.labels(self.spec.name, "failed" if data.get("error") else "done").inc()
+            self.session.forget(self.id, data.get("error"))
         self.session.send({"op": "out", "id": self.id, **out}, payload)
 
     def ack(self, nbytes: int) -> None:
@@ -239,10 +253,28 @@ class MapCall:
         self.idle_timer: asyncio.TimerHandle | None = None
         #: when the map began waiting for its first lane (monotonic), for its queue timeout
         self.waiting_since = time.monotonic()
+        self.started = time.time()
+        self.activity_id: str | None = None  # in the server's `Activity` (the Streams panel)
+        #: items received from the client, answered (done or failed), and run again
+        self.received = self.done = self.failed = self.retried = 0
+        self._counted = (0, 0, 0)  # of those, what the metrics have (`count_items`)
 
     # -- from the client --------------------------------------------------------------
 
+    def info(self) -> dict[str, Any]:
+        """What the Streams panel shows of it (its total is known once its inputs are)."""
+        return {"kind": "map", "function": self.spec.name, "started": self.started, "done": self.done,
+                "total": self.received if self.inputs_done else None, "failed": self.failed, "retried": self.retried,
+                "lanes": len(self.lanes), "client": self.session.client}
+
+    def stop(self, why: str) -> None:
+        """Stopped from the Streams panel: its caller gets a WorkerError saying so."""
+        if not self.finished:
+            self.cancel()
+            self.session.end(self.id, error_info("WorkerError", f"the map was {why}"))
+
     def add_items(self, indices: list[int], sizes: list[int], payload: memoryview) -> None:
+        self.received += len(indices)
         self.stop_idle_timer()
         for index, blob in zip(indices, wire.split(payload, sizes)):
             self.pending.append((index, blob.tobytes(), 0))
@@ -263,7 +295,7 @@ class MapCall:
             task.cancel()
         for lane in self.lanes:
             lane.run.cancel()
-        self.session.calls.pop(self.id, None)
+        self.session.forget(self.id)
 
     # -- lanes --------------------------------------------------------------------------
 
@@ -510,15 +542,20 @@ class MapCall:
             if not ok and attempts < self.spec.retries and not self.cancelled:
                 self.pending.appendleft((index, args, attempts + 1))
                 self.spec.stats["retried"] += 1
+                self.retried += 1
                 forward_items.append([index, None])  # tell the client: retried
                 forward_blobs.append(b"")
                 changed = True
                 continue
             if not ok:
                 self.spec.stats["failed"] += 1
+                self.failed += 1
+            self.done += 1
             self.outstanding -= 1
             forward_items.append([index, ok])
             forward_blobs.append(blob)
+        if self.done or self.retried:
+            self.count_items()
         if forward_items and not self.cancelled:
             self.session.send(
                 {"op": "out", "id": self.id, "items": forward_items, "sizes": [len(b) for b in forward_blobs],
@@ -559,12 +596,25 @@ class MapCall:
         del lane.inflight[index]
         self.outstanding -= 1
         self.spec.stats["failed"] += 1
+        self.failed += 1
+        self.done += 1
+        self.count_items()
         blob = wire.dumps(gave_up_error(self.shared_deaths.pop(index)))
         self.session.send({"op": "out", "id": self.id, "items": [[index, False]], "sizes": [len(blob)], "lanes": len(self.lanes)}, blob)
+
+    def count_items(self) -> None:
+        """Bring the map item counters (metrics) up to this map's counts."""
+        counted = self._counted
+        done, failed, retried = self.done - self.failed, self.failed, self.retried
+        for outcome, now, before in (("done", done, counted[0]), ("failed", failed, counted[1]), ("retried", retried, counted[2])):
+            if now > before:
+                metrics.MAP_ITEMS.labels(self.spec.name, outcome).inc(now - before)
+        self._counted = (done, failed, retried)
 
     def maybe_finish(self) -> None:
         if self.finished or self.cancelled or not self.inputs_done or self.outstanding:
             return
+        metrics.CALLS.labels(self.spec.name, "done").inc()
         self.finished = True
         self.stop_steal_timer()
         self.stop_idle_timer()
@@ -576,6 +626,7 @@ class MapCall:
         self.session.end(self.id)
 
     def fail_all(self, error: dict[str, Any]) -> None:
+        metrics.CALLS.labels(self.spec.name, "failed").inc()
         self.finished = True
         self.stop_steal_timer()
         self.stop_idle_timer()
@@ -614,7 +665,7 @@ class ClientSession:
     """The calls of one client connection, keyed by the client's call ids."""
 
     def __init__(self, pool_for: Callable[[FunctionSpec], WorkerPool], functions: Registry, send: Callable[[bytes], None],
-                 caller: WorkerKernel | None = None):
+                 caller: WorkerKernel | None = None, activity: Any = None, client: str = ""):
         #: the pool that runs a function's calls (see `server.app.JupyterStream.pool_for`)
         self.pool_for = pool_for
         self.functions = functions
@@ -622,6 +673,9 @@ class ClientSession:
         #: the worker kernel this client runs in, when a function calls another one
         self.caller = caller
         self.calls: dict[str, Any] = {}
+        #: where the calls running now are listed (`events.Activity`), and who the client is there
+        self.activity = activity
+        self.client = caller.name if caller is not None else client
 
     def worker_now(self, pool: WorkerPool, allow_caller: bool = True) -> WorkerKernel | None:
         """An idle worker, or None. A call made from inside a worker while every worker is
@@ -636,8 +690,14 @@ class ClientSession:
     def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
         self._send(wire.encode_frame(header, payload))
 
+    def forget(self, call_id: str, error: dict[str, Any] | None = None) -> None:
+        """The call has ended (done, failed, cancelled): it is no longer running here."""
+        call = self.calls.pop(call_id, None)
+        if call is not None and self.activity is not None:
+            self.activity.ended(call.activity_id, error)
+
     def end(self, call_id: str, error: dict[str, Any] | None = None) -> None:
-        self.calls.pop(call_id, None)
+        self.forget(call_id, error)
         header: dict[str, Any] = {"op": "out", "id": call_id, "end": True}
         if error is not None:
             header["error"] = error
@@ -656,10 +716,10 @@ class ClientSession:
                 self.end(call_id, error_info("LookupError", self.functions.not_found(header["fn"]), "builtins"))
                 return
             spec.stats["calls"] += 1
-            if header.get("kind") == "map":
-                self.calls[call_id] = MapCall(self, call_id, spec, payload.tobytes())
-            else:
-                self.calls[call_id] = RemoteCall(self, call_id, spec, payload.tobytes())
+            kind = MapCall if header.get("kind") == "map" else RemoteCall
+            call = self.calls[call_id] = kind(self, call_id, spec, payload.tobytes())
+            if self.activity is not None:
+                call.activity_id = self.activity.started(call)
             return
         call = self.calls.get(call_id)
         if call is None:  # ended, or cancelled: frames already on their way are dropped
@@ -676,10 +736,10 @@ class ClientSession:
             call.ack(header["bytes"])
         elif op == "cancel":
             call.cancel()
-            self.calls.pop(call_id, None)
+            self.forget(call_id)
 
     def close(self) -> None:
         """The client went away: stop everything it started."""
-        for call in list(self.calls.values()):
+        for call_id, call in list(self.calls.items()):
             call.cancel()
-        self.calls.clear()
+            self.forget(call_id)

@@ -69,8 +69,10 @@ class ShareStore:
     """The server's shares (in memory: they live as long as the server, whatever happens
     to the notebook kernel that made them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Any = None) -> None:
         self.by_digest: dict[str, Share] = {}
+        #: told ``(action, share)`` of each change: created, revoked, forgotten (the event stream)
+        self.on_change = on_change or (lambda action, share: None)
 
     def create(self, endpoint: str, seconds: float | None) -> tuple[Share, str]:
         """A new share of `endpoint`; returns it and its token (shown once, never stored)."""
@@ -78,6 +80,7 @@ class ShareStore:
         share = Share(secrets.token_hex(8), digest(token), endpoint,
                       expires=time.time() + seconds if seconds is not None else None)
         self.by_digest[share.digest] = share
+        self.on_change("created", share)
         if len(self.by_digest) > 2 * MAX_ENDED_SHARES:
             self.sweep()
         return share, token
@@ -91,6 +94,7 @@ class ShareStore:
     def revoke(self, share: Share, why: str = "it was revoked") -> None:
         if not share.revoked:
             share.revoked, share.revoked_at = why, time.time()
+            self.on_change("revoked", share)
 
     def sweep(self) -> int:
         """Forget shares that stopped working more than `ENDED_SHARES_KEPT_FOR` ago, and the
@@ -103,6 +107,7 @@ class ShareStore:
         drop += kept[: max(len(kept) - MAX_ENDED_SHARES, 0)]
         for share in drop:
             self.by_digest.pop(share.digest, None)
+            self.on_change("forgotten", share)
         return len(drop)
 
     def endpoint_removed(self, endpoint: str) -> None:
