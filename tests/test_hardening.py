@@ -85,7 +85,7 @@ def test_nested_calls_into_another_pool_run_when_their_callers_hold_every_seat(s
 
 def test_a_nested_call_that_cannot_get_a_gpu_fails_after_its_queue_timeout(jstream_start_server):
     server = jstream_start_server(["--JupyterStream.min_workers=0", "--JupyterStream.max_workers=4",
-                                   '--JupyterStream.simulated_gpus=["NVIDIA H100 80GB HBM3"]'])
+                                   "--JupyterStream.simulated_gpus=NVIDIA H100 80GB HBM3"])
 
     def on_gpu():
         return "never"
