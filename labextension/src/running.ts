@@ -83,7 +83,7 @@ export class StreamsRunningManager implements IRunningSessions.IManager {
     return {
       className: 'jupyter-stream-running-worker',
       icon: () => streamIcon,
-      label: () => `worker ${w.name}`,
+      label: () => w.name,
       labelTitle: () => `${w.kernel ?? 'kernel'}${w.pid ? ', pid ' + w.pid : ''}: ${w.state ?? 'idle'}`,
       detail: () => `${w.state ?? 'idle'}${w.busy ? ` · ${w.busy} busy` : ''}`,
       open: this.openPanel,
