@@ -172,6 +172,17 @@ function Response(props: { tried: Tried }): JSX.Element {
   );
 }
 
+/** A docstring's line, `name` shown as code (as on the demo page). */
+function Doc(props: { text: string }): JSX.Element {
+  return (
+    <div className="jupyter-stream-doc">
+      {props.text.split(/(`[^`\n]+`)/).map((part, i) =>
+        /^`[^`\n]+`$/.test(part) ? <code key={i}>{part.slice(1, -1)}</code> : part
+      )}
+    </div>
+  );
+}
+
 function Field(props: {
   p: Parameter;
   value: string | boolean;
@@ -319,7 +330,8 @@ export function EndpointCard(props: { data: EndpointCardData; store: StreamStore
       setTried({ request: line, note: n, shown: reader?.shown() ?? null, earlier: reader?.earlier ?? 0, error });
     show('connecting…');
     try {
-      const init: RequestInit = { method: request.method, signal: controller.signal, cache: 'no-store' };
+      // 'reload', not ServerConnection's default 'no-store', which adds a cache-busting query argument
+      const init: RequestInit = { method: request.method, signal: controller.signal, cache: 'reload' };
       if (request.body !== null) {
         init.body = request.body;
         init.headers = { 'Content-Type': 'application/json' };
@@ -399,7 +411,7 @@ export function EndpointCard(props: { data: EndpointCardData; store: StreamStore
           </a>
         )}
       </div>
-      {data.doc ? <div className="jupyter-stream-doc">{data.doc.split('\n')[0]}</div> : null}
+      {data.doc ? <Doc text={data.doc.split('\n')[0]} /> : null}
       <div className="jupyter-stream-curl-line">
         <pre className="jupyter-stream-curl">{removed ? <del>{store.curl(url)}</del> : store.curl(url)}</pre>
         {removed ? null : <CopyButton text={store.curl(url)} title="Copy the curl line" />}

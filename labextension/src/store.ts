@@ -198,7 +198,8 @@ export class StreamStore {
     try {
       const response = await ServerConnection.makeRequest(
         this.url('api/stream/events'),
-        { headers: { Accept: 'text/event-stream' }, cache: 'no-store', signal: controller.signal },
+        // 'reload': never a cached copy, and no cache-busting query argument ('no-store' adds one)
+        { headers: { Accept: 'text/event-stream' }, cache: 'reload', signal: controller.signal },
         this.settings
       );
       if (response.status === 404) {
