@@ -280,3 +280,41 @@ def test_the_panel_and_the_card_live_from_the_event_stream(lab):
             raise
         finally:
             browser.close()
+
+
+def test_the_card_and_the_panel_in_notebook_7(lab):
+    from playwright.sync_api import sync_playwright
+
+    pytest.importorskip("notebook", reason="Notebook 7 is not installed (pip install notebook)")
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            page.goto(f"{lab.url}notebooks/panel.ipynb?token={lab.token}")
+            page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=60_000)
+            page.locator(".jp-NotebookKernelStatus-idle, [data-status='idle']").first.wait_for(timeout=60_000)
+            page.locator(".jp-Notebook .jp-Cell").first.locator(".jp-InputArea-editor").click()
+            page.keyboard.press("Shift+Enter")
+            page.keyboard.press("Shift+Enter")
+            # the card, drawn by the extension: the link from the page's own base URL, live counters
+            card = page.locator(".jp-Notebook .jupyter-stream-card").first
+            card.wait_for(timeout=60_000)
+            assert card.locator("a.jupyter-stream-url").get_attribute("href") == "/stream/ticks"
+            text_matches(page, ".jupyter-stream-card .jupyter-stream-counters", r"^streams open: 0 · requests: 0 · errors: 0$", timeout=30_000)
+            card.locator(".jupyter-stream-try").click()
+            page.wait_for_function("() => document.querySelectorAll('.jupyter-stream-event').length >= 2", timeout=30_000)
+            # the panel, from the palette
+            page.keyboard.press("Escape")
+            page.keyboard.press("Control+Shift+C")
+            page.locator(".lm-CommandPalette-input").fill("Streams: Show panel")
+            page.locator(".lm-CommandPalette-item", has_text="Streams: Show panel").first.click()
+            panel = panel_of(page)
+            panel.wait_for(state="visible", timeout=10_000)
+            panel.locator('.jupyter-stream-panel-endpoint[data-name="ticks"]').wait_for(timeout=10_000)
+            page.wait_for_timeout(500)
+            shot(page, "10-notebook7-light")
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "panel-notebook7-failure.png"))
+            raise
+        finally:
+            browser.close()
