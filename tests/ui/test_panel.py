@@ -133,6 +133,14 @@ def test_the_panel_opens_from_the_status_bar_and_the_palette_and_shows_how_to_be
             worker.locator(".jp-RunningSessions-itemLabel").wait_for(timeout=10_000)
             assert re.fullmatch(r"worker-\d+\s*idle", worker.text_content()), worker.text_content()
             shot(page, "2-running-light")
+            # Shut Down there stops that kernel; its pool starts another to keep its one warm worker
+            first = worker.locator(".jp-RunningSessions-itemLabel").text_content()
+            worker.hover()  # the button shows on hover
+            worker.locator(".jp-RunningSessions-itemShutdown").click()
+            page.wait_for_function(
+                "(name) => { const w = [...document.querySelectorAll('.jupyter-stream-running-worker .jp-RunningSessions-itemLabel')]"
+                ".map(e => e.textContent); return w.length === 1 && w[0] !== name; }", arg=first, timeout=60_000)
+            assert first not in [w["name"] for w in lab.workers()["workers"]]
 
             # the dark theme: the same panel, readable
             set_theme(lab.settings_dir, "dark")
