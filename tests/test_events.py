@@ -151,7 +151,7 @@ def test_a_running_map_is_listed_with_its_progress_and_can_be_stopped(server):
         assert any(c["id"] == progress["id"] for c in listed)
         assert httpx.delete(server.url + f"api/stream/calls/{progress['id']}", headers=server.headers, timeout=10).status_code == 204
         mapping.join(30)
-        assert failure and "the map was stopped by" in str(failure[0]), failure
+        assert failure and "the map was stopped from JupyterLab" in str(failure[0]), failure
         ended = reader.wait_for("call", lambda d: d["action"] == "ended" and d["call"]["id"] == progress["id"])
         assert ended["call"]["done"] < 200
         assert httpx.delete(server.url + "api/stream/calls/c999999", headers=server.headers, timeout=10).status_code == 404

@@ -762,8 +762,10 @@ class CallHandler(StreamHandlerBase):
     @web.authenticated
     @authorized("execute")
     def delete(self, call_id: str | None = None) -> None:
-        who = getattr(self.current_user, "username", None) or "a user"
-        if not call_id or not self.stream.activity.stop(call_id, f"stopped by {who} from JupyterLab"):
+        user = self.current_user
+        who = getattr(user, "display_name", None) or getattr(user, "name", None)
+        why = f"stopped from JupyterLab by {who}" if who else "stopped from JupyterLab"
+        if not call_id or not self.stream.activity.stop(call_id, why):
             raise web.HTTPError(404, f"no running call {call_id!r} (GET /api/stream/calls/ lists them)")
         self.set_status(204)
         self.finish()

@@ -113,7 +113,7 @@ def test_try_it_form_share_links_and_a_deleted_endpoints_card(lab):
             hello.screenshot(path=str(ARTIFACTS / "card-3-share.png"))
 
             # delete() in a new cell: Share and Try it disabled, every old link struck out
-            page.locator(".jp-Cell").last.click()
+            page.locator(".jp-Cell").last.locator(".jp-InputPrompt").click()
             page.keyboard.press("Escape")
             page.keyboard.press("b")
             page.keyboard.press("Enter")  # into the new cell's editor
