@@ -762,9 +762,9 @@ class CallHandler(StreamHandlerBase):
     @web.authenticated
     @authorized("execute")
     def delete(self, call_id: str | None = None) -> None:
-        user = self.current_user
-        who = getattr(user, "display_name", None) or getattr(user, "name", None)
-        why = f"stopped from JupyterLab by {who}" if who else "stopped from JupyterLab"
+        user = self.current_user  # named when it has a name of its own (JupyterHub), not a token's random id
+        who = getattr(user, "display_name", None)
+        why = f"stopped from JupyterLab by {who}" if who and who != getattr(user, "username", None) else "stopped from JupyterLab"
         if not call_id or not self.stream.activity.stop(call_id, why):
             raise web.HTTPError(404, f"no running call {call_id!r} (GET /api/stream/calls/ lists them)")
         self.set_status(204)
