@@ -41,7 +41,8 @@ class StreamServer:
 
     def __init__(self, options: list[str] | None = None, root_dir: str | None = None, env: dict[str, str] | None = None):
         self.port = free_port()
-        self.token = secrets.token_hex(16)
+        given = [o.split("=", 1)[1] for o in options or [] if o.startswith("--IdentityProvider.token=")]
+        self.token = given[-1] if given else secrets.token_hex(16)  # "": a server without auth
         self.url = f"http://127.0.0.1:{self.port}/"
         self.root_dir = root_dir or tempfile.mkdtemp(prefix="jupyter-stream-root-")
         self.runtime_dir = tempfile.mkdtemp(prefix="jupyter-stream-runtime-")
@@ -63,13 +64,14 @@ class StreamServer:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Authorization": f"token {self.token}"}
+        return {"Authorization": f"token {self.token}"} if self.token else {}
 
     def start(self, timeout: float = 90.0) -> StreamServer:
         cmd = [
             sys.executable, "-m", "jupyter_server",
             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={self.token}", "--ServerApp.open_browser=False",
+            *([] if any(o.startswith("--IdentityProvider.token=") for o in self.options) else [f"--IdentityProvider.token={self.token}"]),
+            "--ServerApp.open_browser=False",
             f"--ServerApp.root_dir={self.root_dir}", "--ServerApp.allow_root=True",
             "--ServerApp.jpserver_extensions={'jupyter_stream': True}",
             *self.options,

@@ -153,7 +153,7 @@ def test_a_running_map_is_listed_with_its_progress_and_can_be_stopped(server):
         mapping.join(30)
         assert failure and "the map was stopped from JupyterLab" in str(failure[0]), failure
         ended = reader.wait_for("call", lambda d: d["action"] == "ended" and d["call"]["id"] == progress["id"])
-        assert ended["call"]["done"] < 200
+        assert ended["call"]["done"] < 200 and ended["error"]["type"] == "WorkerError"  # a stopped map did not end well
         assert httpx.delete(server.url + "api/stream/calls/c999999", headers=server.headers, timeout=10).status_code == 404
         server.wait_until_idle(10)
     finally:

@@ -258,3 +258,49 @@ def test_a_count_of_any_gpus_takes_one_kind_unless_mixed_is_asked_or_nothing_els
     with caplog.at_level(logging.INFO, logger="jupyter_stream"):
         assert small.reserve(WorkerPool(gpu="2", placement=small)).gpus == [0, 1]
     assert "no 2 GPUs of one kind on this machine" in caplog.text
+
+
+def test_tokens_are_scrubbed_from_log_text_also_inside_an_encoded_url():
+    from jupyter_stream.server.scrub import scrub
+
+    assert scrub("403 POST /api/kernels?share=abc-DEF_1 (127.0.0.1)") == "403 POST /api/kernels?share=[secret] (127.0.0.1)"
+    assert scrub("GET /lab?n=1&TOKEN=f00d ok") == "GET /lab?n=1&TOKEN=[secret] ok"
+    assert scrub("302 GET /login?next=%2Flab%3Fshare%3Dabc%2D1%26x%3D2") == "302 GET /login?next=%2Flab%3Fshare%3D[secret]%26x%3D2"
+    assert scrub("nothing=secret here") == "nothing=secret here"
+
+
+def test_a_message_that_cannot_be_sent_fails_the_call_once_its_caller_holds_it():
+    """The transport refuses to send a call: the worker is replaced on the next loop turn,
+    and the call (already in its caller's hands) ends with WorkerDied, not before."""
+    import asyncio
+
+    from jupyter_stream.server.kernels import WorkerKernel
+
+    class Refusing:
+        closed = broken = False
+
+        def send(self, data, buffers=None):
+            raise OSError("injected: the channel is gone")
+
+    class Owner:
+        worker_messages, cancel_grace_period = "auto", 5.0
+        replaced: list = []
+
+        def release(self, worker):
+            pass
+
+        def replace(self, worker, reason):
+            self.replaced.append(reason)
+            worker.died(reason)
+
+    async def main():
+        worker = WorkerKernel(Owner(), 1, km=None)
+        worker.transport, worker.alive = Refusing(), True
+        ends = []
+        run = worker.start_run("f", b"blob", lambda data, buffers: ends.append(data), mode="values")
+        assert ends == [] and not Owner.replaced  # the caller gets its run first
+        await asyncio.sleep(0)
+        assert Owner.replaced and "could not be sent" in Owner.replaced[0]
+        assert run.ended and ends[-1]["error"]["type"] == "WorkerDied"
+
+    asyncio.run(main())

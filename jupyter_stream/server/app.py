@@ -60,9 +60,10 @@ class JupyterStream(ExtensionApp):
     worker_startup_timeout = Float(60.0, config=True, help="Seconds a worker kernel may take to start.")
     worker_poll_interval = Float(0.5, config=True, help="Seconds between checks that worker kernels are alive (and pings).")
     worker_ping_timeout = Float(
-        30.0, config=True,
-        help="Seconds a worker kernel may leave a ping unanswered before it is replaced (its calls end with WorkerDied); "
-        "after a shorter silence (4 polls, at least 2 s) it gets no new calls until it answers.",
+        60.0, config=True,
+        help="Seconds a worker kernel may leave pings unanswered before it is replaced (its calls end with WorkerDied); "
+        "after a shorter silence (4 polls, at least 2 s) it gets no new calls until it answers. A worker answers "
+        "from a thread of its own, which a call holding Python's GIL in C code for this long also silences.",
     )
     kernel_manager_class = Type(
         AsyncKernelManager,
@@ -177,7 +178,7 @@ class JupyterStream(ExtensionApp):
         #: the endpoint requests being answered now (`EndpointHandler`), ended properly at shutdown
         self.open_requests: set[Any] = set()
         #: what happens here, for `GET /api/stream/events` (the Streams panel), and the calls running now
-        self.events = EventHub(self.snapshot)
+        self.events = EventHub(self.snapshot, self.registration_infos, self.workers_info)
         self.activity = self.events.activity
         metrics.STATE.attach(self)
         self.settings["jupyter_stream"] = self
@@ -231,8 +232,8 @@ class JupyterStream(ExtensionApp):
                                             lambda: not self.placement.closed), "forgetting ended share links")
         supervision.spawn(supervision.every(POOL_SWEEP_SECONDS, self.forget_unused_pools, "forgetting unused pools",
                                             lambda: not self.placement.closed), "forgetting unused pools")
-        supervision.spawn(supervision.every(TICK, lambda: self.events.tick(self.registration_infos, self.workers_info),
-                                            "publishing server events", lambda: not self.placement.closed),
+        supervision.spawn(supervision.every(TICK, self.events.tick, "publishing server events",
+                                            lambda: not self.placement.closed),
                           "publishing server events")
         if self.notebooks and not self.stopping:
             from .serve import run_notebooks
@@ -443,6 +444,8 @@ class JupyterStream(ExtensionApp):
             raise RuntimeError(f"this server cannot run it any more ({e})") from None
         # loaded on a worker of its own pool: its --env, --kernel and GPUs, not the default pool's
         pool = self.placement.pool_for(body["requirements"], self.make_pool)
+        if not pool.watched:  # its kernels are watched and scaled down, also if this restore fails
+            await pool.start()
         worker = await asyncio.wait_for(pool.acquire(), self.worker_startup_timeout + 30)
         output = OutputQueue()
         run = worker.start_run(fn_hash, body["blob"], output, mode="load")

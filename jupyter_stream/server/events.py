@@ -59,6 +59,7 @@ class Activity:
 
     def ended(self, call_id: str | None, error: dict[str, Any] | None = None) -> None:
         call = self.calls.pop(call_id, None) if call_id else None
+        self.hub._last.pop(f"call:{call_id}", None)
         if call is not None and self.hub.subscribers:
             self.hub.publish("call", {"action": "ended", "call": {"id": call_id, **call.info()},
                                       "error": {k: error.get(k) for k in ("type", "message")} if error else None})
@@ -77,9 +78,13 @@ class Activity:
 class EventHub:
     """Fans the server's events out to the readers of ``GET /api/stream/events``."""
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]):
-        #: builds the whole state a new reader starts from
+    def __init__(self, snapshot: Callable[[], dict[str, Any]], registrations: Callable[[str], list[dict[str, Any]]],
+                 workers: Callable[[], dict[str, Any]]):
+        #: build the whole state a new reader starts from, the endpoints' or functions' infos,
+        #: and the workers document (built only while someone reads)
         self.snapshot = snapshot
+        self.registrations = registrations
+        self.workers = workers
         self.subscribers: set[asyncio.Queue] = set()
         self.server_id = secrets.token_hex(8)  # new per server start: a reader knows it restarted
         self.seq = 0
@@ -88,7 +93,10 @@ class EventHub:
         self._last: dict[str, str] = {}
 
     def subscribe(self) -> tuple[asyncio.Queue, bytes]:
-        """A queue of this reader's events, and its first one (the snapshot)."""
+        """A queue of this reader's events, and its first one (the snapshot). The readers
+        already there get what changed since the last tick first: from the snapshot on,
+        all of them compare against the same state."""
+        self.tick()
         queue: asyncio.Queue = asyncio.Queue(MAX_QUEUED)
         self.subscribers.add(queue)
         state = self.snapshot()
@@ -134,18 +142,17 @@ class EventHub:
         for call in state["calls"]:
             self._last[f"call:{call['id']}"] = json.dumps(call, sort_keys=True)
 
-    def tick(self, registrations: Callable[[str], list[dict[str, Any]]], workers: Callable[[], dict[str, Any]]) -> None:
-        """Publish what moved since the last tick: counters, workers, calls' progress
-        (`registrations(kind)` and `workers()` are built only when someone reads)."""
+    def tick(self) -> None:
+        """Publish what moved since the last tick: counters, workers, calls' progress."""
         if not self.subscribers:
             return
         for kind in ("endpoint", "function"):
-            for info in registrations(kind):
+            for info in self.registrations(kind):
                 key, stats = f"{kind}:{info['name']}", json.dumps(info.get("stats"), sort_keys=True)
                 if self._last.get(key) != stats:
                     self._last[key] = stats
                     self.publish(kind, {"action": "stats", kind: info})
-        document = workers()
+        document = self.workers()
         key = workers_key(document)
         if self._last.get("workers") != key:
             self._last["workers"] = key

@@ -117,8 +117,11 @@ class StreamHandlerBase(PathOnlyLogging, APIHandler):
 
     @property
     def cookie_authenticated(self) -> bool:
-        """Whether the request's user comes from the login cookie alone (no token, no share)."""
-        return bool(self.current_user) and not self.token_authenticated and self.share is None
+        """Whether the request's user comes from the login cookie alone (no token, no share;
+        a server without auth lets a request with no cookie through as anonymous: a script's)."""
+        if not self.current_user or self.token_authenticated or self.share is not None:
+            return False
+        return self.get_cookie(self.identity_provider.get_cookie_name(self)) is not None
 
     def presented_share(self) -> str | None:
         """A share token, from ``?share=``, ``?token=``, the Authorization header or the
@@ -401,6 +404,8 @@ class EndpointHandler(StreamHandlerBase):
         request = self.request_info(spec.request_parameter) if spec.request_parameter else None
         run = self.run = worker.start_run(spec.fn_hash, spec.fn_blob, output, mode="http",
                                           media_type=media_type, json_kwargs=kwargs, request=request)
+        run.on_crash = lambda exc: output({"end": True, "error": error_info(
+            "WorkerError", f"the server failed while relaying this call: {type(exc).__name__}: {exc}")}, [])
         # The worker sends the response's start (status, headers, media type) as soon as
         # the function has returned its iterable. A stream with nothing to send yet is
         # committed after `commit_headers_after` seconds anyway (as its declared media type

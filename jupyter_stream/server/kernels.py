@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from jupyter_client.manager import AsyncKernelManager
 
 from .. import wire
-from ..errors import WorkerError, error_info, worker_died_error
+from ..errors import WorkerError, worker_died_error
 from .transports import WorkerTransport, transport_class
 
 log = logging.getLogger("jupyter_stream")
@@ -58,6 +58,8 @@ class Run:
         self.id = call_id
         self.window = window
         self.on_output = on_output
+        #: told (the exception) when `on_output` failed: the owner ends its call (see `abort`)
+        self.on_crash: Callable[[BaseException], None] | None = None
         self.error: dict[str, Any] | None = None
         self.ended = False
         self.cancelled = False
@@ -79,19 +81,18 @@ class Run:
         if not self.ended:
             self.feed({"op": "out", "id": self.id, "end": True, "error": error}, [])
 
-    def abort(self, error: dict[str, Any]) -> None:
-        """The server failed while handling this call's output: stop it on the worker
-        and end it here with `error`, whatever its consumer does with that, so that it
-        never holds its worker for nobody."""
-        if self.ended:
-            return
-        self.cancel()
-        try:
-            self.fail(error)
-        except Exception:  # noqa: BLE001 - the consumer failed again: the call is over anyway
-            log.warning("jupyter_stream: %s: call %s could not be told it failed", self.worker.name, self.id, exc_info=True)
+    def abort(self, exc: BaseException) -> None:
+        """The server failed while handling this call's output (`on_output` raised): stop it
+        on the worker, free the worker, and have its owner end the call (`on_crash`), so
+        that it neither holds its worker for nobody nor leaves its caller waiting."""
         if not self.ended:
+            self.cancel()
             self._end()
+        if self.on_crash is not None:
+            try:
+                self.on_crash(exc)
+            except Exception:  # noqa: BLE001 - nothing more can be done for this call
+                log.warning("jupyter_stream: %s: call %s could not be told it failed", self.worker.name, self.id, exc_info=True)
 
     def _end(self) -> None:
         self.ended = True
@@ -210,7 +211,8 @@ class WorkerKernel:
         #: a call's code would not stop: this kernel takes no new calls and is shut down
         #: once the calls that have clients are done (a replacement is started first)
         self.draining = False
-        #: pings (see `ping`): the number of the one not yet answered, and when it went
+        #: pings (see `ping`): the first one not answered yet (None when all were), when it
+        #: went, and the number of the last one sent
         self.pinged: int | None = None
         self.pinged_at = 0.0
         self.pings = 0
@@ -270,11 +272,14 @@ class WorkerKernel:
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
         """A message to the worker. One that cannot go out means the worker cannot be
-        reached: it is replaced (its calls end with an error), never left looking idle."""
+        reached: it is replaced (its calls end with an error), never left looking idle.
+        That happens on the next loop turn, once whoever sent (say, a call starting) holds
+        what it started."""
         try:
             self.transport.send(data, buffers)
         except Exception as exc:  # noqa: BLE001 - the channel is gone
-            self.transport_broken(f"a message to it could not be sent: {type(exc).__name__}: {exc}")
+            reason = f"a message to it could not be sent: {type(exc).__name__}: {exc}"
+            asyncio.get_running_loop().call_soon(self.transport_broken, reason)
 
     # -- from the worker ----------------------------------------------------------------
 
@@ -300,10 +305,9 @@ class WorkerKernel:
                 except Exception as exc:  # noqa: BLE001 - our consumer failed: that call ends, the worker goes on
                     log.error("jupyter_stream: %s: relaying call %s failed (%s: %s); ending that call",
                               self.name, run.id, type(exc).__name__, exc, exc_info=True)
-                    run.abort(error_info("WorkerError", f"the server failed while relaying this call's output: "
-                                                        f"{type(exc).__name__}: {exc}"))
+                    run.abort(exc)
         elif op == "pong":
-            if data["n"] == self.pinged:
+            if self.pinged is not None and data["n"] >= self.pinged:  # it answers: the silence is over
                 self.pinged = None
                 if self.unresponsive:
                     log.info("jupyter_stream: %s (pid %s) answers again", self.name, self.pid)
@@ -333,17 +337,28 @@ class WorkerKernel:
         """The transport can no longer carry this worker's messages (see `transports`)."""
         if self.transport is not None and self.transport.closed:
             return  # shut down on purpose
+        if self.transport is not None:
+            self.transport.broken = True  # nothing more is sent through it
         self.broken(f"cannot be reached: {reason}")
 
     # -- liveness -----------------------------------------------------------------------
 
     def ping(self, now: float) -> None:
-        """Ask the worker to answer through its sender (the pool does, every poll), unless a
-        ping is still unanswered."""
-        if self.pinged is None and self.alive:
-            self.pings += 1
+        """Ask the worker to answer through its sender (the pool does, every poll). A new
+        ping goes every time, so one lost answer costs a poll, not the worker; the silence
+        counts from the first ping not answered."""
+        if not self.alive:
+            return
+        self.pings += 1
+        if self.pinged is None:
             self.pinged, self.pinged_at = self.pings, now
-            self.send(wire.ping_message(self.pings))
+        self.send(wire.ping_message(self.pings))
+
+    def excuse_silence(self, now: float) -> None:
+        """The server itself could not listen for a while (its event loop was held):
+        the worker's silence counts from now."""
+        if self.pinged is not None:
+            self.pinged_at = now
 
     def silent_for(self, now: float) -> float:
         """Seconds the oldest unanswered ping has waited (0 when none waits)."""

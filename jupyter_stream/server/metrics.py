@@ -91,7 +91,9 @@ class StateCollector:
 
 
 def pool_label(pool: Any) -> str:
-    return f"pool {pool.number}: {pool.key.describe()}"
+    """A pool as a label value: its requirements (env names only) and a tag that tells apart
+    pools whose env differs in values only, stable when a pool is forgotten and made again."""
+    return f"{pool.key.describe()} #{pool.placement.pool_tag(pool.key)}"
 
 
 STATE = StateCollector()

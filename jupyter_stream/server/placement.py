@@ -56,6 +56,8 @@ class Seat:
     gpus: list[int]
     worker: WorkerKernel | None = None
     victims: list[WorkerKernel] = field(default_factory=list)
+    #: started over the server-wide cap for a call from inside a worker: it serves such calls first
+    over_cap: bool = False
 
 
 class Placement:
@@ -131,7 +133,8 @@ class Placement:
         if over_cap and self.total >= self.max_workers:
             log.info("jupyter_stream: starting a worker of pool [%s] over max_workers (%d): a call from inside a worker "
                      "waits for it, and its caller holds a seat meanwhile", pool.key.describe(), self.max_workers)
-        seat = Seat(next(self._counter), pool, gpus, victims=victims)
+        seat = Seat(next(self._counter), pool, gpus, victims=victims,
+                    over_cap=over_cap and not over_max and self.total >= self.max_workers)
         self.seats.add(seat)
         self.inventory.hold(gpus, seat)
         self.blocked.discard(pool)
@@ -147,7 +150,7 @@ class Placement:
             if victim is None:
                 return False
             victims.append(victim)
-        return not pool.gpu or self._choose_gpus(pool.gpu, pool, victims) is not None
+        return not pool.gpu or self._choose_gpus(pool.gpu, pool, victims, quiet=True) is not None
 
     def _idle_worker(self, exclude: WorkerPool, holding: set[int] | None = None) -> WorkerKernel | None:
         """An idle worker of another pool (one above its pool's minimum first)."""
@@ -163,32 +166,33 @@ class Placement:
         return candidates[0][2] if candidates else None
 
     def _choose_gpus(self, requests: tuple[GpuRequest, ...], pool: WorkerPool,
-                     victims: list[WorkerKernel]) -> tuple[list[int], list[WorkerKernel]] | None:
+                     victims: list[WorkerKernel], quiet: bool = False) -> tuple[list[int], list[WorkerKernel]] | None:
         """Devices for one alternative of the spec, in order: free ones, else free ones plus
-        those held by idle workers of other pools (which are then stopped)."""
+        those held by idle workers of other pools (only those whose GPUs are picked are
+        stopped). `quiet`: a question only (`can_start`), nothing is logged."""
         inventory = self.inventory
         freed = {i for v in victims for i in self.seat_of(v).gpus} if victims else set()
         for request in requests:
             free = [d.index for d in inventory.matching(request) if d.index not in inventory.holders or d.index in freed]
-            chosen = self._pick(request, free)
+            chosen = self._pick(request, free, quiet)
             if chosen is not None:
                 return chosen, []
         for request in requests:
             chosen = [d.index for d in inventory.matching(request) if d.index not in inventory.holders or d.index in freed]
             more: list[WorkerKernel] = []
-            while self._pick(request, chosen) is None:
+            while self._pick(request, chosen, True) is None:
                 wanted = {d.index for d in inventory.matching(request)} - set(chosen)
                 victim = self._idle_worker(exclude=pool, holding=wanted)
                 if victim is None or victim in more:
                     break
                 more.append(victim)
                 chosen += sorted(set(self.seat_of(victim).gpus) & wanted)
-            picked = self._pick(request, chosen)
+            picked = self._pick(request, chosen, quiet)
             if picked is not None:
-                return picked, more
+                return picked, [v for v in more if set(self.seat_of(v).gpus) & set(picked)]
         return None
 
-    def _pick(self, request: GpuRequest, available: list[int]) -> list[int] | None:
+    def _pick(self, request: GpuRequest, available: list[int], quiet: bool = False) -> list[int] | None:
         """`request.count` of the `available` devices, or None. Several devices of any kind
         are of one kind (the kind with most available first), unless the request is
         ``mixed`` or this machine has no kind with that many devices (then mixed, with a
@@ -206,9 +210,10 @@ class Placement:
         if any(len(devices) >= request.count for devices in self.inventory.by_name().values()):
             return None  # one kind has enough devices: wait for them to be free
         chosen = sorted(available)[: request.count]
-        log.info("jupyter_stream: no %d GPUs of one kind on this machine; giving %s mixed devices %s (ask for mixed:%d to "
-                 "say so)", request.count, request, ", ".join(f"{i}: {self.inventory.devices[i].name}" for i in chosen),
-                 request.count)
+        if not quiet:
+            log.info("jupyter_stream: no %d GPUs of one kind on this machine; giving %s mixed devices %s (ask for mixed:%d "
+                     "to say so)", request.count, request, ", ".join(f"{i}: {self.inventory.devices[i].name}" for i in chosen),
+                     request.count)
         return chosen
 
     def seat_of(self, worker: WorkerKernel) -> Seat:
@@ -235,6 +240,11 @@ class Placement:
         await asyncio.gather(*(pool.shutdown() for pool in self.pools.values()), return_exceptions=True)
 
     # -- finding workers -------------------------------------------------------------------
+
+    def pool_tag(self, key: PoolKey) -> str:
+        """A short tag of a pool's whole key (env values included, not shown): the same
+        for the same requirements while the server runs, different for others."""
+        return hmac.new(self._secret, repr(key).encode(), "sha256").hexdigest()[:6]
 
     def worker_key(self, index: int) -> str:
         """What worker `index` shows to say it is that worker (only it has this in its env)."""

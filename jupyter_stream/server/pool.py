@@ -66,7 +66,7 @@ class WorkerPool:
         scaledown_window: float = DEFAULT_SCALEDOWN_WINDOW,
         placement: Placement | None = None,
         concurrency: int | None = None,
-        ping_timeout: float = 30.0,
+        ping_timeout: float = 60.0,
         worker_env: dict[str, str] | None = None,
     ):
         self.kernel_name = kernel_name
@@ -96,6 +96,8 @@ class WorkerPool:
         self.start_error: str | None = None
         #: calls from inside a worker waiting here (their callers hold seats while they wait)
         self.nested_waiting = 0
+        self.last_turn = 0.0  # when the watcher last looked (monotonic)
+        self._nested: set[asyncio.Future] = set()  # their waiters, served first by a worker started over the cap
         self.number = 0  # the placement numbers its pools (see `info`)
         self.workers: list[WorkerKernel] = []
         self.draining: list[WorkerKernel] = []
@@ -179,6 +181,8 @@ class WorkerPool:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self.nested_waiting += nested
+        if nested:
+            self._nested.add(waiter)
         since = time.monotonic()
         try:
             self.grow_for_waiters()
@@ -193,6 +197,7 @@ class WorkerPool:
             raise
         finally:
             self.nested_waiting -= nested
+            self._nested.discard(waiter)
 
     def check_can_start(self) -> None:
         """Raise `WorkerError` saying why when nothing could serve a call now: no worker
@@ -220,7 +225,18 @@ class WorkerPool:
         self._offer(worker)
 
     def _offer(self, worker: WorkerKernel) -> None:
-        """Hand a worker with spare room to the calls waiting for one."""
+        """Hand a worker with spare room to the calls waiting for one, in arrival order;
+        one started over the server-wide cap serves the calls from inside workers first
+        (it was started for them)."""
+        seat = self.seats.get(worker)
+        if seat is not None and seat.over_cap and self._nested:
+            for waiter in [w for w in self._waiters if w in self._nested]:
+                if not (worker.accepting and worker.load < self.calls_per_worker):
+                    return
+                self._waiters.remove(waiter)
+                if not waiter.done():
+                    worker.load += 1
+                    waiter.set_result(worker)
         while worker.accepting and worker.load < self.calls_per_worker and self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -392,6 +408,11 @@ class WorkerPool:
         """One turn of the watcher (every `poll_interval`, supervised): notice dead and
         silent kernels, scale idle ones down, keep the warm minimum, serve the waiters."""
         now = time.monotonic()
+        stalled = self.last_turn and now - self.last_turn > self.poll_interval + 1.0
+        self.last_turn = now
+        if stalled:  # the event loop was held: pongs may wait unread in the sockets
+            for worker in self.workers:
+                worker.excuse_silence(now)
         for worker in list(self.workers) + list(self.draining):
             if not await self._is_alive(worker):
                 if worker in self.workers:

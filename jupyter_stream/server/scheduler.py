@@ -56,10 +56,12 @@ MAX_DEATHS = 3
 MAX_SHARED_DEATHS = 10
 
 #: A map lane with nothing to run while the map waits for inputs (its caller holds the
-#: iterator without reading on) is closed after this many seconds, at once when other
-#: calls wait for the pool, so that an idle map never holds workers; more inputs open
-#: lanes again.
+#: iterator without reading on) is closed after this many seconds, so that an idle map
+#: never holds workers; more inputs open lanes again ...
 LANE_LINGER = 1.0
+#: ... and after this many when other calls wait for the pool (not at once: a lane runs
+#: dry for a moment between two batches of a map that is read as fast as it runs).
+LANE_LINGER_CONTENDED = 0.1
 
 
 def queue_timeout(spec: FunctionSpec, nested: bool) -> float | None:
@@ -113,8 +115,8 @@ class RemoteCall:
 
     def stop(self, why: str) -> None:
         """Stopped from the Streams panel: its caller gets a WorkerError saying so."""
-        self.cancel()
         self.session.end(self.id, error_info("WorkerError", f"the call was {why}"))
+        self.cancel()
     def attempt(self) -> None:
         """Start on an idle worker now (the common, fast case), or wait for one."""
         worker = self.session.worker_now(self.pool)
@@ -141,7 +143,9 @@ class RemoteCall:
         self.launch(worker)
 
     def crashed(self, exc: BaseException) -> None:
-        self.finish_with(error_info("WorkerError", f"the server failed while placing this call: {type(exc).__name__}: {exc}"))
+        """A failure of ours while placing or relaying this call: it ends with the error."""
+        if self.id in self.session.calls:
+            self.finish_with(error_info("WorkerError", f"the server failed while running this call: {type(exc).__name__}: {exc}"))
 
     def finish_with(self, error: dict[str, Any]) -> None:
         """End the call with `error` before it ran anywhere."""
@@ -155,8 +159,11 @@ class RemoteCall:
         self.run = worker.start_run(
             self.spec.fn_hash, self.spec.fn_blob, self.on_output, mode="values", args=self.args, timeout=self.spec.timeout,
         )
+        self.run.on_crash = self.crashed
 
     def on_output(self, data: dict[str, Any], buffers: list) -> None:
+        if self.cancelled:  # the caller left, or it was stopped: nobody reads its end
+            return
         printed = data.get("print")
         if printed:  # what the function printed goes to the caller, tagged with its worker
             data = {**data, "worker": self.run.worker.name}
@@ -251,8 +258,9 @@ class MapCall:
         self.steal_timer: asyncio.TimerHandle | None = None
         #: closes lanes that have nothing to run while the caller reads no further
         self.idle_timer: asyncio.TimerHandle | None = None
-        #: when the map began waiting for its first lane (monotonic), for its queue timeout
-        self.waiting_since = time.monotonic()
+        #: whether a lane ever ran: lanes opened again after idle ones closed wait without a
+        #: queue timeout (the map is under way)
+        self.had_lane = False
         self.started = time.time()
         self.activity_id: str | None = None  # in the server's `Activity` (the Streams panel)
         #: items received from the client, answered (done or failed), and run again
@@ -270,8 +278,8 @@ class MapCall:
     def stop(self, why: str) -> None:
         """Stopped from the Streams panel: its caller gets a WorkerError saying so."""
         if not self.finished:
-            self.cancel()
             self.session.end(self.id, error_info("WorkerError", f"the map was {why}"))
+            self.cancel()
 
     def add_items(self, indices: list[int], sizes: list[int], payload: memoryview) -> None:
         self.received += len(indices)
@@ -313,7 +321,7 @@ class MapCall:
             return
         wanted = min(self.pool.max_workers, self.outstanding)
         while len(self.lanes) + len(self.lane_tasks) < wanted and self.pending:
-            task = supervision.spawn(self.open_lane(first=not self.lanes and not self.lane_tasks),
+            task = supervision.spawn(self.open_lane(first=not self.had_lane and not self.lanes and not self.lane_tasks),
                                      f"opening a lane of map {self.id} of function {self.spec.name!r}", on_crash=self.crashed)
             self.lane_tasks.add(task)
             task.add_done_callback(self.lane_tasks.discard)
@@ -345,6 +353,8 @@ class MapCall:
             self.spec.fn_hash, self.spec.fn_blob, functools.partial(self.on_output, lane), mode="map",
             args=self.kwargs, timeout=self.spec.timeout,
         )
+        lane.run.on_crash = self.crashed
+        self.had_lane = True
         self.lanes.append(lane)
         self.feed(lane)
         if not lane.inflight:
@@ -456,21 +466,21 @@ class MapCall:
     # -- lanes with nothing to do --------------------------------------------------------
 
     def check_idle(self) -> None:
-        """Every lane ran dry and no inputs wait here, though more may come (the caller
-        has not read on): close the idle lanes after `LANE_LINGER`, at once when other
-        calls wait for the pool, so that a map held open never holds workers."""
-        if self.finished or self.cancelled or self.inputs_done or self.pending:
+        """A lane ran dry and no inputs wait here, though more may come (the caller has
+        not read on): close the idle lanes after `LANE_LINGER` (sooner when other calls
+        than this map's own lane openings wait for the pool), so that a map held open
+        never holds workers."""
+        if self.finished or self.cancelled or self.inputs_done or self.pending or self.idle_timer is not None:
             return
         if not any(not lane.inflight and not lane.closing for lane in self.lanes):
             return
-        if self.pool.waiting:
-            self.close_idle_lanes()
-        elif self.idle_timer is None:
-            self.idle_timer = asyncio.get_running_loop().call_later(LANE_LINGER, self.close_idle_lanes)
+        others_wait = self.pool.waiting > len(self.lane_tasks)
+        self.idle_timer = asyncio.get_running_loop().call_later(LANE_LINGER_CONTENDED if others_wait else LANE_LINGER,
+                                                                self.close_idle_lanes)
 
     def close_idle_lanes(self) -> None:
         self.idle_timer = None
-        if self.finished or self.cancelled or self.pending:
+        if self.finished or self.cancelled or self.pending or self.inputs_done:
             return
         for lane in self.lanes:
             if not lane.inflight and not lane.closing:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import re
 
-#: a query parameter whose value is a credential, in a URL or a request's repr
-SECRET_QUERY = re.compile(r"([?&;](?:token|share)=)[^&\s'\"<>]+", re.IGNORECASE)
+#: a query parameter whose value is a credential, in a URL or a request's repr, also
+#: percent-encoded inside another URL (a login redirect's ``?next=%2Flab%3Fshare%3D...``)
+SECRET_QUERY = re.compile(r"((?:[?&;]|%3F|%26|%3B)(?:token|share)(?:=|%3D))[^&\s'\"<>%]+(?:%2[dD][^&\s'\"<>%]*)*",
+                          re.IGNORECASE)
 HIDDEN = "[secret]"
 
 

@@ -63,7 +63,8 @@ class WorkerTransport:
         self.on_comm_msg = on_comm_msg
         self.on_stream = on_stream
         self.on_broken = on_broken
-        self.closed = False
+        self.closed = False  # by `close`: on purpose
+        self.broken = False  # its reader stopped by itself
         self._channel = kc.shell_channel
         self._reader: asyncio.Task | None = None
 
@@ -80,7 +81,7 @@ class WorkerTransport:
     def _reader_ended(self, task: asyncio.Task) -> None:
         if self.closed or task.cancelled():
             return
-        self.closed = True
+        self.broken = True
         exc = task.exception()
         reason = f"its message reader stopped: {type(exc).__name__}: {exc}" if exc else "its message reader stopped"
         if self.on_broken is not None:
@@ -98,6 +99,8 @@ class WorkerTransport:
         self._channel = self.kc.control_channel
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
+        if self.broken:
+            raise WorkerError("its transport is broken")
         msg = self.kc.session.msg("comm_msg", {"comm_id": self.comm_id, "data": data})
         if buffers:
             msg["buffers"] = buffers

@@ -107,16 +107,17 @@ class Run:
                 worker.dirty.append(self)
                 worker.has_output.notify()
 
-    def put(self, data: bytes, meta: list | None = None, last: bool = False, busy: float = 0.0) -> None:
+    def put(self, data: bytes, meta: list | None = None, last: bool = False, busy: float = 0.0, wait: bool = True) -> None:
         """Queue output bytes for the sender; block while the client is a window behind.
         The first output of a run is sent right here, saving a thread hop on the time to
         first byte; so is a call's `last` and only output (a plain return value), which
         goes out with the call's end: a `.remote()` costs one message back, not two.
         A map item's result comes with the seconds it took (`busy`), which the server
-        adds up to size the lane's batches."""
+        adds up to size the lane's batches. `wait=False` (the watchdog's timeout errors)
+        queues it without waiting for credit."""
         worker = self.worker
         with worker.lock:
-            while self.unacked + self.pending_bytes >= self.window and not self.cancelled:
+            while wait and self.unacked + self.pending_bytes >= self.window and not self.cancelled:
                 self.can_put.wait()
             if self.cancelled or self.done:
                 raise RunCancelled()

@@ -184,18 +184,27 @@ class Worker:
             self.cancel(data["id"])
         elif op == "interrupt":
             self.interrupt(data["id"])
-        elif op == "forget":
-            with self.loading:
-                for key in data["fns"]:
-                    self.functions.pop(key, None)
-                    self.pickled.pop(key, None)
+        elif op == "forget":  # calls that have their function already keep it (see `start_run`)
+            for key in data["fns"]:
+                self.functions.pop(key, None)
+                self.pickled.pop(key, None)
 
     def start_run(self, data: dict[str, Any], buffers: list) -> None:
+        """Take a call: its function (or its pickle) is taken here, as the message comes, so a
+        ``forget`` right behind it cannot take it away; the call runs in a thread of its own.
+        A call that cannot even start ends with the error."""
         run = Run(self, data["id"], data.get("window", wire.DEFAULT_WINDOW))
         self.runs[run.id] = run
-        if data.get("send_fn") and data["fn"] not in self.functions:
-            self.pickled[data["fn"]] = bytes(buffers[0])
-        self.threads.submit(self.execute, run, data, buffers)
+        try:
+            key = data["fn"]
+            fn = self.functions.get(key)
+            if fn is None:
+                if data.get("send_fn"):
+                    self.pickled[key] = bytes(buffers[0])
+                fn = self.pickled.get(key)
+            self.threads.submit(self.execute, run, data, buffers, fn)
+        except BaseException as exc:  # noqa: BLE001 - say so to the caller rather than leave it waiting
+            run.finish(error_payload(exc, pickled=data.get("mode") != "http"))
 
     def add_batch(self, data: dict[str, Any], payload: Any) -> None:
         """More map items for a lane: (index, pickled args) pairs cut from one buffer."""
@@ -274,7 +283,7 @@ class Worker:
 
     # -- running a call (its own thread) ----------------------------------------------
 
-    def execute(self, run: Run, data: dict[str, Any], buffers: list) -> None:
+    def execute(self, run: Run, data: dict[str, Any], buffers: list, fn_or_pickle: Any = None) -> None:
         error = None
         mode = data.get("mode", "http")
         run.thread = threading.get_ident()
@@ -282,7 +291,7 @@ class Worker:
         token = _current_run.set(run)
         on_loop = False  # an async function's run goes on on the worker's event loop
         try:
-            fn = self.function(data["fn"])
+            fn = self.function(data["fn"], fn_or_pickle)
             if mode == "load":  # the server only checks that the pickle loads here
                 return
             args, kwargs = (), dict(data.get("kwargs") or {})
@@ -420,7 +429,7 @@ class Worker:
             error = timeout_error()
             if index is not None:
                 try:
-                    run.put(wire.dumps(error), [index, False])
+                    run.put(wire.dumps(error), [index, False], wait=False)
                 except RunCancelled:
                     pass
             run.finish(error)
@@ -449,27 +458,29 @@ class Worker:
         if run.running_code:
             self.stopping[run] = time.monotonic() + self.grace
 
-    def function(self, key: str) -> Any:
-        """The function `key`, unpickled once. One thread loads it while calls that arrive
-        meanwhile wait; if loading fails (a module missing here), the pickle is kept and
-        the next call tries again."""
-        fn = self.functions.get(key)
-        if fn is None:
-            with self.loading:
-                fn = self.functions.get(key)
-                if fn is None:
-                    if key not in self.pickled:
-                        raise RuntimeError(f"function {key} was not sent to this worker")
-                    try:
-                        fn = cloudpickle.loads(self.pickled[key])
-                    except ModuleNotFoundError as e:
-                        raise ModuleNotFoundError(
-                            f"{e} on the worker kernel: install it in the workers' environment "
-                            "(or define what the function needs in the notebook), then call again",
-                            name=e.name,
-                        ) from None
-                    self.functions[key] = fn
-                    del self.pickled[key]
+    def function(self, key: str, fn_or_pickle: Any) -> Any:
+        """The function `key` (as `start_run` found it: the function, or its pickle),
+        unpickled once. One thread loads it while calls that arrive meanwhile wait; if
+        loading fails (a module missing here), the pickle is kept and the next call tries
+        again."""
+        if fn_or_pickle is None:
+            raise RuntimeError(f"function {key} was not sent to this worker")
+        if not isinstance(fn_or_pickle, bytes):
+            return fn_or_pickle
+        with self.loading:
+            fn = self.functions.get(key)
+            if fn is not None:
+                return fn
+            try:
+                fn = cloudpickle.loads(fn_or_pickle)
+            except ModuleNotFoundError as e:
+                raise ModuleNotFoundError(
+                    f"{e} on the worker kernel: install it in the workers' environment "
+                    "(or define what the function needs in the notebook), then call again",
+                    name=e.name,
+                ) from None
+            if self.pickled.pop(key, None) is not None:  # not forgotten meanwhile: cache it
+                self.functions[key] = fn
         return fn
 
     async def await_then_emit(self, run: Run, awaitable: Any, mode: str, media_type: str | None) -> None:
