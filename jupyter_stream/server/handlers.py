@@ -242,8 +242,6 @@ class EndpointHandler(StreamHandlerBase):
         # still see it). Tornado's own limit stays out of the way: it answers an empty 400.
         self.drain_limit = limit + max(limit, 64 << 20)
         self.request.connection.set_max_body_size(1 << 62)
-        if self.request.method == "GET" and self.cookie_authenticated and not self.from_own_pages():
-            raise web.HTTPError(403, CROSS_SITE)
 
     def from_own_pages(self) -> bool:
         """Whether a cookie-authenticated request comes from this server's own pages: the
@@ -274,6 +272,10 @@ class EndpointHandler(StreamHandlerBase):
     @allow_unauthenticated  # a share may open it: check_access stands in for @web.authenticated
     async def get(self, name: str) -> None:
         await self.check_access("execute")
+        # here, not in prepare: a refusal there would close the keep-alive connection
+        # (tornado has not read the empty body yet), and the client's next request fails
+        if self.cookie_authenticated and not self.from_own_pages():
+            raise web.HTTPError(403, CROSS_SITE)
         await self.run_endpoint(name)
 
     @allow_unauthenticated
