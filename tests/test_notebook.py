@@ -304,8 +304,8 @@ def test_ctrl_c_ends_open_streams_properly(tmp_path):
             for line in r.iter_lines():  # raises if the chunked body is cut short
                 if line:
                     events.append(line)
-                if len(events) == 4:
-                    serve.proc.send_signal(signal.SIGINT)
+                    if len(events) == 4:  # once: a second Ctrl-C means "stop at once"
+                        serve.proc.send_signal(signal.SIGINT)
         assert events[0] == "id: 0" and events[-2] == "event: error", events
         error = json.loads(events[-1][len("data: "):])["error"]
         assert error["type"] == "ServerStopping" and "the server is stopping" in error["message"], error
