@@ -552,6 +552,8 @@ def start_jupyter_stream(procs: Processes, tmp: Path, options: List[str] = (), w
         "--ServerApp.open_browser=False",
         f"--ServerApp.root_dir={root}",
         "--ServerApp.jpserver_extensions={'jupyter_stream': True}",
+        # JUPYTER_STREAM_WORKER_MESSAGES=direct|zmq|channels measures one transport (default: auto)
+        f"--JupyterStream.worker_messages={os.environ.get('JUPYTER_STREAM_WORKER_MESSAGES', 'auto')}",
         *options,
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:

@@ -51,6 +51,17 @@ Worker -> server:
             kernel in the background, letting its other calls finish.
 ``broken``  the worker cannot go on (its sender failed: ``reason``); it exits next, and
             the server replaces it.
+``direct``  the first message on the direct channel (see below): everything the worker
+            sends comes that way from now on.
+
+The direct channel (local kernels, ``worker_messages = auto | direct``): when the comm's
+``comm_open`` asks for it (``direct``), the worker binds two unix sockets in a private
+directory and names them in ``ready`` (``direct``: ``dir`` and ``secret``; or
+``direct_problem`` saying why it could not). The server connects a DEALER to
+``<dir>/in`` and presents ``[b"hello", secret]``, then sends every message there as
+frames: the message as JSON, then its buffers; the worker answers on ``<dir>/out`` (a PUSH
+socket) the same way, beginning with ``direct``. The same messages, the same meaning:
+only the carrier changes (see `worker.direct` and `server.transports.DirectTransport`).
 ``out``     output of call ``id``: buffer 0 holds zero or more bytes (many chunks joined);
             optional ``start`` (``status``, ``headers``, ``media_type``) comes with the
             first message, ``end`` is true on the last one, and ``error`` (a dict from
@@ -123,13 +134,13 @@ ACK_MESSAGES_EVERY = 64
 
 #: Changes whenever a message changes meaning: a worker kernel whose jupyter-stream speaks
 #: another version is refused at start (install the same version there).
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 #: Functions a worker keeps unpickled at most; the server tells it to forget the least
 #: recently used beyond this (and at once those no registration uses any more).
 MAX_WORKER_FUNCTIONS = 64
 
-WORKER_OPS = ("ready", "out", "pong", "stuck", "broken")
+WORKER_OPS = ("ready", "out", "pong", "stuck", "broken", "direct")
 
 
 # -- server -> worker messages: built only here ------------------------------------------
@@ -209,6 +220,8 @@ def check_worker_message(data: Any, buffers: list) -> None:
     elif op in ("stuck", "broken"):
         if not isinstance(data.get("reason"), str):
             raise ProtocolError(f"{op!r} needs a 'reason' string")
+    elif op == "direct":
+        pass
     else:
         raise ProtocolError(f"unknown op {op!r}; expected one of {', '.join(WORKER_OPS)}")
 

@@ -103,12 +103,19 @@ def test_a_printed_lone_surrogate_neither_stops_the_worker_nor_its_stream(server
     assert pool["replaced"] == 0 and len(pool["workers"]) == 1, pool
 
 
+def carrier(worker):
+    """What the worker's messages leave through now: its direct channel once the server is
+    connected to it, else the kernel's session onto IOPub (both have a `send`)."""
+    return worker.direct if worker.direct is not None and worker.direct.connected else worker.session
+
+
 def break_sender_once():
     """Makes the worker's next message fail to send, once (the sender's boundary)."""
     import jupyter_stream.worker.runtime as runtime
 
     worker = runtime._worker
-    real = worker.session.send
+    out = carrier(worker)
+    real = out.send
     state = {"left": 1}
 
     def send(*args, **kwargs):
@@ -119,7 +126,7 @@ def break_sender_once():
             raise RuntimeError("injected: the socket refused this message")
         return real(*args, **kwargs)
 
-    worker.session.send = send
+    out.send = send
     return worker
 
 
@@ -152,7 +159,7 @@ def test_a_sender_that_cannot_send_at_all_gets_its_worker_replaced(server):
             raise OSError("injected: IOPub is gone")
 
         yield "data: started\n\n"
-        worker.session.send = refuse
+        carrier(worker).send = refuse
         yield "data: never arrives\n\n"
 
     register_endpoint(doomed, connection=server.connection, max_workers=1, env={"FAULT": "sender-dead"})
@@ -176,7 +183,8 @@ def test_a_sender_that_hangs_is_found_by_its_pings(server):
         import jupyter_stream.worker.runtime as runtime
 
         worker = runtime._worker
-        real = worker.session.send
+        out = carrier(worker)
+        real = out.send
 
         def send(*args, **kwargs):
             if threading.current_thread().name == "jupyter-stream-sender":
@@ -184,7 +192,7 @@ def test_a_sender_that_hangs_is_found_by_its_pings(server):
             return real(*args, **kwargs)
 
         yield "data: started\n\n"
-        worker.session.send = send
+        out.send = send
         yield "data: stuck behind the sender\n\n"
 
     register_endpoint(hangs, connection=server.connection, max_workers=1, env={"FAULT": "sender-hangs"})
@@ -244,24 +252,36 @@ def test_a_malformed_message_gets_its_worker_replaced(server, kind):
     streams_again(server)
 
 
-def test_a_message_that_does_not_decode_gets_its_worker_replaced(server):
-    """Raw frames with a bad signature on the worker's IOPub socket: the reader cannot
-    read them, stops, and says so; the worker is replaced."""
+@pytest.mark.parametrize("where", ["iopub", "direct"])
+def test_a_message_that_does_not_decode_gets_its_worker_replaced(server, where):
+    """Raw frames that do not decode, on the worker's IOPub socket (a bad signature) or on
+    its direct channel (not JSON): the reader that gets them cannot read them, stops, and
+    says so; the worker is replaced within a second or two, well before its pings would."""
 
-    def forged():
+    def forged(where: str):
         import os
 
         import jupyter_stream.worker.runtime as runtime
 
         worker = runtime._worker
         yield f"data: {os.getpid()}\n\n"
-        worker.kernel.iopub_socket.send_multipart(
-            [worker.topic, b"<IDS|MSG>", b"0" * 64, b"{}", b"{}", b"{}", b"{}"])
+        if where == "iopub":
+            worker.kernel.iopub_socket.send_multipart(
+                [worker.topic, b"<IDS|MSG>", b"0" * 64, b"{}", b"{}", b"{}", b"{}"])
+        else:
+            with worker.direct.lock:
+                worker.direct.outbound.send_multipart([b"not json"])
         yield "data: later\n\n"
 
+    if where == "direct" and os.environ.get("JUPYTER_STREAM_TEST_WORKER_MESSAGES") in ("zmq", "channels"):
+        pytest.skip("this run's workers have no direct channel")
     register_endpoint(forged, connection=server.connection)
-    r, took = timed_get(server, "stream/forged")
-    assert took < 2.5 and "event: error" in r.text, (took, r.text)  # before the 3 s ping timeout: the reader said so
+    r, took = timed_get(server, "stream/forged", params={"where": where})
+    pid = int(r.text.split("data: ")[1].split()[0])
+    deadline = time.monotonic() + 2.5  # before the 3 s ping timeout: the reader said so
+    while pid in pids(server):
+        assert time.monotonic() < deadline, "the worker that sent garbage was not replaced"
+        time.sleep(0.05)
     assert "cannot be reached: its message reader stopped" in server.log()
     streams_again(server)
 

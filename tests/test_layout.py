@@ -76,8 +76,10 @@ def test_importing_the_server_does_not_load_the_client():
 
 
 def test_workers_report_their_transport(jstream_server):
+    """Local kernels take the direct channel by default (the worker's first message on it
+    makes the server say so); the channel API and the comm over ZMQ when asked."""
     forced = os.environ.get("JUPYTER_STREAM_TEST_WORKER_MESSAGES")
-    expected = "ChannelTransport" if forced == "channels" else "ZmqTransport"
+    expected = {"channels": "ChannelTransport", "zmq": "ZmqTransport"}.get(forced, "DirectTransport")
     assert {w["transport"] for w in jstream_server.wait_for_workers(1)} == {expected}
 
 

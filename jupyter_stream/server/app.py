@@ -73,10 +73,11 @@ class JupyterStream(ExtensionApp):
     )
     worker_transport = Unicode("ipc", config=True, help="ZMQ transport to local worker kernels: 'ipc' (unix sockets, faster) or 'tcp'.")
     worker_messages = Enum(
-        ["auto", "zmq", "channels"], "auto", config=True,
-        help="How the server exchanges messages with worker kernels: 'zmq' reads a kernel's IOPub socket "
-        "directly (local kernels, fastest), 'channels' goes through the kernel client's channel API (any "
-        "kernel client, e.g. a Kernel Gateway's); 'auto' uses zmq where the kernel client has ZMQ sockets.",
+        ["auto", "direct", "zmq", "channels"], "auto", config=True,
+        help="How the server exchanges messages with worker kernels: 'direct' through the worker's own unix "
+        "sockets once its comm is open (local kernels, fastest), 'zmq' as comm messages read from the "
+        "kernel's IOPub socket directly, 'channels' through the kernel client's channel API (any kernel "
+        "client, e.g. a Kernel Gateway's); 'auto' is direct where the kernel client has ZMQ sockets.",
     )
     worker_cwd = Unicode("", config=True, help="Working directory of worker kernels (default: the server's root_dir).")
     cancel_grace_period = Float(

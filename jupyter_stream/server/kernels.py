@@ -254,7 +254,7 @@ class WorkerKernel:
             self.kc, self.comm_id, self.on_comm_msg, self.on_stream, self.transport_broken
         )
         self.transport.start()
-        self.transport.open_comm(wire.COMM_TARGET, {"version": wire.PROTOCOL_VERSION,
+        self.transport.open_comm(wire.COMM_TARGET, {"version": wire.PROTOCOL_VERSION, "direct": self.transport.offers_direct,
                                                     "cancel_grace_period": self.pool.cancel_grace_period})
         ready = await asyncio.wait_for(self._ready, timeout)
         if ready.get("version") != wire.PROTOCOL_VERSION:
@@ -268,6 +268,12 @@ class WorkerKernel:
         self.pid = ready["pid"]
         if ready.get("control"):  # the worker takes our messages on the faster control channel
             self.transport.use_control()
+        if self.transport.offers_direct:
+            if isinstance(ready.get("direct"), dict):
+                self.transport.use_direct(ready["direct"])
+            else:
+                log.warning("jupyter_stream: %s (pid %s) has no direct channel (%s); its messages go through the comm",
+                            self.name, self.pid, ready.get("direct_problem") or "it did not offer one")
         self.alive = True
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
@@ -474,5 +480,5 @@ class WorkerKernel:
             "name": self.name, "pid": self.pid, "alive": self.alive, "busy": self.load,
             "abandoned": self.abandoned, "draining": self.draining, "unresponsive": self.unresponsive,
             "kernel": self.km.kernel_name,
-            "transport": type(self.transport).__name__ if self.transport is not None else None,
+            "transport": self.transport.kind if self.transport is not None else None,
         }

@@ -3,10 +3,15 @@
 `WorkerKernel` speaks the protocol (`wire`); a transport only carries its messages, so
 that where a kernel comes from decides how it is reached, not what is said:
 
+- `DirectTransport` (local kernels, the default): once the comm is open, the worker's
+  direct channel carries every message both ways (two unix sockets in a private
+  directory, see `worker.direct`): no Jupyter envelope, no signature, no hop through
+  ipykernel's threads. IOPub is still read for the kernel's own prints; a worker that
+  cannot open the channel stays on the `ZmqTransport` path, with one log line.
 - `ZmqTransport` reads the kernel's IOPub ZMQ socket directly, subscribed to this comm
   and the kernel's prints only (zmq drops the two status messages a kernel publishes
   for every request before they reach this process), and unpacks only what it routes.
-  The fast path, for kernels whose client has ZMQ sockets (local kernels, provisioners).
+  For kernels whose client has ZMQ sockets (local kernels, provisioners).
 - `ChannelTransport` goes through the kernel client's channel API (``get_iopub_msg``,
   ``channel.send``) and nothing else, so any jupyter_client kernel client works,
   including a Kernel/Enterprise Gateway's, whose channels are a WebSocket.
@@ -33,11 +38,13 @@ Usage, as `WorkerKernel.start` does it::
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import zmq
+import zmq.asyncio
 
 from ..errors import WorkerError
 
@@ -50,11 +57,18 @@ OnStream = Callable[[str, str], None]
 #: the transport stopped working: why
 OnBroken = Callable[[str], None]
 
-MODES = ("auto", "zmq", "channels")
+MODES = ("auto", "direct", "zmq", "channels")
 
 
 class WorkerTransport:
     """Carries one comm's messages between the server and a worker kernel."""
+
+    #: whether it asks the worker for a direct channel (see `DirectTransport`)
+    offers_direct = False
+    #: what `/api/stream/workers` shows as the worker's transport
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
 
     def __init__(self, kc: Any, comm_id: str, on_comm_msg: OnCommMessage, on_stream: OnStream,
                  on_broken: OnBroken | None = None):
@@ -150,14 +164,85 @@ class ChannelTransport(WorkerTransport):
             self.route(msg["header"]["msg_type"], msg["content"], msg.get("buffers") or [])
 
 
+class DirectTransport(ZmqTransport):
+    """A local kernel's messages through its direct channel (see `worker.direct`): the
+    comm opens it, then every message goes as frames on two unix sockets, JSON and buffers,
+    uncopied. Until the worker has said it is there (or if it could not open the channel)
+    the `ZmqTransport` path carries them; IOPub stays read for the kernel's own prints."""
+
+    offers_direct = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.direct = False  # the server's messages go through the channel
+        self.confirmed = False  # the worker's first message came through it
+        self._dealer: zmq.Socket | None = None
+        self._pull: zmq.asyncio.Socket | None = None
+        self._direct_reader: asyncio.Task | None = None
+
+    @property
+    def kind(self) -> str:
+        return "DirectTransport" if self.confirmed else "ZmqTransport"
+
+    def use_direct(self, offer: dict[str, Any]) -> None:
+        """Connect to the worker's channel (``offer``: its directory and secret), present
+        the secret, and send everything there from now on."""
+        directory, secret = offer["dir"], offer["secret"]
+        if not isinstance(directory, str) or not isinstance(secret, str):
+            raise WorkerError("the worker's direct channel offer is malformed")
+        self._dealer = zmq.Context.instance().socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.setsockopt(zmq.SNDHWM, 0)  # what is queued is bounded by the calls' own credit
+        self._dealer.connect(f"ipc://{directory}/in")
+        self._pull = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.setsockopt(zmq.RCVHWM, 0)
+        self._pull.connect(f"ipc://{directory}/out")
+        self._dealer.send_multipart([b"hello", secret.encode()])
+        self.direct = True
+        self._direct_reader = asyncio.create_task(self._read_direct())
+        self._direct_reader.add_done_callback(self._reader_ended)
+
+    def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
+        if not self.direct:
+            return super().send(data, buffers)
+        if self.broken:
+            raise WorkerError("its transport is broken")
+        header = json.dumps(data, separators=(",", ":")).encode()
+        self._dealer.send_multipart([header, *buffers] if buffers else [header], copy=False)
+
+    async def _read_direct(self) -> None:
+        pull = self._pull
+        on_comm_msg = self.on_comm_msg
+        while not self.closed:
+            frames = await pull.recv_multipart(copy=False)
+            data = json.loads(frames[0].bytes)
+            if not self.confirmed:
+                self.confirmed = True
+                if isinstance(data, dict) and data.get("op") == "direct":
+                    continue
+            on_comm_msg(data, [frame.buffer for frame in frames[1:]])
+
+    def close(self) -> None:
+        super().close()
+        if self._direct_reader is not None:
+            self._direct_reader.cancel()
+        for sock in (self._dealer, self._pull):
+            if sock is not None:
+                sock.close(0)
+
+
 def transport_class(kc: Any, mode: str) -> type[WorkerTransport]:
-    """The transport for kernel client `kc`: `mode` is "zmq", "channels" or "auto" (ZMQ
-    where the client has ZMQ sockets, the channel API otherwise)."""
+    """The transport for kernel client `kc`: `mode` is "direct", "zmq", "channels" or
+    "auto" (the direct channel where the client has ZMQ sockets, i.e. a local kernel; the
+    channel API otherwise)."""
     has_zmq = isinstance(getattr(kc.iopub_channel, "socket", None), zmq.Socket)
     if mode == "channels" or (mode == "auto" and not has_zmq):
         return ChannelTransport
-    if mode in ("zmq", "auto") and has_zmq:
+    if mode in ("direct", "auto") and has_zmq:
+        return DirectTransport
+    if mode == "zmq" and has_zmq:
         return ZmqTransport
-    if mode == "zmq":
-        raise WorkerError(f"JupyterStream.worker_messages is 'zmq' but {type(kc).__name__} has no ZMQ sockets; use 'auto'")
+    if mode in ("zmq", "direct"):
+        raise WorkerError(f"JupyterStream.worker_messages is {mode!r} but {type(kc).__name__} has no ZMQ sockets; use 'auto'")
     raise WorkerError(f"JupyterStream.worker_messages must be one of {', '.join(MODES)}, not {mode!r}")

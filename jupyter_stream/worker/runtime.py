@@ -30,6 +30,7 @@ from .. import wire
 from ..errors import error_info, error_payload, timeout_error
 from ..responses import SSE, StreamingResponse, encoder_for, plain_response
 from . import arguments
+from .direct import DirectChannel
 from .runs import Run, RunCancelled, RunThreads, pack, text_safe
 
 _worker: Worker | None = None
@@ -135,10 +136,23 @@ class Worker:
             handlers["comm_msg"] = self.on_control_msg
         sys.stdout = RunOutput("stdout", sys.stdout)
         sys.stderr = RunOutput("stderr", sys.stderr)
+        #: the direct channel to the server (see `direct`), if it asked for one and it opened
+        self.direct: DirectChannel | None = None
+        offer, problem = None, None
+        if options.get("direct"):
+            try:
+                self.direct = DirectChannel(self.on_direct_msg, self.on_direct_connected)
+                offer = self.direct.offer()
+                threading.Thread(target=self.direct_loop, name="jupyter-stream-direct", daemon=True).start()
+                atexit.register(self.direct.remove)
+            except Exception as exc:  # noqa: BLE001 - the comm carries everything then
+                problem = f"{type(exc).__name__}: {exc}"
+                log_line(f"no direct channel ({problem}); its messages go through the comm")
+                self.direct = None
         threading.Thread(target=self.send_loop, name="jupyter-stream-sender", daemon=True).start()
         atexit.register(self.stop_runs)
         self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0], "control": isinstance(handlers, dict),
-                   "version": wire.PROTOCOL_VERSION})
+                   "version": wire.PROTOCOL_VERSION, "direct": offer, "direct_problem": problem})
 
     # -- messages from the server (kernel main thread) -------------------------------
 
@@ -151,6 +165,31 @@ class Worker:
             self.handle(msg["content"]["data"], msg.get("buffers") or [])
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the next
             log_line(f"could not handle a message from the server: {type(exc).__name__}: {exc}")
+
+    def on_direct_msg(self, data: dict[str, Any], buffers: list) -> None:
+        try:
+            self.handle(data, buffers)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the next
+            log_line(f"could not handle a message from the server: {type(exc).__name__}: {exc}")
+
+    def on_direct_connected(self) -> None:
+        """The server said hello on the direct channel: from now on everything this worker
+        sends goes that way (the first message says so)."""
+        self.send({"op": "direct"})
+
+    def direct_loop(self) -> None:
+        """The direct channel's reader thread, supervised as the sender is: if it fails,
+        nothing the server says arrives any more; the worker says why and exits."""
+        try:
+            self.direct.read_forever()
+        except BaseException as exc:  # noqa: BLE001
+            reason = f"its direct channel's reader failed: {type(exc).__name__}: {exc}"
+            log_line(f"{reason}; exiting so that the server replaces this kernel")
+            try:
+                self.send({"op": "broken", "reason": reason})
+            finally:
+                time.sleep(0.5)
+                os._exit(70)
 
     def handle(self, data: dict[str, Any], buffers: list) -> None:
         op = data.get("op")
@@ -639,8 +678,16 @@ class Worker:
         return out, buffers
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
-        """One comm message on IOPub. Text the kernel's JSON packer refuses (a lone
-        surrogate, a header of no JSON type) is made safe and sent again."""
+        """One message to the server: on the direct channel once the server is there,
+        else a comm message on IOPub. What the JSON encoder refuses (a lone surrogate, a
+        header of no JSON type) is made safe and sent again."""
+        direct = self.direct
+        if direct is not None and direct.connected:
+            try:
+                direct.send(data, buffers)
+            except (TypeError, ValueError):
+                direct.send(jsonable(data), buffers)
+            return
         content = {"comm_id": self.comm.comm_id, "data": data}
         try:
             self.session.send(self.kernel.iopub_socket, "comm_msg", content, ident=self.topic, buffers=buffers)
