@@ -489,8 +489,10 @@ class EndpointHandler(StreamHandlerBase):
     async def emit(self, data: memoryview) -> None:
         """One chunk of the worker's output to the client, as it came."""
         if self._headers_written:
-            # straight to the connection: no copy into the handler's buffer
-            await self.request.connection.write(data)
+            if data.nbytes >= LARGE_CHUNK:
+                await write_chunk_uncopied(self.request.connection, data)
+            else:  # straight to the connection: no copy into the handler's buffer
+                await self.request.connection.write(data)
         else:
             self.write(data.tobytes())
             await self.flush()
@@ -969,6 +971,27 @@ class SharesHandler(StreamHandlerBase):
         self.stream.shares.revoke(share)
         self.set_status(204)
         self.finish()
+
+
+#: Chunks at least this large go to the socket without being framed into a copy.
+LARGE_CHUNK = 64 * 1024
+
+
+async def write_chunk_uncopied(connection: Any, data: memoryview) -> None:
+    """Write one chunk of a chunked response without copying it: tornado's
+    `HTTP1Connection.write` frames a chunk as ``size + CRLF + chunk + CRLF``, two copies of
+    a megabyte per megabyte sent; here the size line, the chunk (a view of the frame the
+    worker's message came in) and the CRLF go to the stream as they are. Only for a
+    response tornado is sending chunked; anything else takes the ordinary path."""
+    stream = getattr(connection, "stream", None)
+    if not getattr(connection, "_chunking_output", False) or stream is None or not hasattr(connection, "_pending_write") \
+            or stream.closed():
+        await connection.write(data)
+        return
+    stream.write(b"%x\r\n" % data.nbytes)
+    stream.write(data)
+    connection._pending_write = stream.write(b"\r\n")  # what its finish() waits for, as after a write()
+    await connection._pending_write
 
 
 def default_handlers() -> list[tuple[str, type]]:
