@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from tornado.httpclient import HTTPRequest
@@ -37,8 +38,13 @@ class CallStream:
         self.ended = False
         self.cond = threading.Condition()
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
+        #: called with each frame's header on the loop thread as it arrives, before it is
+        #: queued (a map compacts its results' bookkeeping there); must not raise
+        self.prepare: Callable[[dict[str, Any]], None] | None = None
 
     def feed(self, header: dict[str, Any], payload: memoryview) -> None:
+        if self.prepare is not None:
+            self.prepare(header)
         with self.cond:
             self.frames.append((header, payload))
             if header.get("end"):
