@@ -128,7 +128,9 @@ class ScriptClient:
 
     def close(self) -> None:
         client = getattr(self.conn, "_calls_socket", None)
-        if client is not None and client.ws is not None:
+        if client is not None and hasattr(client, "close"):
+            client.close()
+        elif client is not None and client.ws is not None:  # the calls socket before it had close()
             client.loop.call_soon_threadsafe(client.ws.close)
         self.conn.http.close()
 
