@@ -29,7 +29,6 @@ import struct
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from tornado.util import _websocket_mask  # tornado's C speedup when built (a dependency anyway)
@@ -249,13 +248,8 @@ class CallStream:
         self.ended = False
         self.cond = threading.Condition()
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
-        #: called with each frame's header on the loop thread as it arrives, before it is
-        #: queued (a map compacts its results' bookkeeping there); must not raise
-        self.prepare: Callable[[dict[str, Any]], None] | None = None
 
     def feed(self, header: dict[str, Any], payload: memoryview) -> None:
-        if self.prepare is not None:
-            self.prepare(header)
         with self.cond:
             self.frames.append((header, payload))
             if header.get("end"):

@@ -123,17 +123,6 @@ def _blobs(payload: memoryview, sizes: list[int]) -> list:
     return blobs
 
 
-def compact_items(header: dict[str, Any]) -> None:
-    """`CallStream.prepare` of a map: unzip ``items`` as the frame arrives (see `_MapState`).
-    Never raises: a malformed ``items`` is left as it is, for `_MapState` to fail the map."""
-    items = header.get("items")
-    if type(items) is list:
-        try:
-            header["items"] = _unzip(items)
-        except (TypeError, ValueError):
-            pass
-
-
 def relay_printed(header: dict[str, Any]) -> None:
     """Write what the remote code printed (a frame's ``print``) to this process's stdout
     and stderr: in a notebook, the cell that made the call."""
@@ -249,15 +238,11 @@ class _MapState:
     Results come in frames of up to a thousand items, and a trivial function's map moves
     hundreds of thousands a second through this process, so the work per item is kept to
     what cannot be avoided: a frame whose items all succeeded is unpickled in one pass and
-    kept as one run of consecutive results (not an entry per item), and its header's
-    ``items`` pairs are unzipped on the calls socket's thread as the frame arrives
-    (`compact_items`), so that a thousand small lists never wait in a queue long enough
-    for the garbage collector to promote them (each full collection walks the whole heap:
-    in a notebook, everything the notebook holds)."""
+    kept as one run of consecutive results (not an entry per item), and no object the
+    garbage collector tracks is made per item (see `_pack_items` and `_blobs`)."""
 
     def __init__(self, stream: CallStream, order_outputs: bool, return_exceptions: bool, progress: MapProgress):
         self.stream = stream
-        stream.prepare = compact_items
         self.progress = progress
         self.order = order_outputs
         self.return_exceptions = return_exceptions
@@ -329,7 +314,7 @@ class _MapState:
 
     def take_items(self, items: Any, blobs: list, ready: list[Any]) -> None:
         """One frame's results: into `ready` (unordered) or the reordering buffer."""
-        indices, oks = items if type(items) is tuple else _unzip(items)
+        indices, oks = _unzip(items)
         count = len(indices)
         if oks.count(True) == count == len(blobs):  # all succeeded: the hot path
             values = list(map(pickle.loads, blobs))
