@@ -474,3 +474,24 @@ def test_streaming_response_headers_of_numbers_are_sent_as_text(server):
 
     register_endpoint(counted, connection=server.connection)
     assert server.get("stream/counted").headers["x-count"] == "3"
+
+
+def test_a_map_whose_function_does_not_load_on_the_workers_fails_with_why(server, tmp_path):
+    """A function from a module the workers cannot import: `.remote()` said so, but `.map()`
+    opened lane after lane, each failing at once, for ever (found while measuring issue 20)."""
+    import sys
+
+    module = tmp_path / "only_here_module.py"
+    module.write_text("def twice(x):\n    return 2 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import only_here_module
+
+        f = register_function(only_here_module.twice, connection=server.connection)
+        start = time.monotonic()
+        with pytest.raises(ModuleNotFoundError, match="only_here_module"):
+            list(f.map(range(10), progress=False))
+        assert time.monotonic() - start < 15
+    finally:
+        sys.path.remove(str(tmp_path))
+    server.wait_until_idle(5)

@@ -222,6 +222,8 @@ class Lane:
         self.progress = 0.0
         #: told to close while it had nothing to do (`MapCall.close_idle_lanes`): no more items
         self.closing = False
+        #: whether any of its items was answered (a lane that fails before is not tried again)
+        self.answered = False
 
     @property
     def queued(self) -> int:
@@ -509,6 +511,7 @@ class MapCall:
             if busy is not None:
                 self.observe(len(items), busy)
             lane.declined = False
+            lane.answered = True
             lane.progress = time.monotonic()
             self.on_results(lane, items, data["sizes"], buffers[0])
             lane.run.consumed(buffers[0].nbytes)  # forwarded: the lane may send more
@@ -578,7 +581,16 @@ class MapCall:
         Whatever it still had in flight runs again elsewhere."""
         if lane in self.lanes:
             self.lanes.remove(lane)
-        if (data.get("error") or {}).get("type") == "WorkerDied" and lane.inflight and not self.cancelled:
+        error = data.get("error") or {}
+        if error and error.get("type") not in ("WorkerDied", "FunctionTimeoutError") and not lane.answered \
+                and not self.cancelled and not self.finished:
+            # the lane failed before any item ran (the function does not load there, its
+            # arguments do not unpickle): another lane would fail alike, for ever
+            for other in self.lanes:
+                other.run.cancel()
+            self.fail_all(error)
+            return
+        if error.get("type") == "WorkerDied" and lane.inflight and not self.cancelled:
             self.blame(lane)
         for index, (blob, attempts) in sorted(lane.inflight.items(), reverse=True):
             self.pending.appendleft((index, blob, attempts))
