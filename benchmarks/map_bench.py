@@ -187,9 +187,9 @@ class Ours(System):
         conn = getattr(self, "conn", None)
         if conn is not None:
             client = getattr(conn, "_calls_socket", None)
-            if client is not None and client.ws is not None:
+            if client is not None:
                 with contextlib.suppress(Exception):
-                    client.loop.call_soon_threadsafe(client.ws.close)
+                    client.close()
             with contextlib.suppress(Exception):
                 conn.http.close()
         # The server itself is stopped by Processes.stop_all (SIGTERM, then SIGKILL).
