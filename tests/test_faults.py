@@ -260,11 +260,13 @@ def test_a_message_that_does_not_decode_gets_its_worker_replaced(server, where):
 
     def forged(where: str):
         import os
+        import time
 
         import jupyter_stream.worker.runtime as runtime
 
         worker = runtime._worker
         yield f"data: {os.getpid()}\n\n"
+        time.sleep(0.3)  # the chunk leaves through the sender thread: let it go first
         if where == "iopub":
             worker.kernel.iopub_socket.send_multipart(
                 [worker.topic, b"<IDS|MSG>", b"0" * 64, b"{}", b"{}", b"{}", b"{}"])
@@ -538,8 +540,8 @@ def test_persisted_files_others_could_have_written_are_not_loaded(jstream_start_
 
     second = jstream_start_server(options)
     deadline = time.monotonic() + 60
-    while "restored endpoint kept" not in second.log():
-        assert time.monotonic() < deadline, second.log()[-4000:]
+    while "restored endpoint kept" not in second.log() or "endpoint-tampered.json" not in second.log():
+        assert time.monotonic() < deadline, second.log()[-4000:]  # (files are read in order, one after another)
         time.sleep(0.2)
     log = second.log()
     assert "endpoint-tampered.json: the file is writable by others (mode 666)" in log

@@ -44,7 +44,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from ..errors import WorkerError
 
@@ -177,7 +176,8 @@ class DirectTransport(ZmqTransport):
         self.direct = False  # the server's messages go through the channel
         self.confirmed = False  # the worker's first message came through it
         self._dealer: zmq.Socket | None = None
-        self._pull: zmq.asyncio.Socket | None = None
+        self._pull: zmq.Socket | None = None
+        self._watched: tuple[asyncio.AbstractEventLoop, int] | None = None  # the socket's descriptor, while read
         self._direct_reader: asyncio.Task | None = None
 
     @property
@@ -194,7 +194,7 @@ class DirectTransport(ZmqTransport):
         self._dealer.setsockopt(zmq.LINGER, 0)
         self._dealer.setsockopt(zmq.SNDHWM, 0)  # what is queued is bounded by the calls' own credit
         self._dealer.connect(f"ipc://{directory}/in")
-        self._pull = zmq.asyncio.Context.instance().socket(zmq.PULL)
+        self._pull = zmq.Context.instance().socket(zmq.PULL)  # read in `_take_waiting`, not through futures
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.setsockopt(zmq.RCVHWM, 0)
         self._pull.connect(f"ipc://{directory}/out")
@@ -212,10 +212,39 @@ class DirectTransport(ZmqTransport):
         self._dealer.send_multipart([header, *buffers] if buffers else [header], copy=False)
 
     async def _read_direct(self) -> None:
-        pull = self._pull
-        on_comm_msg = self.on_comm_msg
+        """The event loop calls `_take_waiting` whenever the socket may hold messages (no
+        future, no task step per message: about 15 us less each than an awaited receive).
+        This task only stands for the reader, supervised as the other readers are: it ends
+        with the error that stopped it."""
+        loop = asyncio.get_running_loop()
+        stopped = loop.create_future()
+
+        def readable() -> None:
+            try:
+                self._take_waiting()
+            except BaseException as exc:  # noqa: BLE001 - the reader stops, and says why
+                loop.remove_reader(fd)
+                if not stopped.done():
+                    stopped.set_exception(exc)
+
+        fd = self._pull.getsockopt(zmq.FD)
+        loop.add_reader(fd, readable)
+        self._watched = (loop, fd)
+        try:
+            readable()  # the socket's descriptor only signals what arrives after a receive
+            await stopped
+        finally:
+            self._stop_watching()
+
+    def _take_waiting(self) -> None:
+        """Route every message waiting on the socket, until none is (its descriptor signals
+        edges: it must be read dry)."""
+        pull, on_comm_msg = self._pull, self.on_comm_msg
         while not self.closed:
-            frames = await pull.recv_multipart(copy=False)
+            try:
+                frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
             data = json.loads(frames[0].bytes)
             if not self.confirmed:
                 self.confirmed = True
@@ -223,10 +252,17 @@ class DirectTransport(ZmqTransport):
                     continue
             on_comm_msg(data, [frame.buffer for frame in frames[1:]])
 
+    def _stop_watching(self) -> None:
+        watched, self._watched = self._watched, None
+        if watched is not None:
+            loop, fd = watched
+            loop.remove_reader(fd)
+
     def close(self) -> None:
         super().close()
         if self._direct_reader is not None:
             self._direct_reader.cancel()
+        self._stop_watching()  # before its socket closes (and the descriptor's number is reused)
         for sock in (self._dealer, self._pull):
             if sock is not None:
                 sock.close(0)

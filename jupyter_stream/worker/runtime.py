@@ -537,6 +537,7 @@ class Worker:
         """Send what the function returned: HTTP chunks encoded for the media type, or
         pickled values. Sync iterables are drained here; for async ones the coroutine
         that drains them is returned, to run in an event loop."""
+        declared, announce = media_type, False
         if mode == "http":
             status, headers = 200, {}
             if isinstance(result, StreamingResponse):
@@ -552,6 +553,10 @@ class Worker:
                     return None
             media_type = media_type or SSE
             run.start = {"status": status, "headers": headers, "media_type": media_type}
+            # Until told otherwise the server answers as the endpoint declared: a start that
+            # says only that (200, no headers, the declared media type) goes with the first
+            # chunk, not in a message of its own (one message less each way per call).
+            announce = not (status == 200 and not headers and media_type == declared)
             encode = encoder_for(media_type)
             if result is None:
                 return None
@@ -567,7 +572,7 @@ class Worker:
         if single:
             run.put(encode(result), last=True)
             return None
-        if mode == "http":
+        if announce:
             run.announce()
         if hasattr(result, "__aiter__"):
             return self.drain_async(run, result, encode)
