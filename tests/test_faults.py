@@ -118,10 +118,21 @@ def break_sender_once():
     real = out.send
     state = {"left": 1}
 
+    def op(args, kwargs):
+        """The worker message's op: `data` itself on the direct channel, a comm message's
+        content's data on IOPub (the session's send(stream, msg_type, content, ...))."""
+        for value in [*args, *kwargs.values()]:
+            if isinstance(value, dict):
+                data = value.get("data") if "comm_id" in value else value
+                if isinstance(data, dict) and "op" in data:
+                    return data["op"]
+        return None
+
     def send(*args, **kwargs):
         import threading
 
-        if threading.current_thread().name == "jupyter-stream-sender" and state["left"]:
+        # a call's output only: a pong going out first (pings come every poll) has no call to end
+        if threading.current_thread().name == "jupyter-stream-sender" and state["left"] and op(args, kwargs) == "out":
             state["left"] -= 1
             raise RuntimeError("injected: the socket refused this message")
         return real(*args, **kwargs)
