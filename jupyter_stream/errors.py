@@ -104,6 +104,11 @@ def error_payload(exc: BaseException, pickled: bool = False) -> dict[str, Any]:
     return payload
 
 
+class MessageTooLarge(ValueError):
+    """A message to a worker is larger than what carries it accepts (a gateway's
+    WebSocket): that call fails, its worker and the channel stay as they were."""
+
+
 def timeout_error() -> dict[str, Any]:
     return error_info("FunctionTimeoutError", "the call ran past its timeout; raise `timeout` if it needs longer")
 

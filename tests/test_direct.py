@@ -31,7 +31,7 @@ def channel():
 
 
 def test_local_workers_talk_through_the_direct_channel(server):
-    assert {w["transport"] for w in server.workers()["workers"]} == {"DirectTransport"}
+    assert {w["transport"] for w in server.workers()["workers"]} == {"direct"}
     info = register_function(channel, connection=server.connection).remote()
     assert info["connected"]
     mode = os.stat(info["dir"]).st_mode
@@ -49,7 +49,7 @@ def test_a_worker_whose_channel_cannot_open_falls_back_to_the_comm(server):
     f = register_function(where, connection=server.connection, env={"JUPYTER_RUNTIME_DIR": "/proc/no-direct-here"})
     assert f.remote() is True
     pool = next(p for p in server.workers()["pools"] if p["functions"] == ["where"])
-    assert [w["transport"] for w in pool["workers"]] == ["ZmqTransport"]
+    assert [w["transport"] for w in pool["workers"]] == ["zmq"]
     log = server.log()
     assert log.count("has no direct channel") == 1 and "/proc/no-direct-here" in log
 

@@ -79,7 +79,7 @@ def test_workers_report_their_transport(jstream_server):
     """Local kernels take the direct channel by default (the worker's first message on it
     makes the server say so); the channel API and the comm over ZMQ when asked."""
     forced = os.environ.get("JUPYTER_STREAM_TEST_WORKER_MESSAGES")
-    expected = {"channels": "ChannelTransport", "zmq": "ZmqTransport"}.get(forced, "DirectTransport")
+    expected = {"channels": "channels", "zmq": "zmq"}.get(forced, "direct")
     assert {w["transport"] for w in jstream_server.wait_for_workers(1)} == {expected}
 
 

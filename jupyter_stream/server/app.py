@@ -131,6 +131,20 @@ class JupyterStream(ExtensionApp):
         "Empty (the default): the devices NVML finds.",
     )
 
+    worker_gateway_url = Unicode(
+        "", config=True,
+        help="A Jupyter Kernel Gateway or Enterprise Gateway (e.g. http://gateway:8888) whose kernels serve as workers; "
+        "notebook kernels stay where they are. Its other options are jupyter-server's GatewayClient's, as "
+        "c.WorkerGateway.auth_token, .headers, .client_cert, .client_key, .ca_certs, .validate_cert, "
+        ".connect_timeout, .request_timeout, .allowed_envs; GPU types map to its kernelspecs with "
+        "c.WorkerGateway.gpu_kernelspecs and c.WorkerGateway.gpus lists the GPUs it offers.",
+    )
+    workers_follow_gateway = Bool(
+        True, config=True,
+        help="When this server runs with --gateway-url (its notebook kernels on a gateway) and worker_gateway_url "
+        "is not set, start worker kernels on that gateway too.",
+    )
+
     persist_dir = Unicode(
         "", config=True,
         help="Directory of registrations made with --persist, registered again at startup "
@@ -171,8 +185,15 @@ class JupyterStream(ExtensionApp):
         self.endpoints = Registry("endpoint", ENDPOINT_STATS)
         self.functions = Registry("function", FUNCTION_STATS)
         self.registries = {"endpoint": self.endpoints, "function": self.functions}
-        self.placement = Placement(max_workers=self.max_workers, inventory=GpuInventory(self.simulated_gpus or None),
-                                   default_kernel=self.kernel_name)
+        #: where worker kernels come from when not from this machine (see `gateway`)
+        self.worker_gateway = self.make_worker_gateway()
+        if self.worker_gateway is not None:
+            inventory = GpuInventory(gateway=list(self.worker_gateway.gpus))
+            self.log.info("jupyter_stream: worker kernels (%s) come from %s", "all" if self.worker_gateway.pools == "all"
+                          else "those with GPUs", self.worker_gateway.describe())
+        else:
+            inventory = GpuInventory(self.simulated_gpus or None)
+        self.placement = Placement(max_workers=self.max_workers, inventory=inventory, default_kernel=self.kernel_name)
         #: the pool of what asks for nothing in particular (no GPU, the default kernel)
         self.pool = self.make_pool(self.placement.key_for({}))
         self.shares = ShareStore(on_change=self.share_changed)
@@ -189,8 +210,40 @@ class JupyterStream(ExtensionApp):
         self.settings["extra_log_scrub_param_keys"] = keys if "share" in keys else [*keys, "share"]
         scrub.install(self.serverapp.log)
 
+    def make_worker_gateway(self) -> Any:
+        """The `WorkerGateway` worker kernels start on: ``worker_gateway_url``, else (if
+        `workers_follow_gateway`) the server's own ``--gateway-url``; None for this machine."""
+        from jupyter_server.gateway.gateway_client import GatewayClient
+
+        from .gateway import WorkerGateway
+
+        url = self.worker_gateway_url or self.serverapp.config.get("WorkerGateway", {}).get("url")
+        follow = None
+        if not url and self.workers_follow_gateway:
+            server_gateway = getattr(self.serverapp, "gateway_config", None) or GatewayClient.instance()
+            if server_gateway.gateway_enabled:
+                url, follow = server_gateway.url, server_gateway
+        if not url:
+            return None
+        gateway = WorkerGateway(parent=self.serverapp, url=url)
+        if follow is not None:  # the server's gateway options, where none were given for the workers
+            given = self.serverapp.config.get("WorkerGateway", {})
+            for name in GatewayClient.class_trait_names(config=True):
+                if name not in given and name not in ("url", "event_logger"):
+                    setattr(gateway, name, getattr(follow, name))
+        return gateway
+
+    def on_gateway(self, key: PoolKey) -> bool:
+        """Whether the pool of `key` starts its kernels on the worker gateway."""
+        gateway = self.worker_gateway
+        return gateway is not None and (gateway.pools == "all" or bool(key.gpu))
+
     def make_pool(self, key: PoolKey) -> WorkerPool:
         default = key == self.placement.key_for({})
+        worker_env = {TOKEN_ENV: self.worker_token} if self.export_env else {}
+        gateway = self.worker_gateway if self.on_gateway(key) else None
+        if gateway is not None and self.export_env:  # how its kernels reach this server
+            worker_env[URL_ENV] = gateway.server_url or self.server_url
         return WorkerPool(
             kernel_name=key.kernel,
             gpu=key.gpu,
@@ -209,7 +262,8 @@ class JupyterStream(ExtensionApp):
             worker_messages=self.worker_messages,
             placement=self.placement,
             ping_timeout=self.worker_ping_timeout,
-            worker_env={TOKEN_ENV: self.worker_token} if self.export_env else {},
+            worker_env=worker_env,
+            gateway=gateway,
         )
 
     def initialize_handlers(self) -> None:
@@ -362,6 +416,8 @@ class JupyterStream(ExtensionApp):
         except ValueError as e:
             raise RegistrationError(str(e)) from None
         kernel = requirements.get("kernel")
+        if kernel and self.on_gateway(self.placement.key_for(requirements)):
+            return  # the gateway's kernelspecs: an unknown one is named when a worker starts
         if kernel and kernel != self.kernel_name:
             specs = KernelSpecManager(parent=self.serverapp)
             try:

@@ -3,7 +3,8 @@
 NVML comes from the ``nvidia-ml-py`` package; where it finds no driver or no device the
 machine has no GPUs. ``c.JupyterStream.simulated_gpus = ["NVIDIA H100 80GB HBM3", ...]``
 stands in for NVML (tests, demos): the server then places workers on those devices
-exactly as it would on real ones, and reports no memory use for them.
+exactly as it would on real ones, and reports no memory use for them. Workers from a
+gateway (see `gateway`) hold the GPUs ``c.WorkerGateway.gpus`` says it offers.
 """
 
 from __future__ import annotations
@@ -33,12 +34,21 @@ class Gpu:
 class GpuInventory:
     """The devices, read once at start, and their holders (a device has one holder at most)."""
 
-    def __init__(self, simulated: list[str] | None = None):
+    def __init__(self, simulated: list[str] | None = None, gateway: list[str] | None = None):
         self.simulated = simulated is not None
-        self.devices: list[Gpu] = simulated_devices(simulated) if simulated is not None else nvml_devices()
+        #: the devices are a worker gateway's (as configured), not this machine's
+        self.gateway = gateway is not None
+        if gateway is not None:
+            self.devices: list[Gpu] = simulated_devices(gateway)
+        else:
+            self.devices = simulated_devices(simulated) if simulated is not None else nvml_devices()
         self.holders: dict[int, Any] = {}
 
     def describe(self) -> str:
+        if self.gateway:
+            if not self.devices:
+                return "the worker gateway offers no GPU (list those it has in c.WorkerGateway.gpus)"
+            return f"the worker gateway offers {len(self.devices)}: " + ", ".join(d.describe() for d in self.devices)
         if not self.devices:
             return "this machine has no GPU (NVML found none)"
         return f"this machine has {len(self.devices)}: " + ", ".join(d.describe() for d in self.devices)
@@ -76,8 +86,8 @@ class GpuInventory:
             device = self.devices[index]
             out.append({"index": device.index, "name": device.name, "uuid": device.uuid,
                         "memory_total": device.memory_total,
-                        "memory_used": None if self.simulated else nvml_memory_used(index),
-                        "simulated": self.simulated})
+                        "memory_used": None if self.simulated or self.gateway else nvml_memory_used(index),
+                        "simulated": self.simulated, "gateway": self.gateway})
         return out
 
 

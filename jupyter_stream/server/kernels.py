@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import uuid
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 from jupyter_client.manager import AsyncKernelManager
 
 from .. import wire
-from ..errors import WorkerError, worker_died_error
+from ..errors import MessageTooLarge, WorkerError, error_payload, worker_died_error
 from .transports import WorkerTransport, transport_class
 
 log = logging.getLogger("jupyter_stream")
@@ -243,7 +244,9 @@ class WorkerKernel:
         """Start the kernel, load the worker code into it and open the comm."""
         await self.km.start_kernel(env=env, cwd=cwd)
         self.kc = self.km.client()
-        self.kc.start_channels()
+        started = self.kc.start_channels()
+        if inspect.isawaitable(started):  # a gateway kernel's WebSocket
+            await started
         await self.kc.wait_for_ready(timeout=timeout)
         msg_id = self.kc.execute(wire.BOOTSTRAP, silent=True, store_history=False)
         while True:
@@ -262,8 +265,12 @@ class WorkerKernel:
             self.kc, self.comm_id, self.on_comm_msg, self.on_stream, self.transport_broken
         )
         self.transport.start()
-        self.transport.open_comm(wire.COMM_TARGET, {"version": wire.PROTOCOL_VERSION, "direct": self.transport.offers_direct,
-                                                    "cancel_grace_period": self.pool.cancel_grace_period})
+        options = {"version": wire.PROTOCOL_VERSION, "direct": self.transport.offers_direct,
+                   "cancel_grace_period": self.pool.cancel_grace_period}
+        comm_env = getattr(self.km, "comm_env", None)
+        if comm_env:  # what a gateway does not pass on: the worker sets it itself
+            options["env"] = comm_env
+        self.transport.open_comm(wire.COMM_TARGET, options)
         ready = await asyncio.wait_for(self._ready, timeout)
         if ready.get("version") != wire.PROTOCOL_VERSION:
             from .. import __version__
@@ -284,16 +291,22 @@ class WorkerKernel:
                             self.name, self.pid, ready.get("direct_problem") or "it did not offer one")
         self.alive = True
 
-    def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
+    def send(self, data: dict[str, Any], buffers: list | None = None) -> bool:
         """A message to the worker. One that cannot go out means the worker cannot be
         reached: it is replaced (its calls end with an error), never left looking idle.
         That happens on the next loop turn, once whoever sent (say, a call starting) holds
         what it started."""
         try:
             self.transport.send(data, buffers)
+            return True
+        except MessageTooLarge as exc:  # nothing went out: only the call it belongs to fails
+            run = self.runs.get(data.get("id")) if isinstance(data, dict) else None
+            if run is not None:
+                asyncio.get_running_loop().call_soon(run.fail, error_payload(exc))
         except Exception as exc:  # noqa: BLE001 - the channel is gone
             reason = f"a message to it could not be sent: {type(exc).__name__}: {exc}"
             asyncio.get_running_loop().call_soon(self.transport_broken, reason)
+        return False
 
     # -- from the worker ----------------------------------------------------------------
 
@@ -401,8 +414,8 @@ class WorkerKernel:
         message = wire.call_message(run.id, fn_hash, send_fn, mode, window, media_type=media_type, kwargs=kwargs,
                                     pickled_args=True if args is not None else None, timeout=timeout, request=request,
                                     json_kwargs=True if json_kwargs is not None else None)
-        self.send(message, buffers)
-        self.remember(fn_hash)
+        if self.send(message, buffers):  # (one that did not go out left the worker without the function)
+            self.remember(fn_hash)
         return run
 
     def remember(self, fn_hash: str) -> None:
@@ -488,5 +501,6 @@ class WorkerKernel:
             "name": self.name, "pid": self.pid, "alive": self.alive, "busy": self.load,
             "abandoned": self.abandoned, "draining": self.draining, "unresponsive": self.unresponsive,
             "kernel": self.km.kernel_name,
+            "source": getattr(self.km, "source", "local"),
             "transport": self.transport.kind if self.transport is not None else None,
         }

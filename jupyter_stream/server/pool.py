@@ -9,7 +9,8 @@ seconds down to its minimum. Each start goes through the `Placement`, which caps
 pools together and gives a GPU pool's kernel its own GPUs (``CUDA_VISIBLE_DEVICES``).
 
 Where kernels come from is one seam: `kernel_manager_class` (any jupyter_client
-`AsyncKernelManager`, so kernel provisioners and gateway kernel managers plug in).
+`AsyncKernelManager`, so kernel provisioners plug in), or `gateway` (a `WorkerGateway`:
+kernels started on a Kernel or Enterprise Gateway, see `gateway`).
 
 Nothing here dies unseen: the watcher runs its turns through `supervision.every` (a turn
 that fails is logged, the next one runs), every kernel start and stop is a supervised
@@ -68,6 +69,7 @@ class WorkerPool:
         concurrency: int | None = None,
         ping_timeout: float = 60.0,
         worker_env: dict[str, str] | None = None,
+        gateway: Any = None,
     ):
         self.kernel_name = kernel_name
         self.gpu = parse_gpu_spec(gpu)
@@ -89,6 +91,8 @@ class WorkerPool:
         self.ping_timeout = ping_timeout
         #: what every worker's environment gets on top of the server's (its narrow token)
         self.worker_env = dict(worker_env or {})
+        #: the `WorkerGateway` this pool's kernels are started on (None: this machine)
+        self.gateway = gateway
         self.shutdown_wait_time = 2.5
         #: kernel starts that failed in a row, when the next may be tried (monotonic), and why
         self.start_failures = 0
@@ -277,6 +281,10 @@ class WorkerPool:
                     break
 
     def _env_for(self, seat: Seat) -> dict[str, str]:
+        if self.gateway is not None:  # nothing of this machine's environment leaves it; the gateway places GPUs
+            env = {**self.worker_env, **self.env}
+            env["JUPYTER_STREAM_WORKER"] = f"{seat.index}:{self.worker_key(seat.index)}"
+            return env
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
         env.update(self.worker_env)
         env.update(self.env)
@@ -287,7 +295,13 @@ class WorkerPool:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in seat.gpus)
         return env
 
-    def _kernel_manager(self, index: int) -> AsyncKernelManager:
+    def _kernel_manager(self, seat: Seat) -> Any:
+        if self.gateway is not None:
+            from .gateway import GatewayWorkerManager
+
+            devices = [self.placement.inventory.devices[i] for i in seat.gpus]
+            return GatewayWorkerManager(self.gateway, self.kernel_name, devices, self.placement.default_kernel)
+        index = seat.index
         if self.transport != "ipc":
             return self.kernel_manager_class(kernel_name=self.kernel_name)
         # unix sockets in the runtime dir: faster than loopback TCP for local kernels
@@ -328,7 +342,7 @@ class WorkerPool:
     async def _start_worker(self, seat: Seat) -> WorkerKernel | None:
         """Start a kernel counted in `starting` by `_grow`, in `seat` (after the idle
         kernels stopped to make room for it have exited)."""
-        worker = WorkerKernel(self, seat.index, self._kernel_manager(seat.index))
+        worker = WorkerKernel(self, seat.index, self._kernel_manager(seat))
         seat.worker = worker
         self.seats[worker] = seat
         try:
@@ -488,6 +502,8 @@ class WorkerPool:
         return {
             "name": f"pool {self.number}: {self.key.describe()}",  # tells two pools of the same GPU spec apart
             "kernel_name": self.kernel_name,
+            "source": "gateway" if self.gateway is not None else "local",
+            "gateway": self.gateway.url if self.gateway is not None else None,
             "gpu": self.key.gpu,
             "env": sorted(self.env),  # names only: values may be secrets
             "concurrency": self.key.concurrency,
@@ -505,7 +521,9 @@ class WorkerPool:
         seat = self.seats.get(worker)
         idle = worker.load <= 0 and worker.accepting
         return {**worker.info(), "state": "draining" if worker.draining else "busy" if worker.load > 0 else "idle",
-                "idle_since": self.idle_since.get(worker) if idle else None, "rss": rss_bytes(worker.pid),
+                "idle_since": self.idle_since.get(worker) if idle else None,
+                # a gateway kernel's pid is another machine's
+                "rss": rss_bytes(worker.pid) if self.gateway is None else None,
                 "gpus": self.placement.inventory.usage(seat.gpus) if seat is not None else []}
 
 

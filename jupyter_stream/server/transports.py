@@ -64,10 +64,12 @@ class WorkerTransport:
 
     #: whether it asks the worker for a direct channel (see `DirectTransport`)
     offers_direct = False
-    #: what `/api/stream/workers` shows as the worker's transport
+    #: what `/api/stream/workers` shows as the worker's transport (`MODES`' names)
+    name = "channels"
+
     @property
     def kind(self) -> str:
-        return type(self).__name__
+        return self.name
 
     def __init__(self, kc: Any, comm_id: str, on_comm_msg: OnCommMessage, on_stream: OnStream,
                  on_broken: OnBroken | None = None):
@@ -137,6 +139,8 @@ class WorkerTransport:
 class ZmqTransport(WorkerTransport):
     """Reads the IOPub socket directly: only this comm's messages and prints arrive."""
 
+    name = "zmq"
+
     def start(self) -> None:
         iopub = self.kc.iopub_channel.socket
         iopub.setsockopt(zmq.UNSUBSCRIBE, b"")
@@ -182,7 +186,7 @@ class DirectTransport(ZmqTransport):
 
     @property
     def kind(self) -> str:
-        return "DirectTransport" if self.confirmed else "ZmqTransport"
+        return "direct" if self.confirmed else "zmq"
 
     def use_direct(self, offer: dict[str, Any]) -> None:
         """Connect to the worker's channel (``offer``: its directory and secret), present

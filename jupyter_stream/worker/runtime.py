@@ -103,6 +103,9 @@ class Worker:
     def __init__(self, comm: Any, options: dict[str, Any] | None = None):
         self.comm = comm
         options = options or {}
+        # a gateway kernel gets what its start request could not carry here (the
+        # gateway passes on KERNEL_* variables only): set before any call's code runs
+        os.environ.update({str(k): str(v) for k, v in (options.get("env") or {}).items()})
         #: seconds a timed-out call's code gets to stop after its thread is interrupted,
         #: before the server is told it is stuck (and replaces this kernel)
         self.grace = float(options.get("cancel_grace_period") or 5.0)
