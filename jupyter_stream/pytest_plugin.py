@@ -6,12 +6,14 @@ for projects that build on it. Opt in from a ``conftest.py``::
 Every fixture's name starts with ``jstream_``.
 
 `jstream_server` is a session-wide server in a subprocess, with real worker kernels;
+`KernelGateway` runs a real Kernel Gateway whose kernels a server can take as workers;
 `jstream_start_server()` starts another one with its own options; `jstream_notebook_kernel`
 starts a kernel through the server's REST API, the way JupyterLab does.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -52,6 +54,14 @@ class StreamServer:
         if messages and not any(o.startswith("--JupyterStream.worker_messages=") for o in self.options):
             # run a suite with every worker reached through one transport ("channels", "zmq")
             self.options.append(f"--JupyterStream.worker_messages={messages}")
+        self.gateway: KernelGateway | None = None
+        if os.environ.get("JUPYTER_STREAM_TEST_WORKER_GATEWAY") and not any(
+                "gateway" in o.lower() for o in self.options):
+            # run a suite with every worker started on a Kernel Gateway of this server's own
+            # (its restarter looks at its kernels every 0.5 s: a killed one is noticed as fast as a local one)
+            self.gateway = KernelGateway(["--ZMQChannelsWebsocketConnection.limit_rate=False",
+                                          "--KernelRestarter.time_to_dead=0.5"])
+            self.options.extend(self.gateway.options_for_server)
         if not any(o.startswith("--JupyterStream.persist_dir=") for o in self.options):
             # not the user's data directory: nothing persisted there is restored here
             self.persist_dir = tempfile.mkdtemp(prefix="jupyter-stream-persist-")
@@ -67,6 +77,8 @@ class StreamServer:
         return {"Authorization": f"token {self.token}"} if self.token else {}
 
     def start(self, timeout: float = 90.0) -> StreamServer:
+        if self.gateway is not None:
+            self.gateway.start()
         cmd = [
             sys.executable, "-m", "jupyter_server",
             "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
@@ -143,6 +155,8 @@ class StreamServer:
             self.connection.http.close()
         if getattr(self, "_log", None):
             self._log.close()
+        if self.gateway is not None:
+            self.gateway.stop()
 
 
 class NotebookKernel:
@@ -189,6 +203,76 @@ class NotebookKernel:
     def shutdown(self) -> None:
         self.client.stop_channels()
         httpx.delete(self.server.url + f"api/kernels/{self.id}", headers=self.server.headers, timeout=30)
+
+
+class KernelGateway:
+    """A real ``jupyter kernelgateway`` (the jupyter_kernel_gateway package) on 127.0.0.1,
+    with its own token: where `StreamServer`s with ``--JupyterStream.worker_gateway_url``
+    start their workers. `options` are the gateway's own (``--KernelGatewayApp.max_kernels=2``,
+    ``--MappingKernelManager.cull_idle_timeout=2`` ...); `kernelspecs` name extra kernelspecs
+    it offers, each an env dict for a Python kernel (``{"python3-h100": {"SPEC": "h100"}}``)."""
+
+    def __init__(self, options: list[str] | None = None, port: int | None = None,
+                 kernelspecs: dict[str, dict[str, str]] | None = None, token: str | None = None):
+        self.port = port or free_port()
+        self.token = token or secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.options = list(options or [])
+        self.data_dir = tempfile.mkdtemp(prefix="jupyter-stream-gateway-")
+        self.log_path = Path(self.data_dir) / "gateway.log"
+        for name, env in (kernelspecs or {}).items():
+            spec_dir = Path(self.data_dir) / "kernels" / name
+            spec_dir.mkdir(parents=True)
+            (spec_dir / "kernel.json").write_text(json.dumps({
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": name, "language": "python", "env": env}))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def options_for_server(self) -> list[str]:
+        """What a `StreamServer` needs to take its workers from here."""
+        return [f"--JupyterStream.worker_gateway_url={self.url}", f"--WorkerGateway.auth_token={self.token}"]
+
+    def start(self, timeout: float = 60.0) -> KernelGateway:
+        env = {**os.environ, "JUPYTER_PATH": self.data_dir, "JUPYTER_RUNTIME_DIR": self.data_dir}
+        cmd = [sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
+               f"--KernelGatewayApp.port={self.port}", "--KernelGatewayApp.port_retries=0",
+               f"--KernelGatewayApp.auth_token={self.token}", *self.options]
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                                        cwd=self.data_dir)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the kernel gateway exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/api/kernelspecs", headers={"Authorization": f"token {self.token}"},
+                             timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the kernel gateway did not answer in {timeout} s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def kernels(self) -> list[dict[str, Any]]:
+        return httpx.get(f"{self.url}/api/kernels", headers={"Authorization": f"token {self.token}"}, timeout=10).json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop the gateway (its kernels with it)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
 
 
 @pytest.fixture(scope="session")
