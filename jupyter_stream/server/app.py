@@ -258,7 +258,7 @@ class JupyterStream(ExtensionApp):
         spec: EndpointSpec | FunctionSpec
         if kind == "endpoint":
             spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], queue_timeout=body["queue_timeout"],
-                                openai=body["openai"], **common)
+                                openai=body["openai"], openai_count_chunks=body["openai_count_chunks"], **common)
         else:
             spec = FunctionSpec(is_generator=body.get("generator", False), retries=body["retries"], timeout=body["timeout"],
                                 queue_timeout=body["queue_timeout"], **common)
@@ -551,6 +551,7 @@ class JupyterStream(ExtensionApp):
                 "output": list(spec.output),
                 "media_type_declared": spec.media_type is not None,
                 "queue_timeout": spec.queue_timeout, "openai": spec.openai,
+                "openai_count_chunks": spec.openai_count_chunks,
                 "parameters": spec.signature.get("params", [])}
 
 
