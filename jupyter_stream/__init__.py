@@ -41,6 +41,7 @@ _PUBLIC = {
     "WorkerDied": "errors",
     "WorkerError": "errors",
     "StreamingResponse": "responses",
+    "Finish": "responses",
     "Request": "responses",
     "sse": "responses",
     "list": "client.registration:list_registrations",
@@ -51,7 +52,7 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "Endpoint", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
+    "Endpoint", "Finish", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
     "Share", "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
     "list", "serve_forever", "sse", "cls", "enter", "exit", "method",
 ]
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
     from .client.endpoints import Endpoint, Share, endpoint
     from .client.functions import Function, FunctionCall, function
     from .errors import FunctionTimeoutError, RemoteError, WorkerDied, WorkerError
-    from .responses import Request, StreamingResponse, sse
+    from .responses import Finish, Request, StreamingResponse, sse
 
 
 def __getattr__(name: str) -> Any:

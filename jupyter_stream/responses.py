@@ -103,6 +103,55 @@ class StreamingResponse:
         return f"StreamingResponse(media_type={self.media_type!r}, status_code={self.status_code})"
 
 
+@dataclass(frozen=True)
+class Finish:
+    """Why a stream ended, and what it cost: ``yield jupyter_stream.Finish(reason="length",
+    usage={"prompt_tokens": 12, "completion_tokens": 64})`` as an endpoint's last chunk
+    (or ``return`` it from a generator). The ``--openai`` route reports them as the
+    completion's ``finish_reason`` and ``usage``; it is never sent as text. A yielded
+    Finish ends the stream (the generator is closed, as if it had returned); on other
+    routes it only does that. `usage` holds whole token counts (``total_tokens`` is added
+    when both others are there), and may hold OpenAI's ``*_details`` objects of counts."""
+
+    reason: str = "stop"
+    usage: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or not self.reason or "\n" in self.reason or len(self.reason) > 64:
+            raise ValueError(f'Finish(reason=...) is a short word such as "stop" or "length", got {self.reason!r}')
+        if self.usage is None:
+            return
+        if not isinstance(self.usage, Mapping):
+            raise TypeError(f"Finish(usage=...) is a dict of token counts, got {type(self.usage).__name__}")
+        usage = {}
+        for name, value in self.usage.items():
+            details = isinstance(value, Mapping) and all(_count(v) for v in value.values())
+            if not isinstance(name, str) or not (_count(value) or details):
+                raise ValueError(f"Finish(usage=...) holds whole token counts by name (e.g. completion_tokens=64), "
+                                 f"got {name!r}: {value!r}")
+            usage[name] = dict(value) if details else value
+        if "total_tokens" not in usage and _count(usage.get("prompt_tokens")) and _count(usage.get("completion_tokens")):
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        object.__setattr__(self, "usage", usage)
+
+    def info(self) -> dict[str, Any]:
+        """What travels to the server at the stream's end."""
+        return {"reason": self.reason, "usage": self.usage}
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+class Finished(Exception):
+    """Raised by an encoder (`encoder_for`) for a `Finish` chunk: the stream ends there,
+    and its `finish` goes with the end, not into the body."""
+
+    def __init__(self, finish: Finish):
+        super().__init__(finish.reason)
+        self.finish = finish
+
+
 def sse(data: Any = "", event: str | None = None, id: str | None = None, retry: int | None = None) -> str:
     """Frame one Server-Sent Event. Non-str `data` is JSON-encoded; multi-line data is split
     over several ``data:`` lines, as the SSE spec requires."""
@@ -176,6 +225,8 @@ def encoder_for(media_type: str | None) -> Callable[[Any], bytes]:
             return bytes(chunk)
         if isinstance(chunk, str):
             return text_safe(chunk).encode()
+        if isinstance(chunk, Finish):  # not a chunk: the stream's end (`Worker.emit` catches it)
+            raise Finished(chunk)
         try:
             text = dumps(chunk)
         except TypeError as e:

@@ -19,7 +19,9 @@ Server -> worker (``data["op"]``):
             request's method, path, headers, query, client and ``last_event_id``.
             With ``json_kwargs`` the keyword arguments come as UTF-8 JSON in the last
             buffer instead (an HTTP request's, bound and encoded once: compact while
-            the request waits for a worker).
+            the request waits for a worker). With ``finish`` (the OpenAI route) the
+            worker counts the chunks the function yields and keeps a generator's
+            returned `responses.Finish`, for the end's ``finish``.
 ``ack``     the server has written ``bytes`` more bytes of call ``id`` to its client (or
             forwarded that much of a map lane's results); the worker may run that much
             further ahead (credit-based backpressure).
@@ -65,7 +67,11 @@ only the carrier changes (see `worker.direct` and `server.transports.DirectTrans
 ``out``     output of call ``id``: buffer 0 holds zero or more bytes (many chunks joined);
             optional ``start`` (``status``, ``headers``, ``media_type``) comes with the
             first message, ``end`` is true on the last one, and ``error`` (a dict from
-            `errors.error_payload`) ends the call with a failure. For ``values`` and ``map`` calls
+            `errors.error_payload`) ends the call with a failure. ``finish`` on the end
+            of an ``http`` call says how it ended: ``reason``, ``usage`` (a dict of token
+            counts, or null) as a `responses.Finish` the function yielded or returned
+            gave them, and ``chunks`` (how many it yielded, counted when the call asked
+            for ``finish``); it comes when the call asked for it or a Finish was yielded. For ``values`` and ``map`` calls
             the buffer holds pickled objects back to back and ``sizes`` gives their
             lengths; a map lane adds ``items``, one ``[index, ok]`` per object (a failed
             item's object is its pickled `errors.error_payload`) and ``busy``, the seconds
@@ -260,6 +266,10 @@ def _check_out(data: dict[str, Any], buffers: list) -> None:
     if printed is not None and (not isinstance(printed, list) or not all(
             isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], str) for p in printed)):
         raise ProtocolError("'print' must be a list of [stream, text] pairs")
+    finish = data.get("finish")
+    if finish is not None and not (isinstance(finish, dict) and isinstance(finish.get("reason"), str)
+                                   and isinstance(finish.get("usage") or {}, dict) and _whole(finish.get("chunks"))):
+        raise ProtocolError("'finish' must be an object with a 'reason' string, 'usage' (an object or null) and 'chunks'")
     error = data.get("error")
     if error is not None and not (isinstance(error, dict) and isinstance(error.get("type"), str)
                                   and isinstance(error.get("message"), str)):

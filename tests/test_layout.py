@@ -55,7 +55,7 @@ def test_every_module_lives_where_its_process_is_named():
 
 def test_the_public_names():
     assert jupyter_stream.__all__ == [
-        "Endpoint", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
+        "Endpoint", "Finish", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
         "Share", "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
         "list", "serve_forever", "sse", "cls", "enter", "exit", "method",
     ]

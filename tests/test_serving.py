@@ -117,6 +117,123 @@ def test_the_openai_client_reads_an_openai_endpoint(server):
         register_endpoint(lambda prompt: iter(["x"]), "wrong", connection=server.connection, openai=True)
 
 
+def told(messages: list, max_tokens: int = 3):
+    """Says why it stopped and what it cost, with a Finish yielded last."""
+    import jupyter_stream
+
+    words = str(messages[-1]["content"]).split()
+    for word in words[:max_tokens]:
+        yield word + " "
+    yield jupyter_stream.Finish(reason="length" if len(words) > max_tokens else "stop",
+                                usage={"prompt_tokens": len(words), "completion_tokens": min(len(words), max_tokens)})
+    yield "never sent: a Finish ends the stream"
+
+
+def returned(messages: list):
+    """A generator that returns its Finish."""
+    import jupyter_stream
+
+    yield "one "
+    yield "two"
+    return jupyter_stream.Finish("length", {"completion_tokens": 2})
+
+
+async def async_told(messages: list):
+    import jupyter_stream
+
+    yield "a"
+    yield jupyter_stream.Finish("content_filter", {"prompt_tokens": 1, "completion_tokens": 1})
+    yield "never sent"
+
+
+def plain_finish():
+    """A plain SSE endpoint: a Finish ends its stream and is not sent."""
+    import jupyter_stream
+
+    yield "data: 1\n\n"
+    yield jupyter_stream.Finish("length")
+    yield "data: never\n\n"
+
+
+def test_the_openai_client_sees_finish_reason_and_usage(server):
+    register_endpoint(told, "told", connection=server.connection, openai=True)
+    client = openai.OpenAI(base_url=server.url + "stream/told/v1", api_key=server.token, max_retries=0)
+    messages = [{"role": "user", "content": "a b c d e"}]
+
+    chunks = list(client.chat.completions.create(model="told", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a b c "
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump(exclude_none=True) == {
+        "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert all(c.usage is None for c in chunks[:-1])
+    chunks = list(client.chat.completions.create(model="told", messages=messages, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length" and all(c.choices and c.usage is None for c in chunks)
+    whole = client.chat.completions.create(model="told", messages=messages, max_tokens=10)
+    assert whole.choices[0].message.content == "a b c d e " and whole.choices[0].finish_reason == "stop"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (5, 5, 10)
+    whole = client.chat.completions.create(model="told", messages=messages)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 3
+
+    register_endpoint(returned, "returned", connection=server.connection, openai=True)
+    client = openai.OpenAI(base_url=server.url + "stream/returned/v1", api_key=server.token, max_retries=0)
+    whole = client.chat.completions.create(model="returned", messages=messages)
+    assert whole.choices[0].message.content == "one two" and whole.choices[0].finish_reason == "length"
+    assert whole.usage.model_dump(exclude_none=True) == {"completion_tokens": 2}
+
+    register_endpoint(async_told, "async_told", connection=server.connection, openai=True)
+    client = openai.OpenAI(base_url=server.url + "stream/async_told/v1", api_key=server.token, max_retries=0)
+    chunks = list(client.chat.completions.create(model="async_told", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a"
+    assert chunks[-2].choices[0].finish_reason == "content_filter" and chunks[-1].usage.total_tokens == 2
+
+    # on a plain endpoint a Finish ends the stream, and is not sent
+    register_endpoint(plain_finish, "plain_finish", connection=server.connection)
+    assert server.get("stream/plain_finish").text == "data: 1\n\n"
+
+
+def test_usage_is_counted_only_when_asked(server):
+    register_endpoint(chat, "uncounted", connection=server.connection, openai=True)
+    client = openai.OpenAI(base_url=server.url + "stream/uncounted/v1", api_key=server.token, max_retries=0)
+    messages = [{"role": "user", "content": "one two three"}]
+    whole = client.chat.completions.create(model="uncounted", messages=messages)
+    assert whole.choices[0].finish_reason == "stop" and whole.usage is None  # not invented
+    chunks = list(client.chat.completions.create(model="uncounted", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].choices == [] and chunks[-1].usage is None
+
+    register_endpoint(chat, "counted", connection=server.connection, openai_count_chunks=True)
+    assert server.connection.request("GET", "api/stream/endpoints").json()["endpoints"][-1]["openai_count_chunks"] is True
+    client = openai.OpenAI(base_url=server.url + "stream/counted/v1", api_key=server.token, max_retries=0)
+    whole = client.chat.completions.create(model="counted", messages=messages)
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens) == (0, 3, 3)
+    chunks = list(client.chat.completions.create(model="counted", messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 3
+    r = httpx.post(server.url + "stream/counted/v1/chat/completions", headers=server.headers, timeout=30,
+                   json={"messages": messages, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
+
+
+def test_finish_checks_what_it_is_given():
+    from jupyter_stream import Finish
+
+    assert Finish().info() == {"reason": "stop", "usage": None}
+    assert Finish("length", {"prompt_tokens": 2, "completion_tokens": 3}).usage["total_tokens"] == 5
+    details = {"completion_tokens": 1, "completion_tokens_details": {"reasoning_tokens": 1}}
+    assert Finish(usage=details).usage == details
+    for bad in ("", "two\nlines", 3):
+        with pytest.raises(ValueError, match="short word"):
+            Finish(bad)
+    with pytest.raises(ValueError, match="whole token counts"):
+        Finish(usage={"completion_tokens": -1})
+    with pytest.raises(ValueError, match="whole token counts"):
+        Finish(usage={"completion_tokens": 1.5})
+    with pytest.raises(TypeError, match="dict of token counts"):
+        Finish(usage=[1])
+
+
 def slow_words(n: int = 100):
     import os
     import time

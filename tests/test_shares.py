@@ -322,3 +322,59 @@ def test_tokens_in_urls_never_reach_the_log(shared):
     leaks = [line for line in log.splitlines() if share.token in line or wrong in line]
     assert not leaks, leaks
     assert "'_xsrf' argument missing" in log and "share=[secret]" in log and "token=[secret]" in log
+
+
+def test_shares_of_a_persisted_endpoint_survive_a_restart(jstream_start_server, tmp_path):
+    import os
+
+    persist_dir = tmp_path / "persisted"
+    options = ["--JupyterStream.min_workers=1", f"--JupyterStream.persist_dir={persist_dir}"]
+    server = jstream_start_server(options)
+    register_endpoint(ticks, "ticks", connection=server.connection, persist=True)
+    register_endpoint(secret_thing, "secret_thing", connection=server.connection)  # not persisted
+    kept = Endpoint.lookup("ticks", server.connection).share("1h")
+    ended = Endpoint.lookup("ticks", server.connection).share(None)
+    ended.revoke()
+    volatile = Endpoint.lookup("secret_thing", server.connection).share("1h")
+    stored = (persist_dir / "shares.json").read_text()
+    assert (persist_dir / "shares.json").stat().st_mode & 0o777 == 0o600
+    for share in (kept, ended, volatile):  # tokens are never stored; the volatile endpoint's share is not there at all
+        assert share.token not in stored
+    assert kept.id in stored and ended.id in stored and volatile.id not in stored
+    server.stop()
+
+    restarted = jstream_start_server(options)
+    deadline = time.monotonic() + 60
+    while "restored endpoint ticks" not in restarted.log():
+        assert time.monotonic() < deadline, restarted.log()
+        time.sleep(0.1)
+    r = httpx.get(f"{restarted.url}stream/ticks?n=2&share={kept.token}", timeout=30)
+    assert r.status_code == 200 and r.text == "data: 0\n\ndata: 1\n\n", r.text
+    r = httpx.get(f"{restarted.url}stream/ticks/demo?share={kept.token}", timeout=30)
+    assert r.status_code == 200
+    r = httpx.get(f"{restarted.url}stream/ticks?share={ended.token}", timeout=30)
+    assert r.status_code == 403 and "revoked" in r.text, r.text
+    r = httpx.get(f"{restarted.url}stream/secret_thing?share={volatile.token}", timeout=30)
+    assert r.status_code == 403
+    states = {s["id"]: s["state"] for s in restarted.connection.request("GET", "api/stream/shares").json()["shares"]}
+    assert states == {kept.id: "active", ended.id: "revoked"}
+
+    # a share file someone else could have written is not trusted
+    restarted.stop()
+    os.chmod(persist_dir / "shares.json", 0o666)
+    third = jstream_start_server(options)
+    assert third.connection.request("GET", "api/stream/shares").json()["shares"] == []
+    assert "share links of persisted endpoints not restored" in third.log() and "writable by others" in third.log()
+
+
+def test_a_share_stops_when_another_owner_replaces_its_endpoint(shared, monkeypatch):
+    server, share = shared
+    register_endpoint(ticks, "ticks", connection=server.connection)  # the same owner again: the link works on
+    assert httpx.get(share.url, timeout=30).status_code == 200
+    monkeypatch.setenv("JPY_SESSION_NAME", "someone-else.ipynb")
+    with pytest.warns(UserWarning, match="this cell replaced it"):
+        register_endpoint(ticks, "ticks", connection=server.connection)
+    r = httpx.get(share.url, timeout=30)
+    assert r.status_code == 403 and "its endpoint 'ticks' was replaced by someone-else.ipynb's" in r.text, r.text
+    fresh = Endpoint.lookup("ticks", server.connection).share("1h")  # the new owner's own share works
+    assert httpx.get(fresh.url, timeout=30).status_code == 200

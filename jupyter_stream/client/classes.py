@@ -176,7 +176,9 @@ class Instance:
             if marked["kind"] == "endpoint":
                 self.handles[name] = register_endpoint(call, f"{prefix}.{name}", marked.get("media_type"),
                                                        connection=owner.connection, queue_timeout=marked.get("queue_timeout"),
-                                                       openai=marked.get("openai", False), env=env, **options)
+                                                       openai=marked.get("openai", False),
+                                                       openai_count_chunks=marked.get("openai_count_chunks", False),
+                                                       env=env, **options)
             else:
                 self.handles[name] = register_function(call, f"{prefix}.{name}", marked.get("retries", 0), marked.get("timeout"),
                                                        connection=owner.connection, env=env, **options)

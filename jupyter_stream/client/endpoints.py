@@ -188,21 +188,27 @@ def register_endpoint(
     persist: bool = False,
     queue_timeout: float | None = None,
     openai: bool = False,
+    openai_count_chunks: bool = False,
     **requirements: Any,
 ) -> Endpoint:
     """Register `fn` with the server as endpoint `name` (default: the function's name).
     The endpoint belongs to the server: it stays after this kernel stops, until it is
     deleted or the server stops; with `persist` it is also registered again when the
     server restarts. `requirements` (``gpu=``, ``min_workers=``, ``max_workers=``,
-    ``scaledown_window=``, ``kernel=``, ``env=``) choose the workers that serve it."""
+    ``scaledown_window=``, ``kernel=``, ``env=``) choose the workers that serve it.
+    `openai_count_chunks` (implies `openai`): the OpenAI route reports each yielded
+    piece as a completion token in ``usage`` when the function does not say
+    (`jupyter_stream.Finish`)."""
+    openai = bool(openai or openai_count_chunks)
+    count = {"openai_count_chunks": True} if openai_count_chunks else {}
     if media_type is not None:  # undeclared: streams are SSE, values are sent as FastAPI does
         check_media_type(media_type)
     name, reply, conn = register(
         "endpoint", fn, name, connection, persist, media_type=media_type, signature=describe_parameters(fn) if callable(fn) else None,
-        requirements=requirement_fields(**requirements), queue_timeout=queue_timeout, openai=bool(openai),
+        requirements=requirement_fields(**requirements), queue_timeout=queue_timeout, openai=openai, **count,
     )
     handle = Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn, reply.get("parameters"))
-    handle.openai = bool(openai)
+    handle.openai = openai
     return handle
 
 
@@ -211,6 +217,7 @@ def endpoint(
     gpu: str | list[str] | None = None, min_workers: int | None = None, max_workers: int | None = None,
     scaledown_window: float | None = None, kernel: str | None = None, env: dict[str, str] | None = None,
     concurrency: int | None = None, queue_timeout: float | None = None, openai: bool = False,
+    openai_count_chunks: bool = False,
 ) -> Any:
     """Decorator: serve a generator (or any function returning an iterable) as a streaming
     endpoint. Returns an `Endpoint` handle::
@@ -228,8 +235,9 @@ def endpoint(
 
         if in_class_body(f):  # a method of a %%stream_class: marked here, served with its class
             f.__jupyter_stream_method__ = {"kind": "endpoint", "media_type": media_type, "queue_timeout": queue_timeout,
-                                           "openai": openai}
+                                           "openai": openai, "openai_count_chunks": openai_count_chunks}
             return f
-        return register_endpoint(f, name, media_type, persist=persist, queue_timeout=queue_timeout, openai=openai, **requirements)
+        return register_endpoint(f, name, media_type, persist=persist, queue_timeout=queue_timeout, openai=openai,
+                                 openai_count_chunks=openai_count_chunks, **requirements)
 
     return decorate(fn) if fn is not None else decorate

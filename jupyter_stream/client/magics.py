@@ -167,6 +167,9 @@ class StreamMagics(Magics):
               help="Seconds a request may wait for a busy worker before it gets 503 (default 60).")
     @argument("--openai", action="store_true",
               help="Also serve it as an OpenAI-compatible chat completions API (the function takes `messages`).")
+    @argument("--openai-count-chunks", action="store_true",
+              help="--openai, reporting each yielded piece as a completion token in `usage` "
+              "(unless the function ends with jupyter_stream.Finish(usage=...)).")
     @requirement_arguments
     @cell_magic
     def stream_endpoint(self, line: str, cell: str) -> Any:
@@ -174,7 +177,8 @@ class StreamMagics(Magics):
         return self._register_cell(
             self.stream_endpoint, line, cell,
             lambda fn, args: register_endpoint(fn, args.name, args.media_type, persist=args.persist, queue_timeout=args.queue_timeout,
-                                               openai=args.openai, **requirements_of(args)),
+                                               openai=args.openai, openai_count_chunks=args.openai_count_chunks,
+                                               **requirements_of(args)),
         )
 
     @magic_arguments()

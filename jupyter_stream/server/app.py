@@ -197,6 +197,7 @@ class JupyterStream(ExtensionApp):
         #: the pool of what asks for nothing in particular (no GPU, the default kernel)
         self.pool = self.make_pool(self.placement.key_for({}))
         self.shares = ShareStore(on_change=self.share_changed)
+        self.restore_shares()
         #: the endpoint requests being answered now (`EndpointHandler`), ended properly at shutdown
         self.open_requests: set[Any] = set()
         #: what happens here, for `GET /api/stream/events` (the Streams panel), and the calls running now
@@ -311,7 +312,7 @@ class JupyterStream(ExtensionApp):
         spec: EndpointSpec | FunctionSpec
         if kind == "endpoint":
             spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], queue_timeout=body["queue_timeout"],
-                                openai=body["openai"], **common)
+                                openai=body["openai"], openai_count_chunks=body["openai_count_chunks"], **common)
         else:
             spec = FunctionSpec(is_generator=body.get("generator", False), retries=body["retries"], timeout=body["timeout"],
                                 queue_timeout=body["queue_timeout"], **common)
@@ -321,6 +322,10 @@ class JupyterStream(ExtensionApp):
                 self.store.save(kind, name, raw, spec.fn_hash)
             else:  # the latest registration wins, also after a restart
                 self.store.remove(kind, name)
+            if kind == "endpoint" and previous is not None and previous.owner != spec.owner:
+                self.shares.endpoint_removed(name, f"its endpoint {name!r} was replaced by {spec.owner or 'another owner'}'s")
+            if kind == "endpoint":
+                self.save_shares()  # kept on disk or not, as the endpoint now is
         self.log.info("jupyter_stream: %s %s %s%s", "restored" if restoring else "replaced" if replaced else "registered",
                       kind, name, " (persisted)" if spec.persist and not restoring else "")
         if previous is not None and previous.fn_hash != spec.fn_hash:
@@ -347,6 +352,7 @@ class JupyterStream(ExtensionApp):
             self.forget_unused(spec.fn_hash)
         if removed and kind == "endpoint":
             self.shares.endpoint_removed(name)
+            self.save_shares()
         self.configure_pools()
         if removed:
             self.events.publish(kind, {"action": "removed", kind: {"name": name}})
@@ -388,6 +394,28 @@ class JupyterStream(ExtensionApp):
 
     def share_changed(self, action: str, share: Any) -> None:
         self.events.publish("share", {"action": action, "share": share.info()})
+        if os.path.exists(self.store.path("endpoint", share.endpoint)):
+            self.save_shares()
+
+    def save_shares(self) -> None:
+        """Store the shares of the persisted endpoints (their digests), for a restart; a
+        failure is logged, and the shares go on working until the server stops."""
+        records = [s.record() for s in self.shares.list() if os.path.exists(self.store.path("endpoint", s.endpoint))]
+        try:
+            self.store.save_shares(records)
+        except OSError as e:
+            self.log.error("jupyter_stream: could not store the share links of persisted endpoints in %s: %s",
+                           self.store.directory, e)
+
+    def restore_shares(self) -> None:
+        """The share links of persisted endpoints, as the last server stored them."""
+        records, problem = self.store.load_shares()
+        if problem:
+            self.log.error("jupyter_stream: share links of persisted endpoints not restored: %s", problem)
+        for problem in self.shares.restore(records):
+            self.log.error("jupyter_stream: a stored share link was left out: %s", problem)
+        if records:
+            self.log.info("jupyter_stream: restored %d share link(s) of persisted endpoints", len(self.shares.list()))
 
     def shut_down_worker(self, name: str) -> bool:
         """Shut one worker down (JupyterLab's Running panel): an idle one gracefully, a busy
@@ -579,6 +607,7 @@ class JupyterStream(ExtensionApp):
                 "output": list(spec.output),
                 "media_type_declared": spec.media_type is not None,
                 "queue_timeout": spec.queue_timeout, "openai": spec.openai,
+                "openai_count_chunks": spec.openai_count_chunks,
                 "parameters": spec.signature.get("params", [])}
 
 

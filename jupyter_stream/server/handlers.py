@@ -213,6 +213,8 @@ class EndpointHandler(StreamHandlerBase):
     accepts_shares = True
     #: send status and headers after `commit_headers_after` even with no output yet
     commit_early = True
+    #: ask the worker how the call ended (``finish``: a `Finish`, chunks counted), for `complete`
+    reads_finish = False
 
     run = None  # the endpoint function running on a worker
     closed = False
@@ -537,8 +539,8 @@ class EndpointHandler(StreamHandlerBase):
     def start_run_on(self, worker: Any, spec: EndpointSpec, kwargs: bytes, media_type: str | None) -> None:
         output = self.output = OutputQueue(on_print=lambda printed: self.printed(spec, worker.name, printed))
         request = self.request_info(spec.request_parameter) if spec.request_parameter else None
-        run = self.run = worker.start_run(spec.fn_hash, spec.fn_blob, output, mode="http",
-                                          media_type=media_type, json_kwargs=kwargs, request=request)
+        run = self.run = worker.start_run(spec.fn_hash, spec.fn_blob, output, mode="http", media_type=media_type,
+                                          json_kwargs=kwargs, request=request, finish=self.reads_finish)
         run.on_crash = lambda exc: output({"end": True, "error": error_info(
             "WorkerError", f"the server failed while relaying this call: {type(exc).__name__}: {exc}")}, [])
 

@@ -150,6 +150,8 @@ class OutputQueue:
         self.chunks: collections.deque[memoryview] = collections.deque()
         self.ended = False
         self.error: dict[str, Any] | None = None
+        #: how the call ended (its end's ``finish``: reason, usage, chunks), when it says
+        self.finish: dict[str, Any] | None = None
         self._wakeup: asyncio.Future | None = None
 
     def __call__(self, data: dict[str, Any], buffers: list) -> None:
@@ -164,6 +166,7 @@ class OutputQueue:
         if data.get("end"):
             self.ended = True
             self.error = data.get("error")
+            self.finish = data.get("finish")
         self.wake()
 
     def wake(self) -> None:
@@ -397,10 +400,11 @@ class WorkerKernel:
         self, fn_hash: str, fn_blob: bytes, on_output: OnOutput, *, mode: str, args: bytes | None = None,
         kwargs: dict[str, Any] | None = None, json_kwargs: bytes | None = None, media_type: str | None = None,
         timeout: float | None = None, window: int = wire.DEFAULT_WINDOW, request: dict[str, Any] | None = None,
+        finish: bool = False,
     ) -> Run:
         """Start a call of function `fn_hash` (see `wire` for the modes); its pickle travels
         only if this worker lacks it, `args` is a pickled ``(args, kwargs)``, `json_kwargs`
-        keyword arguments as JSON."""
+        keyword arguments as JSON; with `finish` its end says how it ended (``finish``)."""
         run = Run(self, uuid.uuid4().hex[:16], window, on_output)
         self.runs[run.id] = run
         if not self.alive:  # replaced between being handed out and this call: fail it
@@ -413,7 +417,7 @@ class WorkerKernel:
             buffers.append(json_kwargs)
         message = wire.call_message(run.id, fn_hash, send_fn, mode, window, media_type=media_type, kwargs=kwargs,
                                     pickled_args=True if args is not None else None, timeout=timeout, request=request,
-                                    json_kwargs=True if json_kwargs is not None else None)
+                                    json_kwargs=True if json_kwargs is not None else None, finish=True if finish else None)
         if self.send(message, buffers):  # (one that did not go out left the worker without the function)
             self.remember(fn_hash)
         return run

@@ -8,6 +8,15 @@ with ``"stream": true`` as ``chat.completion.chunk`` events and a final ``data: 
 otherwise as one ``chat.completion``. ``GET /stream/<name>/v1/models`` lists the one
 model. So ``openai.OpenAI(base_url=<endpoint URL>/v1, api_key=<token or share token>)``
 works, as does anything built on it.
+
+How the completion ended is what the function says: a `jupyter_stream.Finish` it yields
+last (or returns) gives ``finish_reason`` and ``usage``; without one, ``finish_reason``
+is ``"stop"`` and ``usage`` is null, unless the endpoint was registered with
+``openai_count_chunks``: then each yielded piece counts as one completion token. The
+worker reports both with the call's end (``finish``, see `wire`). A streamed completion
+ends with a chunk that carries the ``finish_reason`` and, when the request asks with
+``stream_options: {"include_usage": true}``, a last chunk with no choices and the
+``usage``, as OpenAI sends it.
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
     """``POST {base_url}stream/<name>/v1/chat/completions``."""
 
     streaming = False
+    include_usage = False
+    reads_finish = True
     text: list[str]
 
     @allow_unauthenticated
@@ -109,6 +120,11 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
         except ParameterError as e:
             raise web.HTTPError(400, str(e)) from None
         self.streaming = self.commit_early = bool(request.get("stream"))  # a whole completion keeps its status until it is done
+        options = request.get("stream_options")
+        if options is not None and (not isinstance(options, dict) or not self.streaming):
+            raise web.HTTPError(400, 'stream_options is an object such as {"include_usage": true}, for "stream": true only')
+        self.include_usage = bool((options or {}).get("include_usage"))
+        self.count_chunks = spec.openai_count_chunks
         self.model = spec.name
         self.completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -125,10 +141,24 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
 
     # -- the endpoint's output, wrapped ----------------------------------------------------
 
-    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        body = {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def chunk(self, delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> bytes:
+        """One ``chat.completion.chunk`` event; `delta` None: the usage chunk (no choices)."""
+        body: dict[str, Any] = {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,
+                                "model": self.model,
+                                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if self.include_usage:  # as OpenAI: null on every chunk but the last
+            body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n".encode()
+
+    def ending(self) -> tuple[str, dict[str, Any] | None]:
+        """The completion's ``finish_reason`` and ``usage``: what the function said with a
+        `Finish`, else "stop" and, only if the endpoint counts chunks, their count."""
+        finish = self.output.finish or {}
+        usage = finish.get("usage")
+        if usage is None and self.count_chunks:
+            chunks = finish.get("chunks", 0)
+            usage = {"prompt_tokens": 0, "completion_tokens": chunks, "total_tokens": chunks}
+        return finish.get("reason") or "stop", usage
 
     def begin(self, start: dict[str, Any]) -> bool:
         self.set_status(200)
@@ -156,17 +186,20 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
 
     def complete(self) -> None:
         rest = self.decoder.decode(b"", final=True)
+        reason, usage = self.ending()
         if not self.streaming:
             content = "".join(self.text) + rest
             self.finish(json.dumps({
                 "id": self.completion_id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                "usage": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}],
+                "usage": usage,
             }))
             return
         if rest:
             self.write(self.chunk({"content": rest}))
-        self.write(self.chunk({}, "stop"))
+        self.write(self.chunk({}, reason))
+        if self.include_usage:
+            self.write(self.chunk(None, usage=usage))
         self.write(b"data: [DONE]\n\n")
 
     def failed(self, error: dict[str, Any], sse: bool) -> None:

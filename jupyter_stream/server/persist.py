@@ -11,6 +11,11 @@ worker load its pickle before serving it again.
 Since a stored registration is code the workers run, `load` reads nothing that someone
 else could have written: the directory and each file must belong to the server's user
 and be writable by no one else, and a file may not be a symbolic link.
+
+The share links of persisted endpoints are kept beside them, in `SHARES_FILE`, the same
+way: only each token's SHA-256 digest is stored (`shares.Share.record`), and the file is
+read under the same rules, since a digest written there by someone else would open an
+endpoint to them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 KINDS = ("endpoint", "function")
+#: the share links of persisted endpoints (digests, never tokens); not a registration
+SHARES_FILE = "shares.json"
 
 
 @dataclass
@@ -48,23 +55,62 @@ class RegistrationStore:
         """Write atomically (a crash leaves the old file or the new one, never half). The
         registration's JSON (checked already, and up to hundreds of MB of base64) goes in
         as it came, not parsed and written out again."""
+        head = json.dumps({"kind": kind, "name": name, "fn_hash": fn_hash, "saved": time.time()})
+        return self.write(f"{kind}-{name}.json", [head[:-1].encode() + b', "registration": ', registration, b"}"])
+
+    def write(self, filename: str, parts: list[bytes]) -> str:
+        """Write `parts` to `filename` in the directory, atomically and owner-only."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        head = json.dumps({"kind": kind, "name": name, "fn_hash": fn_hash, "saved": time.time()})
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{kind}-{name}-", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{filename[:-5]}-", suffix=".tmp")
         try:
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(head[:-1].encode() + b', "registration": ')
-                f.write(registration)
-                f.write(b"}")
-            path = self.path(kind, name)
+                for part in parts:
+                    f.write(part)
+            path = os.path.join(self.directory, filename)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
         return path
+
+    def save_shares(self, records: list[dict]) -> None:
+        """Keep these share records (`shares.Share.record`: digests, no tokens); none
+        removes the file."""
+        if records:
+            self.write(SHARES_FILE, [json.dumps({"shares": records}).encode()])
+        else:
+            try:
+                os.unlink(os.path.join(self.directory, SHARES_FILE))
+            except FileNotFoundError:
+                pass
+
+    def load_shares(self) -> tuple[list[dict], str | None]:
+        """The stored share records, and what is wrong with the file if it cannot be trusted
+        or read (then no share is taken from it)."""
+        path = os.path.join(self.directory, SHARES_FILE)
+        try:
+            problem = unsafe(os.stat(self.directory), "the directory", self.directory, 0o700)
+            if problem:
+                return [], problem
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return [], None
+        except OSError as e:
+            return [], f"{path} cannot be opened ({e}; a symbolic link is not followed)"
+        with os.fdopen(fd, "rb") as f:
+            problem = unsafe(os.fstat(f.fileno()), "the file", path, 0o600)
+            if problem:
+                return [], problem
+            try:
+                records = json.load(f)["shares"]
+                if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                    raise ValueError("'shares' is not a list of objects")
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+                return [], f"{path} is not a file of share links ({type(e).__name__}: {e}); delete it"
+        return records, None
 
     def remove(self, kind: str, name: str) -> bool:
         try:
@@ -84,7 +130,7 @@ class RegistrationStore:
             yield self.directory, problem
             return
         for filename in names:
-            if not filename.endswith(".json") or filename.startswith("."):
+            if not filename.endswith(".json") or filename.startswith(".") or filename == SHARES_FILE:
                 continue
             path = os.path.join(self.directory, filename)
             try:

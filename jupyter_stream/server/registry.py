@@ -98,7 +98,8 @@ def loads_json(raw: bytes | str, what: str) -> Any:
 
 
 REGISTRATION_FIELDS = {
-    "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner", "requirements", "queue_timeout", "openai"},
+    "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner", "requirements", "queue_timeout", "openai",
+                 "openai_count_chunks"},
     "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner", "requirements", "queue_timeout"},
 }
 
@@ -159,6 +160,10 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
         if body["openai"] and "messages" not in {p["name"] for p in body["signature"].get("params", [])}:
             raise RegistrationError("an --openai endpoint's function takes the chat `messages` (and may take max_tokens, "
                                     "temperature), e.g. def chat(messages: list, max_tokens: int = 64)")
+        count = body.get("openai_count_chunks", False)
+        if not isinstance(count, bool) or (count and not body["openai"]):
+            raise RegistrationError("'openai_count_chunks' must be true or false, and true only with 'openai'")
+        body["openai_count_chunks"] = count
         return body
     if not isinstance(body.get("generator", False), bool):
         raise RegistrationError("'generator' must be true or false")
@@ -255,6 +260,8 @@ class EndpointSpec:
     doc: str = ""
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     openai: bool = False  # also served as an OpenAI-compatible chat completions API
+    #: the OpenAI route counts yielded pieces as completion tokens (when no `Finish` says)
+    openai_count_chunks: bool = False
     persist: bool = False
     owner: str = ""  # the notebook (or script) that registered it
     #: what its workers need (`requirements.check_requirements`): GPUs, pool size, kernel, env

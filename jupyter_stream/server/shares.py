@@ -7,6 +7,12 @@ store nor the log holds a usable token. The token is accepted by the shared endp
 routes only (`/stream/<name>` and `/stream/<name>/demo`), as ``?share=``, ``?token=``,
 an ``Authorization: token|Bearer`` header or the page's cookie; every other route of the
 server knows nothing of it and refuses it as it refuses any wrong token.
+
+Shares live in memory, except those of ``--persist`` endpoints, which the server keeps
+(their digests, `Share.record`) beside the registrations (`persist.RegistrationStore`), so
+that their links work again after a restart. A share opens its endpoint as long as that
+endpoint is its owner's: deleting the endpoint, or another owner registering one of the
+same name, revokes it (the same owner registering it again keeps its shares).
 """
 
 from __future__ import annotations
@@ -60,6 +66,26 @@ class Share:
             return "expired"
         return "active"
 
+    def record(self) -> dict[str, Any]:
+        """What is stored of it for a persisted endpoint: no token, only its digest."""
+        return {"id": self.id, "digest": self.digest, "endpoint": self.endpoint, "created": self.created,
+                "expires": self.expires, "revoked": self.revoked, "revoked_at": self.revoked_at}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Share:
+        """A stored share again; raises ValueError for a record that is not one."""
+        strings = ("id", "digest", "endpoint")
+        if not all(isinstance(record.get(k), str) and record[k] for k in strings) or len(record["digest"]) != 64:
+            raise ValueError(f"not a share record: {sorted(record)}")
+        numbers = [record.get(k) for k in ("created", "expires", "revoked_at")]
+        if not isinstance(numbers[0], (int, float)) or not all(n is None or isinstance(n, (int, float)) for n in numbers):
+            raise ValueError("a share record's times must be numbers")
+        revoked = record.get("revoked")
+        if revoked is not None and not isinstance(revoked, str):
+            raise ValueError("a share record's 'revoked' must be a string")
+        return cls(record["id"], record["digest"], record["endpoint"], record["created"], record.get("expires"), revoked,
+                   record.get("revoked_at"))
+
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "endpoint": self.endpoint, "created": self.created, "expires": self.expires,
                 "state": self.state(), "revoked": self.revoked}
@@ -110,10 +136,23 @@ class ShareStore:
             self.on_change("forgotten", share)
         return len(drop)
 
-    def endpoint_removed(self, endpoint: str) -> None:
+    def endpoint_removed(self, endpoint: str, why: str | None = None) -> None:
+        """Revoke the shares of an endpoint that was deleted (or replaced, `why`)."""
         for share in self.list(endpoint):
             if share.state() == "active":
-                self.revoke(share, f"its endpoint {endpoint!r} was deleted")
+                self.revoke(share, why or f"its endpoint {endpoint!r} was deleted")
+
+    def restore(self, records: list[dict[str, Any]]) -> list[str]:
+        """Take back stored shares (`Share.record`); returns what was wrong with records left out."""
+        problems = []
+        for record in records:
+            try:
+                share = Share.from_record(record)
+            except (ValueError, TypeError) as e:
+                problems.append(str(e))
+                continue
+            self.by_digest.setdefault(share.digest, share)
+        return problems
 
     def find(self, token: str) -> Share | None:
         """The share whose token this is, or None (looked up by digest; digests compared

@@ -84,6 +84,12 @@ class Run:
         #: what the run's code printed since the last message: [stream name, text] pairs
         self.printed: list[list[str]] = []
         self.printed_chars = 0
+        #: the caller reads how the stream ended (``finish`` in the call: the OpenAI route):
+        #: its chunks are counted and a generator's returned `Finish` is kept
+        self.reads_finish = False
+        #: the `Finish` the function yielded or returned, sent with the end (``finish``)
+        self.ending: Any = None
+        self.chunks = 0
 
     def print(self, stream: str, text: str) -> None:
         """Text the run's code wrote to stdout or stderr: it goes to the caller with the

@@ -28,7 +28,7 @@ import cloudpickle
 
 from .. import wire
 from ..errors import error_info, error_payload, timeout_error
-from ..responses import SSE, StreamingResponse, encoder_for, plain_response
+from ..responses import SSE, Finish, Finished, StreamingResponse, encoder_for, plain_response
 from . import arguments
 from .direct import DirectChannel
 from .runs import Run, RunCancelled, RunThreads, pack, text_safe
@@ -347,6 +347,7 @@ class Worker:
                 return
             if mode == "http":
                 kwargs = arguments.prepare(fn, kwargs, data.get("request"))
+                run.reads_finish = bool(data.get("finish"))
             if data.get("timeout"):
                 run.deadline = time.monotonic() + data["timeout"]
                 self.watch(run)
@@ -547,10 +548,13 @@ class Worker:
                 status, headers = result.status_code, result.headers
                 media_type = result.media_type or media_type
                 result = result.body_iterator
+            elif isinstance(result, Finish):  # nothing to send, only why it ended
+                run.ending, result = result, ()
             else:
                 plain = plain_response(result, media_type)
                 if plain is not None:  # a value, not a stream: one response, as FastAPI sends it
                     body, media_type = plain
+                    run.chunks = 1 if body else 0
                     run.start = {"status": status, "headers": headers, "media_type": media_type}
                     run.put(body, last=True)
                     return None
@@ -578,11 +582,15 @@ class Worker:
         if announce:
             run.announce()
         if hasattr(result, "__aiter__"):
-            return self.drain_async(run, result, encode)
+            return self.drain_async(run, counted_async(run, result) if run.reads_finish else result, encode)
+        if run.reads_finish:  # (the OpenAI route) counted, and a generator's return value kept
+            result = counted(run, result)
         put = run.put
         try:
             for chunk in result:
                 put(encode(chunk))
+        except Finished as finished:  # a yielded Finish: the stream ends here
+            run.ending = finished.finish
         finally:
             if inspect.isgenerator(result):
                 result.close()
@@ -597,6 +605,8 @@ class Worker:
         try:
             async for chunk in result:
                 await aput(encode(chunk))
+        except Finished as finished:
+            run.ending = finished.finish
         except asyncio.CancelledError:
             raise RunCancelled() from None
         finally:
@@ -682,6 +692,8 @@ class Worker:
             out["end"] = True
             if run.error is not None:
                 out["error"] = run.error
+            elif run.ending is not None or run.reads_finish:
+                out["finish"] = {**(run.ending or Finish()).info(), "chunks": run.chunks}
             self.runs.pop(run.id, None)
         return out, buffers
 
@@ -702,6 +714,48 @@ class Worker:
         except (TypeError, ValueError):
             content["data"] = jsonable(data)
             self.session.send(self.kernel.iopub_socket, "comm_msg", content, ident=self.topic, buffers=buffers)
+
+
+def counted(run: Run, result: Any) -> Any:
+    """`result`'s chunks, counted in `run.chunks` (a `Finish` and empty text are not
+    chunks), with a generator's returned `Finish` kept as `run.ending`. Only calls that
+    report how they ended (the OpenAI route) go through here: other streams keep their
+    plain loop."""
+    iterator = iter(result)
+    try:
+        while True:
+            try:
+                chunk = next(iterator)
+            except StopIteration as stop:
+                if isinstance(stop.value, Finish):
+                    run.ending = stop.value
+                return
+            count(run, chunk)
+            yield chunk
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def count(run: Run, chunk: Any) -> None:
+    if isinstance(chunk, (str, bytes)):
+        if chunk:
+            run.chunks += 1
+    elif not isinstance(chunk, Finish):
+        run.chunks += 1
+
+
+async def counted_async(run: Run, result: Any) -> Any:
+    """`counted` for an async iterable (an async generator cannot return a value)."""
+    try:
+        async for chunk in result:
+            count(run, chunk)
+            yield chunk
+    finally:
+        aclose = getattr(result, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def register() -> None:
