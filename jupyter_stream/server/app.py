@@ -27,6 +27,7 @@ from ..responses import SSE
 from . import handlers, metrics, scrub, supervision
 from .events import TICK, EventHub
 from .gpus import GpuInventory
+from .history import RequestHistory
 from .kernels import OutputQueue
 from .persist import RegistrationStore, StoredRegistration
 from .placement import Placement, PoolKey
@@ -143,6 +144,20 @@ class JupyterStream(ExtensionApp):
         True, config=True,
         help="When this server runs with --gateway-url (its notebook kernels on a gateway) and worker_gateway_url "
         "is not set, start worker kernels on that gateway too.",
+    )
+
+    request_history = Int(
+        100, config=True,
+        help="Requests kept per endpoint, newest last, in memory only (ep.requests() in the notebook, "
+        "GET /api/stream/endpoints/<name>/requests); 0 keeps none. An endpoint registered with --no-history keeps none.",
+    )
+    request_history_bytes = Int(
+        4 * 1024 * 1024, config=True,
+        help="Most bytes one endpoint's kept requests may take (arguments, headers, tracebacks); the oldest go first.",
+    )
+    request_history_argument_bytes = Int(
+        64 * 1024, config=True,
+        help="Largest arguments (as JSON) a kept request holds; larger ones are not kept (the entry says their size).",
     )
 
     persist_dir = Unicode(
@@ -312,7 +327,9 @@ class JupyterStream(ExtensionApp):
         spec: EndpointSpec | FunctionSpec
         if kind == "endpoint":
             spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], queue_timeout=body["queue_timeout"],
-                                openai=body["openai"], openai_count_chunks=body["openai_count_chunks"], **common)
+                                openai=body["openai"], openai_count_chunks=body["openai_count_chunks"],
+                                keeps_history=body["history"], **common)
+            spec.history = self.history_for(spec, previous)
         else:
             spec = FunctionSpec(is_generator=body.get("generator", False), retries=body["retries"], timeout=body["timeout"],
                                 queue_timeout=body["queue_timeout"], **common)
@@ -333,6 +350,16 @@ class JupyterStream(ExtensionApp):
         self.configure_pools()
         self.events.publish(kind, {"action": "registered", kind: self.info(spec)})
         return spec, previous
+
+    def history_for(self, spec: EndpointSpec, previous: EndpointSpec | None) -> RequestHistory | None:
+        """Where a new registration keeps its requests: its previous registration's, when
+        the same owner registers it again (a cell run again: its failures stay to replay);
+        none with --no-history."""
+        if not spec.keeps_history or self.request_history <= 0:
+            return None
+        if previous is not None and previous.history is not None and previous.owner == spec.owner:
+            return previous.history
+        return RequestHistory(self.request_history, self.request_history_bytes, self.request_history_argument_bytes)
 
     def forget_unused(self, fn_hash: str) -> None:
         """Workers drop a function no registration uses any more (a cell ran again, a
@@ -608,6 +635,8 @@ class JupyterStream(ExtensionApp):
                 "media_type_declared": spec.media_type is not None,
                 "queue_timeout": spec.queue_timeout, "openai": spec.openai,
                 "openai_count_chunks": spec.openai_count_chunks,
+                "history": spec.history is not None,
+                "last_failure": spec.history.last_failure() if spec.history is not None else None,
                 "parameters": spec.signature.get("params", [])}
 
 

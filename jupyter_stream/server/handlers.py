@@ -41,6 +41,7 @@ from ..errors import WorkerError, error_body, error_info
 from ..responses import SSE, check_headers, check_status
 from ..signatures import parse_expires
 from . import metrics
+from .history import clean_headers, clean_query
 from .kernels import OutputQueue
 from .registry import RESERVED_QUERY, EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
 from .scheduler import ClientSession
@@ -232,6 +233,12 @@ class EndpointHandler(StreamHandlerBase):
     #: refusal that get() raises): the authorizer is asked once per request
     access: bool | web.HTTPError | None = None
     counted = False  # in the endpoint's stats and the running calls (`count_call`) until `uncount_call`
+    #: for the endpoint's request history (`record_request`): the call's arguments (as
+    #: `encode_kwargs` made them), its worker, an error the server itself answered with
+    call_kwargs: bytes | None = None
+    worker_name: str | None = None
+    failure: dict[str, Any] | None = None
+    refused: web.HTTPError | None = None
     relaying = False  # get() has taken over a call started in prepare()
 
     async def prepare(self) -> None:
@@ -375,8 +382,12 @@ class EndpointHandler(StreamHandlerBase):
         """Relay one call of `spec`, counted in its stats and listed as running meanwhile."""
         self.count_call(spec)
         self.relaying = True
+        self.call_kwargs = kwargs
         try:
             await self.relay(spec, kwargs, spec.stats, media_type)
+        except web.HTTPError as e:  # a 503 from the queue, kept in the history with its reason
+            self.refused = e
+            raise
         finally:
             self.uncount_call()
 
@@ -396,6 +407,42 @@ class EndpointHandler(StreamHandlerBase):
         self.spec.stats["open_streams"] -= 1
         self.stream.open_requests.discard(self)
         self.stream.activity.ended(self.call_id, self.output.error if self.run is not None else None)
+        if self.spec.history is not None:
+            try:
+                self.record_request(self.spec)
+            except Exception:  # noqa: BLE001 - the history never fails a request
+                self.log.exception("jupyter_stream: could not keep a request of %s in its history", self.spec.name)
+
+    def record_request(self, spec: EndpointSpec) -> None:
+        """Keep this finished call in the endpoint's recent requests (`history`)."""
+        error = self.output.error if self.run is not None else None
+        error = error or self.failure
+        status = self.get_status()
+        if self.refused is not None:
+            outcome, status = "refused", self.refused.status_code
+            error = error or error_info("HTTPError", self.refused.log_message or str(self.refused))
+        elif error is not None and not self.closed:
+            outcome = "error"
+        elif self.stopping:
+            outcome = "stopped"
+            error = error or error_info(self.stopping_type, self.stopping)
+        elif self.closed:
+            outcome, error = "disconnected", None  # the client left: its cancellation is no failure of the code
+        else:
+            outcome = "error" if error is not None else "ok"
+        spec.history.record(
+            method=self.request.method, path=self.request.path, query=clean_query(self.query_parameters_or_empty()),
+            headers=clean_headers(self.request.headers.get_all()), client=self.request.remote_ip,
+            arguments=self.call_kwargs, status=status, outcome=outcome, started=self.started,
+            duration=time.time() - self.started, first_byte=self.first_byte, worker=self.worker_name, error=error,
+            request_parameter=spec.request_parameter,
+        )
+
+    def query_parameters_or_empty(self) -> dict[str, list[str]]:
+        try:
+            return self.query_parameters()
+        except ParameterError:
+            return {}
 
     # -- what the Streams panel and the metrics see of this request -----------------------
 
@@ -537,6 +584,7 @@ class EndpointHandler(StreamHandlerBase):
             raise
 
     def start_run_on(self, worker: Any, spec: EndpointSpec, kwargs: bytes, media_type: str | None) -> None:
+        self.call_kwargs, self.worker_name = kwargs, worker.name
         output = self.output = OutputQueue(on_print=lambda printed: self.printed(spec, worker.name, printed))
         request = self.request_info(spec.request_parameter) if spec.request_parameter else None
         run = self.run = worker.start_run(spec.fn_hash, spec.fn_blob, output, mode="http", media_type=media_type,
@@ -662,6 +710,7 @@ class EndpointHandler(StreamHandlerBase):
 
     def failed(self, error: dict[str, Any], sse: bool) -> None:
         """Report a failure: a 500 before any output, an SSE error event, or a cut-off body."""
+        self.failure = error
         self.log.warning("jupyter_stream: endpoint %s failed: %s: %s", self.request.path, error["type"], error["message"])
         if not self._headers_written:
             self.clear()  # not the response's own headers: this is an error now
@@ -743,6 +792,37 @@ class RegistrationHandler(StreamHandlerBase):
     def delete(self, name: str) -> None:
         self.spec(name)
         self.stream.remove(self.kind, name)
+        self.set_status(204)
+        self.finish()
+
+
+class RequestsHandler(StreamHandlerBase):
+    """``GET {base_url}api/stream/endpoints/<name>/requests``: the endpoint's recent
+    requests (`history`), newest first, for the server's token or login only (a share
+    link never opens it: it carries other people's arguments). ``DELETE`` forgets them."""
+
+    def history(self, name: str) -> Any:
+        spec = self.stream.endpoints.get(name)
+        if spec is None:
+            raise web.HTTPError(404, self.stream.endpoints.not_found(name))
+        return spec.history
+
+    @web.authenticated
+    @authorized("read")
+    def get(self, name: str) -> None:
+        history = self.history(name)
+        if history is None:
+            self.finish(json.dumps({"requests": [], "history": False}))
+            return
+        self.finish(json.dumps({**history.listing(), "history": True}))
+
+    @web.authenticated
+    @authorized("write")
+    def delete(self, name: str) -> None:
+        history = self.history(name)
+        if history is not None:
+            history.entries.clear()
+            history.bytes = 0
         self.set_status(204)
         self.finish()
 
@@ -1079,6 +1159,7 @@ def default_handlers() -> list[tuple[str, type]]:
         (r"/api/stream/shares/(?P<share_id>[0-9a-f]{1,64})/?", SharesHandler),
         (r"/api/stream/endpoints/?", RegistrationsHandler, {"kind": "endpoint"}),
         (rf"/api/stream/endpoints/{name}/?", RegistrationHandler, {"kind": "endpoint"}),
+        (rf"/api/stream/endpoints/{name}/requests/?", RequestsHandler),
         (r"/api/stream/workers/?", WorkersHandler),
         (rf"/api/stream/workers/{name}/?", WorkersHandler),
         (r"/api/stream/calls/(?P<call_id>c[0-9]{1,12})/?", CallHandler),

@@ -99,7 +99,7 @@ def loads_json(raw: bytes | str, what: str) -> Any:
 
 REGISTRATION_FIELDS = {
     "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner", "requirements", "queue_timeout", "openai",
-                 "openai_count_chunks"},
+                 "openai_count_chunks", "history"},
     "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner", "requirements", "queue_timeout"},
 }
 
@@ -164,6 +164,9 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
         if not isinstance(count, bool) or (count and not body["openai"]):
             raise RegistrationError("'openai_count_chunks' must be true or false, and true only with 'openai'")
         body["openai_count_chunks"] = count
+        if not isinstance(body.get("history", True), bool):
+            raise RegistrationError("'history' must be true or false (false: keep none of its requests)")
+        body["history"] = body.get("history", True)
         return body
     if not isinstance(body.get("generator", False), bool):
         raise RegistrationError("'generator' must be true or false")
@@ -264,6 +267,10 @@ class EndpointSpec:
     openai_count_chunks: bool = False
     persist: bool = False
     owner: str = ""  # the notebook (or script) that registered it
+    #: whether its recent requests are kept (`history`); off with --no-history
+    keeps_history: bool = True
+    #: its recent requests (`history.RequestHistory`), carried over when its owner registers it again
+    history: Any = field(default=None, repr=False, compare=False)
     #: what its workers need (`requirements.check_requirements`): GPUs, pool size, kernel, env
     requirements: dict[str, Any] = field(default_factory=dict)
     pool: Any = field(default=None, repr=False, compare=False)  # the pool of those requirements (`JupyterStream.pool_for`)
