@@ -165,10 +165,12 @@ class EndpointCard:
         self.shared.add_class("jupyter-stream-shared")
         self.events = widgets.HTML("")
         self.events.add_class("jupyter-stream-events")
+        self.failure = widgets.HTML(self._failure_html(self.info.get("last_failure")))  # the newest failed request
+        self.failure.add_class("jupyter-stream-last-failure")
         self.printed = widgets.HTML("")  # what the endpoint's code printed lately (never on the response)
         self.printed.add_class("jupyter-stream-printed")
         self.widget = widgets.VBox([self.header, form, widgets.HBox([self.try_button, self.share_button, self.counters]),
-                                    self.shared, self.events, self.printed])
+                                    self.shared, self.events, self.failure, self.printed])
         self.widget.add_class("jupyter-stream-card")
         self.share: Any = None  # the latest share made on this card
         self.live = True
@@ -229,6 +231,9 @@ class EndpointCard:
         value = self._counters_html(info.get("stats", {}))
         if value != self.counters.value:
             self.counters.value = value
+        failure = self._failure_html(info.get("last_failure"))
+        if failure != self.failure.value:
+            self.failure.value = failure
         printed = self._printed_html(info.get("output", []))
         if printed != self.printed.value:
             self.printed.value = printed
@@ -276,6 +281,18 @@ class EndpointCard:
             for key, label in (("open_streams", "streams open"), ("requests", "requests"), ("errors", "errors"))
         ]
         return '<span class="jupyter-stream-counters">' + " &middot; ".join(parts) + "</span>"
+
+    def _failure_html(self, failure: dict[str, Any] | None) -> str:
+        """The newest failed request in one line, and the code that runs it again here."""
+        if not failure:
+            return ""
+        when = time.strftime("%H:%M:%S", time.localtime(failure["time"]))
+        name = self.endpoint.name
+        handle = name if name.isidentifier() else f"jupyter_stream.Endpoint.lookup({name!r})"
+        code = f"{handle}.requests(failures_first=True)[0].replay()"
+        return (f'<div class="jupyter-stream-note">last failure {when} ({failure.get("status")}): '
+                f'<b>{html.escape(str(failure.get("type")))}</b>: {html.escape(str(failure.get("message", ""))[:200])} '
+                f"&middot; debug it here: <code>{html.escape(code)}</code></div>")
 
     @staticmethod
     def _printed_html(output: list[dict[str, Any]]) -> str:

@@ -110,6 +110,15 @@ class Endpoint:
         reply = self.connection.request("POST", "api/stream/shares", json={"endpoint": self.name, "expires": seconds}).json()
         return Share(reply, self.connection)
 
+    def requests(self, failures_first: bool = False) -> Any:
+        """Its recent requests as the server kept them (newest first; with `failures_first`,
+        the failed ones first), shown as a table: arguments, status, timings, worker, an
+        error's traceback. ``ep.requests()[i].replay()`` runs one again in this kernel with
+        the cell's current code (``%debug`` works); ``.replay(remote=True)`` on a worker."""
+        from .history import requests_of
+
+        return requests_of(self, failures_first)
+
     def shares(self) -> list[Share]:
         """This endpoint's share links (active, expired and revoked; tokens are not shown again)."""
         reply = self.connection.request("GET", "api/stream/shares", params={"endpoint": self.name}).json()
@@ -189,6 +198,7 @@ def register_endpoint(
     queue_timeout: float | None = None,
     openai: bool = False,
     openai_count_chunks: bool = False,
+    history: bool = True,
     **requirements: Any,
 ) -> Endpoint:
     """Register `fn` with the server as endpoint `name` (default: the function's name).
@@ -198,9 +208,12 @@ def register_endpoint(
     ``scaledown_window=``, ``kernel=``, ``env=``) choose the workers that serve it.
     `openai_count_chunks` (implies `openai`): the OpenAI route reports each yielded
     piece as a completion token in ``usage`` when the function does not say
-    (`jupyter_stream.Finish`)."""
+    (`jupyter_stream.Finish`). `history` False: the server keeps none of its requests
+    (`Endpoint.requests`)."""
     openai = bool(openai or openai_count_chunks)
     count = {"openai_count_chunks": True} if openai_count_chunks else {}
+    if not history:
+        count["history"] = False
     if media_type is not None:  # undeclared: streams are SSE, values are sent as FastAPI does
         check_media_type(media_type)
     name, reply, conn = register(
@@ -209,6 +222,9 @@ def register_endpoint(
     )
     handle = Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn, reply.get("parameters"))
     handle.openai = openai
+    from .history import remember
+
+    remember(handle)  # the code `replay` runs, until the cell runs again
     return handle
 
 
@@ -217,7 +233,7 @@ def endpoint(
     gpu: str | list[str] | None = None, min_workers: int | None = None, max_workers: int | None = None,
     scaledown_window: float | None = None, kernel: str | None = None, env: dict[str, str] | None = None,
     concurrency: int | None = None, queue_timeout: float | None = None, openai: bool = False,
-    openai_count_chunks: bool = False,
+    openai_count_chunks: bool = False, history: bool = True,
 ) -> Any:
     """Decorator: serve a generator (or any function returning an iterable) as a streaming
     endpoint. Returns an `Endpoint` handle::
@@ -238,6 +254,6 @@ def endpoint(
                                            "openai": openai, "openai_count_chunks": openai_count_chunks}
             return f
         return register_endpoint(f, name, media_type, persist=persist, queue_timeout=queue_timeout, openai=openai,
-                                 openai_count_chunks=openai_count_chunks, **requirements)
+                                 openai_count_chunks=openai_count_chunks, history=history, **requirements)
 
     return decorate(fn) if fn is not None else decorate
