@@ -257,7 +257,9 @@ class KernelGateway:
             time.sleep(0.1)
 
     def kernels(self) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/api/kernels", headers={"Authorization": f"token {self.token}"}, timeout=10).json()
+        """The gateway's kernels (it lists them with --JupyterWebsocketPersonality.list_kernels=True)."""
+        reply = httpx.get(f"{self.url}/api/kernels", headers={"Authorization": f"token {self.token}"}, timeout=10)
+        return reply.raise_for_status().json()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
