@@ -38,6 +38,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(process: subprocess.Popen | None) -> None:
+    """SIGTERM, 20 s to exit, then SIGKILL."""
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class StreamServer:
     """A jupyter-server subprocess with the extension; `.connection` registers endpoints."""
 
@@ -144,13 +155,7 @@ class StreamServer:
         return NotebookKernel(self, reply.json()["id"])
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         if self.connection is not None:
             self.connection.http.close()
         if getattr(self, "_log", None):
@@ -266,13 +271,7 @@ class KernelGateway:
 
     def stop(self) -> None:
         """Stop the gateway (its kernels with it)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         if getattr(self, "_log", None):
             self._log.close()
 

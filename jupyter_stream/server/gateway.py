@@ -67,7 +67,12 @@ ALIVE_CHECK_INTERVAL = 5.0
 
 
 class GatewayError(WorkerError):
-    """The worker gateway refused, or could not be reached: the message says what to fix."""
+    """The worker gateway refused, or could not be reached: the message says what to fix;
+    `status` is the gateway's HTTP status when it answered (None when it did not)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class WorkerGateway(GatewayClient):
@@ -151,11 +156,11 @@ class WorkerGateway(GatewayClient):
         said = f" ({reason})" if reason else ""
         if code == 401 or (code == 403 and "limit" not in reason.lower()):
             return GatewayError(f"{self.describe()} refused the token when asked to {what} (HTTP {code}{said}); "
-                                "set c.WorkerGateway.auth_token (or JUPYTER_GATEWAY_AUTH_TOKEN) to the gateway's token")
+                                "set c.WorkerGateway.auth_token (or JUPYTER_GATEWAY_AUTH_TOKEN) to the gateway's token", code)
         if code == 403 or code == 429:
             return GatewayError(f"{self.describe()} is at its kernel limit when asked to {what} (HTTP {code}{said}); "
-                                "raise the gateway's limit (max_kernels, max_kernels_per_user) or lower max_workers")
-        return GatewayError(f"{self.describe()} could not {what} (HTTP {code}{said})")
+                                "raise the gateway's limit (max_kernels, max_kernels_per_user) or lower max_workers", code)
+        return GatewayError(f"{self.describe()} could not {what} (HTTP {code}{said})", code)
 
     async def kernelspec_names(self) -> list[str]:
         specs = await self.request(self.kernelspecs_endpoint, what="list its kernelspecs")
@@ -223,7 +228,7 @@ class GatewayWorkerManager:
             model = await self.gateway.request(self.gateway.kernels_endpoint, "POST",
                                                {"name": self.kernel_name, "env": kernel_env}, what=what)
         except GatewayError as exc:
-            if "HTTP 404" in str(exc) or "HTTP 500" in str(exc) or "No such kernel" in str(exc):
+            if exc.status in (404, 500):  # jupyter-server answers an unknown kernelspec with one of these
                 raise await self._unknown_kernelspec(exc) from None
             raise
         if not isinstance(model, dict) or not model.get("id"):
@@ -259,7 +264,7 @@ class GatewayWorkerManager:
         try:
             await self.gateway.request(self.kernel_path, what="look at its kernel")
         except GatewayError as exc:
-            if "HTTP 404" in str(exc):
+            if exc.status == 404:
                 self._alive = False
             else:
                 log.debug("jupyter_stream: %s", exc)
@@ -285,7 +290,7 @@ class GatewayWorkerManager:
                 await self.gateway.request(self.kernel_path, "DELETE", what=f"shut kernel {self.kernel_id} down")
                 return
             except GatewayError as exc:
-                if "HTTP 404" in str(exc):
+                if exc.status == 404:
                     return
                 problem = exc
             await asyncio.sleep(wait)
