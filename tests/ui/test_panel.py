@@ -172,6 +172,25 @@ def run_cell(page, index):
     page.get_by_text(re.compile(r"Python 3 \(ipykernel\) \| Idle")).wait_for(timeout=120_000)
 
 
+def prompt_of(page, index):
+    """The input prompt of cell `index` (`[n]:` once the kernel has run it)."""
+    return page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputPrompt").text_content() or ""
+
+
+def run_cell_until(page, index, done, attempts=3, each=30):
+    """Run cell `index` (Ctrl+Enter) until `done()`, pressing again after `each` seconds of nothing."""
+    for _ in range(attempts):
+        page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Control+Enter")
+        deadline = time.monotonic() + each
+        while time.monotonic() < deadline:
+            if done():
+                return
+            page.wait_for_timeout(200)
+    outputs = page.locator(".jp-Notebook").text_content()
+    raise AssertionError(f"cell {index} did not run after {attempts} tries; the notebook shows: {outputs[-2000:]}")
+
+
 def test_the_panel_and_the_card_live_from_the_event_stream(lab):
     from playwright.sync_api import sync_playwright
 
@@ -301,9 +320,10 @@ def test_the_card_and_the_panel_in_notebook_7(lab):
             page.goto(f"{lab.url}notebooks/panel.ipynb?token={lab.token}")
             page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=60_000)
             page.locator(".jp-NotebookKernelStatus-idle, [data-status='idle']").first.wait_for(timeout=60_000)
-            page.locator(".jp-Notebook .jp-Cell").first.locator(".jp-InputArea-editor").click()
-            page.keyboard.press("Shift+Enter")
-            page.keyboard.press("Shift+Enter")
+            # each cell run until the kernel has run it (a key press made while the page is still
+            # connecting its kernel can be lost: pressed again, which these two cells allow)
+            run_cell_until(page, 0, lambda: re.search(r"\[\d+\]", prompt_of(page, 0)))
+            run_cell_until(page, 1, lambda: lab.get("api/stream/endpoints/ticks").status_code == 200)
             # the card, drawn by the extension: the link from the page's own base URL, live counters
             card = page.locator(".jp-Notebook .jupyter-stream-card").first
             card.wait_for(timeout=60_000)
@@ -323,6 +343,7 @@ def test_the_card_and_the_panel_in_notebook_7(lab):
             shot(page, "10-notebook7-light")
         except Exception:
             page.screenshot(path=str(ARTIFACTS / "panel-notebook7-failure.png"))
+            print("the notebook showed:", page.locator("body").text_content()[-3000:])
             raise
         finally:
             browser.close()
