@@ -73,8 +73,10 @@ only the carrier changes (see `worker.direct` and `server.transports.DirectTrans
             gave them, and ``chunks`` (how many it yielded, counted when the call asked
             for ``finish``); it comes when the call asked for it or a Finish was yielded. For ``values`` and ``map`` calls
             the buffer holds pickled objects back to back and ``sizes`` gives their
-            lengths; a map lane adds ``items``, one ``[index, ok]`` per object (a failed
-            item's object is its pickled `errors.error_payload`) and ``busy``, the seconds
+            lengths. A map lane's results come instead with ``items``, their number, and
+            four buffers: the pickles joined, then `pack_ints` of their indices and of
+            their sizes, and one outcome byte each (`ITEM_OK`, or `ITEM_FAILED`: the
+            object is its pickled `errors.error_payload`); and with ``busy``, the seconds
             the worker spent running those items (the server sizes the lane's batches by
             it); ``revoked`` answers a ``revoke``. A call that times out ends with
             a `FunctionTimeoutError` at once, and its thread is interrupted (see
@@ -86,8 +88,8 @@ only the carrier changes (see `worker.direct` and `server.transports.DirectTrans
 
 Map calls (``mode: "map"``) open a lane on a worker; the server feeds it with
 
-``batch``   items for lane ``id``: ``indices`` and ``sizes`` of pickled argument tuples
-            joined in buffer 0.
+``batch``   ``count`` items for lane ``id``: buffer 0 holds their pickled argument tuples
+            joined, buffers 1 and 2 their indices and sizes (`pack_ints`).
 ``close``   no more items: the lane ends once it has run what it has.
 ``revoke``  give back items of lane ``id`` that have not started: ``indices``. The worker
             removes those still queued and names them in ``revoked`` of the lane's next
@@ -100,10 +102,13 @@ Between clients (notebook kernels, scripts, workers) and the server, calls of
 ``%%stream_function`` functions travel over one WebSocket per client as binary frames
 made by `encode_frame`: a JSON header and a payload. Client -> server ops: ``call``
 (``fn``, ``kind`` "remote" or "map", a pickled ``(args, kwargs)`` payload for remote
-calls, pickled common kwargs for maps), ``items`` (map inputs: ``indices``, ``sizes``),
+calls, pickled common kwargs for maps), ``items`` (map inputs: ``count`` of them, the
+payload `pack_items` of their indices and sizes, then their pickles),
 ``inputs_done``, ``ack`` (``bytes`` of a generator's output consumed), ``cancel``.
-Server -> client ops: ``out`` (as above, with ``items`` and ``lanes``, the number of
-workers running it, for maps; ``end`` and ``error`` end the call). A map's client bounds
+Server -> client ops: ``out`` (as above; a map's results instead with ``items``, their
+number, the payload `pack_items` of indices, sizes and outcome bytes, `ITEM_RETRIED`
+for an item that runs again, then the pickles; and ``lanes``, the number of workers
+running it; ``end`` and ``error`` end the call). A map's client bounds
 its own inputs in flight by what it has handed to its caller. A worker's own client
 names its worker in the ``X-Jupyter-Stream-Worker`` header, so that its calls can run
 beside it when the pool is full.
@@ -117,7 +122,9 @@ import io
 import json
 import pickle
 import struct
+import sys
 import types
+from array import array
 from collections import ChainMap
 from typing import Any
 
@@ -140,7 +147,7 @@ ACK_MESSAGES_EVERY = 64
 
 #: Changes whenever a message changes meaning: a worker kernel whose jupyter-stream speaks
 #: another version is refused at start (install the same version there).
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: Functions a worker keeps unpickled at most; the server tells it to forget the least
 #: recently used beyond this (and at once those no registration uses any more).
@@ -175,8 +182,10 @@ def interrupt_message(call_id: str) -> dict[str, Any]:
     return {"op": "interrupt", "id": call_id}
 
 
-def batch_message(call_id: str, indices: list[int], sizes: list[int]) -> dict[str, Any]:
-    return {"op": "batch", "id": call_id, "indices": indices, "sizes": sizes}
+def batch_message(call_id: str, count: int) -> dict[str, Any]:
+    """``batch`` of `count` items: buffers are the pickles joined, then `pack_ints` of
+    their indices and of their sizes."""
+    return {"op": "batch", "id": call_id, "count": count}
 
 
 def close_message(call_id: str) -> dict[str, Any]:
@@ -247,12 +256,10 @@ def _check_out(data: dict[str, Any], buffers: list) -> None:
         total = sum(_nbytes(b) for b in buffers)
         if len(buffers) > 1 or sum(sizes) != total:
             raise ProtocolError(f"'sizes' add up to {sum(sizes)} bytes but the buffers hold {total} in {len(buffers)}")
-        items = data.get("items")
-        if items is not None and (not isinstance(items, list) or len(items) != len(sizes) or not all(
-                isinstance(i, list) and len(i) == 2 and _whole(i[0]) and isinstance(i[1], bool) for i in items)):
-            raise ProtocolError("'items' must be one [index, ok] pair per size")
+        if "items" in data:
+            raise ProtocolError("'items' come without 'sizes' (theirs are packed in a buffer)")
     elif "items" in data:
-        raise ProtocolError("'items' come with 'sizes'")
+        _check_items(data["items"], buffers)
     busy = data.get("busy")
     if busy is not None and (isinstance(busy, bool) or not isinstance(busy, (int, float))):
         raise ProtocolError("'busy' must be a number of seconds")
@@ -274,6 +281,25 @@ def _check_out(data: dict[str, Any], buffers: list) -> None:
     if error is not None and not (isinstance(error, dict) and isinstance(error.get("type"), str)
                                   and isinstance(error.get("message"), str)):
         raise ProtocolError("'error' must be an object with 'type' and 'message' strings")
+
+
+def _check_items(count: Any, buffers: list) -> None:
+    """A map lane's results: `count` items, buffers pickles, indices, sizes, outcomes."""
+    if not _whole(count):
+        raise ProtocolError("'items' must be the number of results")
+    if len(buffers) != 4:
+        raise ProtocolError(f"map results come in 4 buffers (pickles, indices, sizes, outcomes), not {len(buffers)}")
+    lengths = [_nbytes(b) for b in buffers[1:]]
+    if lengths != [8 * count, 8 * count, count]:
+        raise ProtocolError(f"{count} results need buffers of {8 * count}, {8 * count} and {count} bytes, not {lengths}")
+    if count:
+        indices, sizes = unpack_ints(buffers[1]), unpack_ints(buffers[2])
+        if min(indices) < 0 or min(sizes) < 0:
+            raise ProtocolError("results' indices and sizes are whole numbers")
+        if sum(sizes) != _nbytes(buffers[0]):
+            raise ProtocolError(f"the results' sizes add up to {sum(sizes)} bytes but their buffer holds {_nbytes(buffers[0])}")
+        if bytes(buffers[3]).strip(b"\x00\x01"):
+            raise ProtocolError("a result's outcome is 0 (failed) or 1 (ran)")
 
 
 def content_hash(blob: bytes) -> str:
@@ -314,10 +340,11 @@ def dumps(obj: Any) -> bytes:
         return cloudpickle_dumps(obj)
 
 
-def encode_frame(header: dict[str, Any], payload: bytes | memoryview = b"") -> bytes:
-    """One WebSocket message: 4-byte header length, JSON header, payload."""
+def encode_frame(header: dict[str, Any], *payload: bytes | memoryview) -> bytes:
+    """One WebSocket message: 4-byte header length, JSON header, payload (its parts
+    joined here, in the one copy the message needs)."""
     head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join((struct.pack("!I", len(head)), head, payload))
+    return b"".join((struct.pack("!I", len(head)), head, *payload))
 
 
 class FrameError(ValueError):
@@ -338,6 +365,74 @@ def decode_frame(message: bytes) -> tuple[dict[str, Any], memoryview]:
     if not isinstance(header, dict):
         raise FrameError("the frame's header is not a JSON object")
     return header, view[4 + length :]
+
+
+# -- map items: indices, sizes and outcomes packed, not JSON lists -----------------------
+
+#: Map items travel in groups of hundreds; their indices and sizes as JSON lists were most
+#: of what the server spent per item (encoding and decoding them at every hop), so they
+#: go as packed 64-bit integers (little-endian) beside the pickles instead.
+_LITTLE = sys.byteorder == "little"
+
+#: A map result's outcome byte: it ran, it failed (its pickle is the error), or (server
+#: to client only) it failed and runs again (its pickle is empty).
+ITEM_FAILED, ITEM_OK, ITEM_RETRIED = 0, 1, 2
+
+
+def pack_ints(values: Any) -> bytes:
+    packed = array("q", values)
+    if not _LITTLE:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_ints(data: Any) -> array:
+    """The integers `pack_ints` packed (an `array`; ``.tolist()`` for a list). Raises
+    ValueError when `data` is not a whole number of them."""
+    if _nbytes(data) % 8:
+        raise ValueError(f"{_nbytes(data)} bytes are not a whole number of 8-byte integers")
+    values = array("q")
+    values.frombytes(data)
+    if not _LITTLE:
+        values.byteswap()
+    return values
+
+
+def pack_items(indices: Any, sizes: Any, outcomes: bytes | None = None) -> bytes:
+    """A map frame's head (client <-> server): `count` indices, `count` sizes, and (for
+    results) `count` outcome bytes; the pickles follow it in the frame's payload."""
+    head = pack_ints(indices) + pack_ints(sizes)
+    return head + outcomes if outcomes is not None else head
+
+
+def unpack_items(payload: memoryview, count: Any, outcomes: bool) -> tuple[list[int], list[int], bytes, memoryview]:
+    """A map frame's indices, sizes, outcomes (b"" without) and its pickles, checked: as
+    many of each as `count`, indices and sizes whole numbers, sizes adding up to the
+    pickles' bytes. Raises `FrameError` otherwise."""
+    if not _whole(count):
+        raise FrameError("a map frame needs 'items', the number of its items")
+    head = count * (17 if outcomes else 16)
+    if payload.nbytes < head:
+        raise FrameError(f"a frame of {count} items needs at least {head} bytes, it has {payload.nbytes}")
+    indices, sizes = unpack_ints(payload[: 8 * count]), unpack_ints(payload[8 * count : 16 * count])
+    if count and (min(indices) < 0 or min(sizes) < 0):
+        raise FrameError("a map frame's indices and sizes are whole numbers")
+    blobs = payload[head:]
+    if sum(sizes) != blobs.nbytes:
+        raise FrameError(f"the items' sizes add up to {sum(sizes)} bytes but the frame holds {blobs.nbytes}")
+    return indices.tolist(), sizes.tolist(), payload[16 * count : head].tobytes() if outcomes else b"", blobs
+
+
+def cut(payload: memoryview, sizes: list[int]) -> list[bytes]:
+    """Back-to-back pickles apart, as `bytes` cut from one copy of `payload`: for many
+    small ones cheaper than a view and a copy each."""
+    data, start, out = payload.tobytes(), 0, []
+    append = out.append
+    for size in sizes:
+        end = start + size
+        append(data[start:end])
+        start = end
+    return out
 
 
 def split(payload: memoryview, sizes: list[int]) -> list[memoryview]:

@@ -227,7 +227,8 @@ def test_a_sender_that_hangs_is_found_by_its_pings(server):
 MALFORMED = {
     "no id": {"op": "out", "end": True},
     "seq not a number": {"op": "out", "id": "x", "seq": "7"},
-    "items without sizes": {"op": "out", "id": "x", "items": [[0, True]]},
+    "items without their buffers": {"op": "out", "id": "x", "items": 1},
+    "items of the old format": {"op": "out", "id": "x", "items": [[0, True]], "sizes": [0]},
     "sizes past the buffer": {"op": "out", "id": "x", "sizes": [10**6]},
     "unknown op": {"op": "explode"},
     "not an object": [1, 2, 3],
@@ -302,7 +303,8 @@ def test_a_message_that_does_not_decode_gets_its_worker_replaced(server, where):
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @example([{"op": "out", "end": True}])
 @example([{"op": "out", "id": "OWN", "seq": "7"}])
-@example([{"op": "out", "id": "OWN", "items": [[0, True]], "buffers": [b"x"]}])
+@example([{"op": "out", "id": "OWN", "items": 1, "buffers": [b"x", b"\0" * 8, b"\1" + b"\0" * 7, b"\1"]}])
+@example([{"op": "out", "id": "OWN", "items": 1, "buffers": [b"x", b"\0" * 8, b"\7" + b"\0" * 7, b"\3"]}])
 @given(st.lists(st.fixed_dictionaries({
     "op": st.sampled_from(["out", "ready", "pong", "stuck", "broken", "zap"]),
 }, optional={
@@ -310,12 +312,13 @@ def test_a_message_that_does_not_decode_gets_its_worker_replaced(server, where):
     "seq": st.one_of(st.integers(-3, 10**6), st.text(max_size=3), st.none()),
     "end": st.booleans(),
     "sizes": st.one_of(st.lists(st.integers(-1, 40), max_size=4), st.text(max_size=3)),
-    "items": st.one_of(st.lists(st.lists(st.one_of(st.integers(-1, 5), st.booleans()), max_size=3), max_size=4), st.none()),
+    "items": st.one_of(st.integers(-1, 3), st.lists(st.lists(st.one_of(st.integers(-1, 5), st.booleans()), max_size=3), max_size=4),
+                       st.none()),
     "print": st.one_of(st.lists(st.lists(st.text(max_size=5), max_size=3), max_size=2), st.integers()),
     "error": st.one_of(st.none(), st.dictionaries(st.sampled_from(["type", "message"]), st.text(max_size=5))),
     "start": st.one_of(st.none(), st.integers(), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)),
     "pid": st.integers(-1, 5), "n": st.integers(-1, 5), "reason": st.one_of(st.text(max_size=5), st.integers()),
-    "buffers": st.lists(st.binary(max_size=40), max_size=3),
+    "buffers": st.lists(st.binary(max_size=40), max_size=4),
 }), min_size=1, max_size=4))
 def test_fuzzed_worker_messages_never_leave_a_worker_wedged(fuzz_server, messages):
     """Random messages from inside a worker (ops, ids, seqs, buffers; sometimes aimed at

@@ -304,3 +304,26 @@ def test_a_message_that_cannot_be_sent_fails_the_call_once_its_caller_holds_it()
         assert run.ended and ends[-1]["error"]["type"] == "WorkerDied"
 
     asyncio.run(main())
+
+
+def test_map_items_pack_and_unpack_and_refuse_what_does_not_add_up():
+    """Map items' indices, sizes and outcomes travel packed (issue 20): what is packed comes
+    back; a frame whose head is short, negative or disagrees with its pickles is refused."""
+    from jupyter_stream import wire
+
+    blobs = [b"a", b"", b"ccc"]
+    frame = memoryview(wire.pack_items([0, 7, 2**40], map(len, blobs), bytes([1, 0, 2])) + b"".join(blobs))
+    indices, sizes, outcomes, pickles = wire.unpack_items(frame, 3, outcomes=True)
+    assert (indices, sizes, outcomes) == ([0, 7, 2**40], [1, 0, 3], bytes([1, 0, 2]))
+    assert [b.tobytes() for b in wire.split(pickles, sizes)] == blobs and wire.cut(pickles, sizes) == blobs
+    assert wire.unpack_items(memoryview(b""), 0, outcomes=False)[:3] == ([], [], b"")
+    with pytest.raises(wire.FrameError, match="needs at least 51 bytes, it has 40"):
+        wire.unpack_items(frame[:40], 3, outcomes=True)
+    with pytest.raises(wire.FrameError, match="whole numbers"):
+        wire.unpack_items(memoryview(wire.pack_items([-1], [1]) + b"x"), 1, outcomes=False)
+    with pytest.raises(wire.FrameError, match="add up to 2 bytes but the frame holds 1"):
+        wire.unpack_items(memoryview(wire.pack_items([0], [2]) + b"x"), 1, outcomes=False)
+    with pytest.raises(wire.FrameError, match="the number of its items"):
+        wire.unpack_items(frame, True, outcomes=True)
+    with pytest.raises(ValueError, match="not a whole number of 8-byte integers"):
+        wire.unpack_ints(b"1234")

@@ -284,8 +284,8 @@ class CallStream:
                 self._waiter = (loop, future)
             await future
 
-    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        self.client.send({**header, "id": self.id}, payload)
+    def send(self, header: dict[str, Any], *payload: bytes | memoryview) -> None:
+        self.client.send({**header, "id": self.id}, *payload)
 
     def cancel(self) -> None:
         if not self.ended:
@@ -379,12 +379,12 @@ class CallsSocket:
         self.send({**header, "op": "call", "id": stream.id}, payload)
         return stream
 
-    def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
-        """Write a frame now, from the caller's thread."""
+    def send(self, header: dict[str, Any], *payload: bytes | memoryview) -> None:
+        """Write a frame now, from the caller's thread (the payload's parts joined)."""
         ws = self.ws
         if ws is not None and not ws.closed:
             try:
-                ws.send(wire.encode_frame(header, payload))
+                ws.send(wire.encode_frame(header, *payload))
             except OSError:
                 pass  # the socket is shut: its reader is ending, and ends the call with it
             return

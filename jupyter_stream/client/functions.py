@@ -95,15 +95,6 @@ def _values(header: dict[str, Any], payload: memoryview) -> list[Any]:
     return [pickle.loads(blob) for blob in wire.split(payload, sizes)]
 
 
-def _unzip(items: list) -> tuple[tuple, tuple]:
-    """A results frame's ``items``, ``[[index, ok], ...]``, as a tuple of indices and one of
-    oks (``True``, ``False`` for a failure, ``None`` for an item being retried)."""
-    if not items:
-        return (), ()
-    indices, oks = zip(*items)
-    return indices, oks
-
-
 #: Results smaller than this on average are cut out of their frame as bytes, not views.
 SMALL_RESULT = 4096
 
@@ -271,7 +262,8 @@ class _MapState:
         than `want` means the inputs are exhausted."""
         count = 0
         for sizes, payload in _pack_items(items):
-            self.stream.send({"op": "items", "indices": list(range(self.sent, self.sent + len(sizes))), "sizes": sizes}, payload)
+            head = wire.pack_items(range(self.sent, self.sent + len(sizes)), sizes)
+            self.stream.send({"op": "items", "count": len(sizes)}, head, payload)
             self.sent += len(sizes)
             count += len(sizes)
         if count:
@@ -289,9 +281,10 @@ class _MapState:
                 self.printed.relay(header)
             if "lanes" in header:
                 self.progress.on_lanes(header["lanes"])
-            items = header.get("items")
-            if items:
-                self.take_items(items, _blobs(payload, header["sizes"]), ready)
+            count = header.get("items")
+            if count:
+                indices, sizes, outcomes, pickles = wire.unpack_items(payload, count, outcomes=True)
+                self.take_items(indices, outcomes, _blobs(pickles, sizes), ready)
             if header.get("end"):
                 self.finished = True
                 _raise_if_error(header)
@@ -312,11 +305,11 @@ class _MapState:
         self.progress.render()
         return ready
 
-    def take_items(self, items: Any, blobs: list, ready: list[Any]) -> None:
-        """One frame's results: into `ready` (unordered) or the reordering buffer."""
-        indices, oks = _unzip(items)
+    def take_items(self, indices: list[int], outcomes: bytes, blobs: list, ready: list[Any]) -> None:
+        """One frame's results (`outcomes`: a `wire.ITEM_OK`, `ITEM_FAILED` or
+        `ITEM_RETRIED` byte each): into `ready` (unordered) or the reordering buffer."""
         count = len(indices)
-        if oks.count(True) == count == len(blobs):  # all succeeded: the hot path
+        if outcomes.count(wire.ITEM_OK) == count == len(blobs):  # all succeeded: the hot path
             values = list(map(pickle.loads, blobs))
             self.received += count
             self.progress.on_results(count)
@@ -325,11 +318,11 @@ class _MapState:
                 return
             first = indices[0]
             if first == self.next_index and not self.runs and not self.buffered:
-                if indices == tuple(range(first, first + count)):
+                if indices == list(range(first, first + count)):
                     ready += values  # the next results in order: no buffering
                     self.next_index = first + count
                     return
-            elif indices == tuple(range(first, first + count)):
+            elif indices == list(range(first, first + count)):
                 self.runs[first] = values
                 return
             for index, value in zip(indices, values):
@@ -337,8 +330,8 @@ class _MapState:
             return
         received, failed = self.received, 0
         try:
-            for index, ok, blob in zip(indices, oks, blobs):
-                if ok is None:  # the item failed and is being retried
+            for index, ok, blob in zip(indices, outcomes, blobs):
+                if ok == wire.ITEM_RETRIED:  # the item failed and runs again
                     self.progress.on_retry()
                     continue
                 self.received += 1

@@ -111,9 +111,11 @@ class Run:
             self.ack(self._unacked)
             self._unacked = 0
 
-    def send_batch(self, indices: list[int], sizes: list[int], payload: bytes) -> None:
-        """More items for this map lane: pickled argument tuples back to back."""
-        self.worker.send(wire.batch_message(self.id, indices, sizes), [payload])
+    def send_batch(self, indices: list[int], sizes: list[int], blobs: list[bytes]) -> None:
+        """More items for this map lane: their pickled argument tuples joined, then their
+        indices and sizes packed."""
+        self.worker.send(wire.batch_message(self.id, len(indices)),
+                         [b"".join(blobs), wire.pack_ints(indices), wire.pack_ints(sizes)])
 
     def revoke(self, indices: list[int]) -> None:
         """Ask for map items of this lane back, those not started yet; the lane's output

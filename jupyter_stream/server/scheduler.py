@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -283,11 +284,13 @@ class MapCall:
             self.session.end(self.id, error_info("WorkerError", f"the map was {why}"))
             self.cancel()
 
-    def add_items(self, indices: list[int], sizes: list[int], payload: memoryview) -> None:
+    def add_items(self, count: int, payload: memoryview) -> None:
+        """An ``items`` frame: `count` inputs (raises `wire.FrameError` before taking any
+        when the frame does not hold what it says)."""
+        indices, sizes, _, pickles = wire.unpack_items(payload, count, outcomes=False)
         self.received += len(indices)
         self.stop_idle_timer()
-        for index, blob in zip(indices, wire.split(payload, sizes)):
-            self.pending.append((index, blob.tobytes(), 0))
+        self.pending.extend(zip(indices, wire.cut(pickles, sizes), itertools.repeat(0)))
         self.outstanding += len(indices)
         self.spec.stats["items"] += len(indices)
         self.dispatch()
@@ -394,7 +397,7 @@ class MapCall:
             return
         if len(inflight) == len(indices):  # it was idle: its work starts now
             lane.progress = time.monotonic()
-        lane.run.send_batch(indices, sizes, b"".join(blobs))
+        lane.run.send_batch(indices, sizes, blobs)
 
     def victim(self) -> tuple[Lane | None, int, float | None]:
         """The busy lane to take items from, and how many it has queued: of the lanes whose
@@ -505,15 +508,15 @@ class MapCall:
     def on_output(self, lane: Lane, data: dict[str, Any], buffers: list) -> None:
         if data.get("print") and not self.cancelled:
             self.session.send({"op": "out", "id": self.id, "print": data["print"], "worker": lane.worker.name})
-        items = data.get("items")
-        if items:
+        count = data.get("items")
+        if count:
             busy = data.get("busy")
             if busy is not None:
-                self.observe(len(items), busy)
+                self.observe(count, busy)
             lane.declined = False
             lane.answered = True
             lane.progress = time.monotonic()
-            self.on_results(lane, items, data["sizes"], buffers[0])
+            self.on_results(lane, buffers)
             lane.run.consumed(buffers[0].nbytes)  # forwarded: the lane may send more
         revoked = data.get("revoked")
         if revoked is not None:
@@ -539,15 +542,27 @@ class MapCall:
         else:
             self.lane_items = max(MIN_LANE_ITEMS, int(LANE_SECONDS / seconds))
 
-    def on_results(self, lane: Lane, items: list, sizes: list[int], payload: memoryview) -> None:
-        forward_items, forward_blobs = [], []
-        changed = False  # forward the payload as it came unless an item was dropped or retried
-        blobs = wire.split(payload, sizes)
-        suspects = self.suspects
-        for (index, ok), blob in zip(items, blobs):
-            entry = lane.inflight.pop(index, None)
+    def on_results(self, lane: Lane, buffers: list) -> None:
+        """A lane's results (buffers: pickles, indices, sizes, outcomes; checked by
+        `wire.check_worker_message`), forwarded to the client as they came unless an item
+        was dropped (no longer in flight there) or failed and runs again."""
+        payload, indices, outcomes = buffers[0], wire.unpack_ints(buffers[1]).tolist(), bytes(buffers[3])
+        inflight, suspects, pop = lane.inflight, self.suspects, lane.inflight.pop
+        failed = outcomes.count(wire.ITEM_FAILED)
+        if not failed and not suspects and all(index in inflight for index in indices):  # the hot path
+            for index in indices:
+                pop(index)
+            self.done += len(indices)
+            self.outstanding -= len(indices)
+            self.count_items()
+            if not self.cancelled:
+                self.session.send({"op": "out", "id": self.id, "items": len(indices), "lanes": len(self.lanes)},
+                                  buffers[1], buffers[2], outcomes, payload)
+            return
+        forward_indices, forward_outcomes, forward_blobs = [], bytearray(), []
+        for index, ok, blob in zip(indices, outcomes, wire.split(payload, wire.unpack_ints(buffers[2]).tolist())):
+            entry = pop(index, None)
             if entry is None:
-                changed = True
                 continue
             if suspects:
                 suspects.discard(index)
@@ -556,25 +571,26 @@ class MapCall:
                 self.pending.appendleft((index, args, attempts + 1))
                 self.spec.stats["retried"] += 1
                 self.retried += 1
-                forward_items.append([index, None])  # tell the client: retried
+                forward_indices.append(index)  # tell the client: it runs again
+                forward_outcomes.append(wire.ITEM_RETRIED)
                 forward_blobs.append(b"")
-                changed = True
                 continue
             if not ok:
                 self.spec.stats["failed"] += 1
                 self.failed += 1
             self.done += 1
             self.outstanding -= 1
-            forward_items.append([index, ok])
+            forward_indices.append(index)
+            forward_outcomes.append(ok)
             forward_blobs.append(blob)
         if self.done or self.retried:
             self.count_items()
-        if forward_items and not self.cancelled:
-            self.session.send(
-                {"op": "out", "id": self.id, "items": forward_items, "sizes": [len(b) for b in forward_blobs],
-                 "lanes": len(self.lanes)},
-                b"".join(forward_blobs) if changed else payload,
-            )
+        if forward_indices and not self.cancelled:
+            self.send_results(forward_indices, forward_outcomes, forward_blobs)
+
+    def send_results(self, indices: list[int], outcomes: bytes | bytearray, blobs: list) -> None:
+        self.session.send({"op": "out", "id": self.id, "items": len(indices), "lanes": len(self.lanes)},
+                          wire.pack_items(indices, map(len, blobs), bytes(outcomes)), *blobs)
 
     def lane_ended(self, lane: Lane, data: dict[str, Any]) -> None:
         """A lane's call ended: closed by us, cancelled, timed out or its worker died.
@@ -622,7 +638,7 @@ class MapCall:
         self.done += 1
         self.count_items()
         blob = wire.dumps(gave_up_error(self.shared_deaths.pop(index)))
-        self.session.send({"op": "out", "id": self.id, "items": [[index, False]], "sizes": [len(blob)], "lanes": len(self.lanes)}, blob)
+        self.send_results([index], bytes([wire.ITEM_FAILED]), [blob])
 
     def count_items(self) -> None:
         """Bring the map item counters (metrics) up to this map's counts."""
@@ -658,10 +674,6 @@ class MapCall:
         self.session.end(self.id, error)
 
 
-def _is_int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
-
-
 def check_frame(header: dict[str, Any], payload: memoryview) -> None:
     """Raise `wire.FrameError` unless `header` is a well-formed client op (see `wire`)."""
     op, call_id = header.get("op"), header.get("id")
@@ -672,12 +684,9 @@ def check_frame(header: dict[str, Any], payload: memoryview) -> None:
     if op == "call":
         if not isinstance(header.get("fn"), str) or header.get("kind", "remote") not in ("remote", "map"):
             raise wire.FrameError("'call' needs 'fn' (a function name) and 'kind' ('remote' or 'map')")
-    elif op == "items":
-        indices, sizes = header.get("indices"), header.get("sizes")
-        if not _is_int_list(indices) or not _is_int_list(sizes) or len(indices) != len(sizes):
-            raise wire.FrameError("'items' needs 'indices' and 'sizes', lists of as many whole numbers")
-        if sum(sizes) != payload.nbytes:
-            raise wire.FrameError(f"'items' sizes add up to {sum(sizes)} bytes but the payload has {payload.nbytes}")
+    elif op == "items":  # what its payload holds is checked as it is read (`MapCall.add_items`)
+        if type(header.get("count")) is not int or header["count"] < 0:
+            raise wire.FrameError("'items' needs 'count', the number of items in its payload")
     elif op == "ack":
         if type(header.get("bytes")) is not int or header["bytes"] < 0:
             raise wire.FrameError("'ack' needs 'bytes', a whole number")
@@ -709,8 +718,8 @@ class ClientSession:
             worker = pool.lend_beside(self.caller)
         return worker
 
-    def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
-        self._send(wire.encode_frame(header, payload))
+    def send(self, header: dict[str, Any], *payload: bytes | memoryview) -> None:
+        self._send(wire.encode_frame(header, *payload))
 
     def forget(self, call_id: str, error: dict[str, Any] | None = None) -> None:
         """The call has ended (done, failed, cancelled): it is no longer running here."""
@@ -751,7 +760,7 @@ class ClientSession:
         if op == "ack" and not isinstance(call, RemoteCall):
             raise wire.FrameError(f"'ack' is for remote calls; call {call_id!r} is a map")
         if op == "items":
-            call.add_items(header["indices"], header["sizes"], payload)
+            call.add_items(header["count"], payload)
         elif op == "inputs_done":
             call.end_of_inputs()
         elif op == "ack":

@@ -66,7 +66,10 @@ class Run:
         self.task: asyncio.Task | None = None
         self.room: asyncio.Future | None = None  # an async run waiting for credit (see `aput`)
         self.framed = False  # values: each put() is one pickled object; sizes are sent along
-        self.meta: list[list] = []  # map lanes: [index, ok] for each pickled result
+        #: map lanes: each pickled result's item index, and its outcome (`wire.ITEM_OK` or
+        #: `wire.ITEM_FAILED`)
+        self.indices: list[int] = []
+        self.outcomes = bytearray()
         #: the call's code is running (its thread, or its task on the worker's loop)
         self.running_code = False
         # map lanes only: batches of (index, pickled args) waiting to run
@@ -113,7 +116,8 @@ class Run:
                 worker.dirty.append(self)
                 worker.has_output.notify()
 
-    def put(self, data: bytes, meta: list | None = None, last: bool = False, busy: float = 0.0, wait: bool = True) -> None:
+    def put(self, data: bytes, item: int | None = None, ok: bool = True, last: bool = False, busy: float = 0.0,
+            wait: bool = True) -> None:
         """Queue output bytes for the sender; block while the client is a window behind.
         The first output of a run is sent right here, saving a thread hop on the time to
         first byte; so is a call's `last` and only output (a plain return value), which
@@ -128,8 +132,9 @@ class Run:
             if self.cancelled or self.done:
                 raise RunCancelled()
             self.pending.append(data)
-            if meta is not None:
-                self.meta.append(meta)
+            if item is not None:
+                self.indices.append(item)
+                self.outcomes.append(ok)
                 self.busy += busy
             self.pending_bytes += len(data)
             if len(data) >= LARGE_CHUNK:

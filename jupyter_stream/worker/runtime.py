@@ -213,7 +213,7 @@ class Worker:
         elif op == "call":
             self.start_run(data, buffers)
         elif op == "batch":
-            self.add_batch(data, buffers[0])
+            self.add_batch(data, buffers)
         elif op == "close":
             run = self.runs.get(data["id"])
             if run is not None:
@@ -248,13 +248,13 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - say so to the caller rather than leave it waiting
             run.finish(error_payload(exc, pickled=data.get("mode") != "http"))
 
-    def add_batch(self, data: dict[str, Any], payload: Any) -> None:
+    def add_batch(self, data: dict[str, Any], buffers: list) -> None:
         """More map items for a lane: (index, pickled args) pairs cut from one buffer."""
         run = self.runs.get(data["id"])
         if run is None:
             return
-        view, items, offset = memoryview(payload), [], 0
-        for index, size in zip(data["indices"], data["sizes"]):
+        view, items, offset = memoryview(buffers[0]), [], 0
+        for index, size in zip(wire.unpack_ints(buffers[1]), wire.unpack_ints(buffers[2])):
             items.append((index, view[offset : offset + size]))
             offset += size
         with self.lock:
@@ -429,7 +429,7 @@ class Worker:
                     run.deadline = None
                     if run.running_index != index:  # the watchdog already failed this item
                         continue
-            run.put(result, [index, ok], busy=clock() - started)
+            run.put(result, index, ok, busy=clock() - started)
 
     # -- timeouts (watchdog thread) ---------------------------------------------------
 
@@ -472,7 +472,7 @@ class Worker:
             error = timeout_error()
             if index is not None:
                 try:
-                    run.put(wire.dumps(error), [index, False], wait=False)
+                    run.put(wire.dumps(error), index, False, wait=False)
                 except RunCancelled:
                     pass
             run.finish(error)
@@ -671,14 +671,18 @@ class Worker:
         """The next message for `call`: its pending bytes joined, and its start/end. Holds the lock."""
         run.dirty = False
         out: dict[str, Any] = {"op": "out", "id": run.id}
-        if run.framed:
-            out["sizes"] = [len(b) for b in run.pending]
-            if run.meta:
-                out["items"], run.meta = run.meta, []
-                out["busy"], run.busy = run.busy, 0.0
+        if run.indices:  # map results: their indices, sizes and outcomes packed (see `wire`)
+            out["items"] = len(run.indices)
+            out["busy"], run.busy = run.busy, 0.0
+            buffers = [b"".join(run.pending), wire.pack_ints(run.indices), wire.pack_ints(map(len, run.pending)),
+                       bytes(run.outcomes)]
+            run.indices, run.outcomes = [], bytearray()
+        else:
+            if run.framed:
+                out["sizes"] = [len(b) for b in run.pending]
+            buffers = pack(run.pending) if run.has_large and not run.framed else [b"".join(run.pending)]
         if run.revoked is not None:
             out["revoked"], run.revoked = run.revoked, None
-        buffers = pack(run.pending) if run.has_large and not run.framed else [b"".join(run.pending)]
         run.pending.clear()
         run.has_large = False
         run.unacked += run.pending_bytes
