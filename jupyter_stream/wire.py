@@ -435,6 +435,137 @@ def cut(payload: memoryview, sizes: list[int]) -> list[bytes]:
     return out
 
 
+# -- the direct channel's framing (see `worker.direct`) ----------------------------------
+
+#: Parts a direct-channel message may have (its JSON and its buffers), and its largest size
+MAX_DIRECT_PARTS = 1024
+MAX_DIRECT_BYTES = 1 << 34
+#: Messages of at least this size are received straight into a buffer of their own
+DIRECT_LARGE = 1 << 16
+
+
+def direct_parts(data: dict[str, Any], buffers: list | None = None) -> list:
+    """One message for the direct channel, as the parts to write: a head (a little-endian
+    u32 count of parts and a u64 length per part), the message's JSON, then its buffers,
+    uncopied. The JSON is made first, so a message that does not encode raises here
+    (TypeError, ValueError) before anything is written."""
+    parts = [json.dumps(data, separators=(",", ":")).encode(), *(buffers or ())]
+    return [struct.pack(f"<I{len(parts)}Q", len(parts), *map(_nbytes, parts)), *parts]
+
+
+def _byte_views(parts: list) -> list[memoryview]:
+    views = []
+    for part in parts:
+        view = memoryview(part)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if view.nbytes:
+            views.append(view)
+    return views
+
+
+def _advance(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of `views` once `sent` bytes of them are written."""
+    i = 0
+    while sent and i < len(views):
+        n = views[i].nbytes
+        if sent >= n:
+            sent -= n
+            i += 1
+        else:
+            views[i] = views[i][sent:]
+            sent = 0
+    return views[i:]
+
+
+def send_parts(sock: Any, parts: list) -> None:
+    """Write `parts` to a blocking socket with scatter-gather writes (no joining copy)."""
+    views = _byte_views(parts)
+    while views:
+        views = _advance(views, sock.sendmsg(views[:MAX_DIRECT_PARTS]))
+
+
+def send_parts_nowait(sock: Any, parts: list) -> list[memoryview]:
+    """Write what a non-blocking socket takes of `parts` now; return what is left."""
+    views = _byte_views(parts)
+    while views:
+        try:
+            sent = sock.sendmsg(views[:MAX_DIRECT_PARTS])
+        except (BlockingIOError, InterruptedError):
+            break
+        views = _advance(views, sent)
+    return views
+
+
+class DirectReader:
+    """Cuts direct-channel messages out of the bytes a socket gives, in whatever pieces
+    they come: a small message is copied out of the read buffer once; a large one is
+    received straight into a buffer of its own (`target`), and its buffers are views of
+    it. Raises ValueError on bytes that are not this framing."""
+
+    def __init__(self, max_bytes: int = MAX_DIRECT_BYTES):
+        self.max_bytes = max_bytes
+        self.pending = bytearray()
+        self.large: tuple[bytearray, int, tuple] | None = None  # (its buffer, bytes in it, part lengths)
+
+    def target(self) -> memoryview | None:
+        """Where the next bytes go while a large message comes in (then call `received`)."""
+        if self.large is None:
+            return None
+        body, filled, _ = self.large
+        return memoryview(body)[filled:]
+
+    def received(self, count: int) -> list[tuple[Any, list]]:
+        body, filled, lengths = self.large  # type: ignore[misc]
+        filled += count
+        if filled < len(body):
+            self.large = (body, filled, lengths)
+            return []
+        self.large = None
+        return [self._message(memoryview(body), lengths)]
+
+    def feed(self, data: bytes, limit: int | None = None) -> list[tuple[Any, list]]:
+        """The messages completed by `data` (JSON decoded, buffers as memoryviews); with
+        `limit`, at most that many (the rest stays for the next call)."""
+        pending = self.pending
+        pending += data
+        out: list[tuple[Any, list]] = []
+        pos = 0
+        while len(pending) - pos >= 4 and (limit is None or len(out) < limit):
+            (count,) = struct.unpack_from("<I", pending, pos)
+            if not 0 < count <= MAX_DIRECT_PARTS:
+                raise ValueError(f"a message of {count} parts (1 to {MAX_DIRECT_PARTS})")
+            start = pos + 4 + 8 * count
+            if len(pending) < start:
+                break
+            lengths = struct.unpack_from(f"<{count}Q", pending, pos + 4)
+            total = sum(lengths)
+            if total > self.max_bytes:
+                raise ValueError(f"a message of {total} bytes (at most {self.max_bytes})")
+            have = len(pending) - start
+            if have < total:
+                if total >= DIRECT_LARGE:  # the rest goes straight into its own buffer
+                    body = bytearray(total)
+                    body[:have] = pending[start:]
+                    pending.clear()
+                    self.large = (body, have, lengths)
+                    return out
+                break
+            out.append(self._message(memoryview(bytes(pending[start : start + total])), lengths))
+            pos = start + total
+        if pos:
+            del pending[:pos]
+        return out
+
+    @staticmethod
+    def _message(body: memoryview, lengths: tuple) -> tuple[Any, list]:
+        parts, offset = [], 0
+        for length in lengths:
+            parts.append(body[offset : offset + length])
+            offset += length
+        return json.loads(parts[0].tobytes()), parts[1:]
+
+
 def split(payload: memoryview, sizes: list[int]) -> list[memoryview]:
     """Cut back-to-back pickles (or any blobs) apart by their sizes."""
     out, offset = [], 0

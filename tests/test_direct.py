@@ -3,12 +3,12 @@ comm when it cannot open, nothing is lost on it when a worker dies, and nobody b
 server can talk to a worker through it."""
 
 import os
+import socket
 import stat
 import time
 
 import httpx
 import pytest
-import zmq
 
 from jupyter_stream.client.endpoints import register_endpoint
 from jupyter_stream.client.functions import register_function
@@ -36,7 +36,7 @@ def test_local_workers_talk_through_the_direct_channel(server):
     assert info["connected"]
     mode = os.stat(info["dir"]).st_mode
     assert stat.S_IMODE(mode) == 0o700 and os.stat(info["dir"]).st_uid == os.getuid()
-    assert sorted(os.listdir(info["dir"])) == ["in", "out"]
+    assert os.listdir(info["dir"]) == []  # its socket went once the server was there: nobody else connects
 
 
 def test_a_worker_whose_channel_cannot_open_falls_back_to_the_comm(server):
@@ -55,79 +55,85 @@ def test_a_worker_whose_channel_cannot_open_falls_back_to_the_comm(server):
 
 
 def test_nobody_but_the_server_talks_through_a_workers_channel(server, tmp_path):
-    """A process without the secret (or with a wrong one) gets nothing run: here, a call that
-    carries its own pickled function, which would write a file."""
-    import json
-
-    from jupyter_stream import wire
-
-    def marker(path: str):
-        open(path, "w").close()
-        return "ran"
-
+    """Once the server is connected, the worker's socket is gone: another process (even
+    one that knows the secret) cannot connect to it, so it gets nothing run."""
     info = register_function(channel, connection=server.connection).remote()
-    blob = wire.cloudpickle_dumps(marker)
-    ctx = zmq.Context()
-    try:
-        for hello in ([], [b"hello", b"wrong secret"], [b"hello", info["secret"].encode()]):
-            intruder = ctx.socket(zmq.DEALER)
-            intruder.setsockopt(zmq.LINGER, 0)
-            intruder.connect(f"ipc://{info['dir']}/in")
-            if hello:
-                intruder.send_multipart(hello)
-            target = tmp_path / f"intruded-{len(hello)}"
-            call = wire.call_message("intruder", wire.content_hash(blob), True, "values", 1 << 20, kwargs={"path": str(target)})
-            intruder.send_multipart([json.dumps(call).encode(), blob])
-            time.sleep(0.5)
-            intruder.close()
-            # even the right secret, after the server: the channel takes only the peer that said hello first
-            assert not target.exists(), hello
-    finally:
-        ctx.term()
+    for path in (os.path.join(info["dir"], "socket"), info["dir"]):
+        intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with pytest.raises(OSError):
+            intruder.connect(path)
+        intruder.close()
     assert register_function(channel, connection=server.connection).remote()["connected"]  # it goes on serving
 
 
+def peer(path, *messages):
+    """A process's connection to a channel's socket, having sent `messages` (dicts)."""
+    from jupyter_stream import wire
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    for message in messages:
+        wire.send_parts(sock, wire.direct_parts(message))
+    return sock
+
+
 def test_the_channel_takes_messages_only_from_the_peer_that_presented_the_secret(tmp_path, monkeypatch):
-    import json
+    """Before the server: a peer that says nothing (for HELLO_TIMEOUT), sends something else
+    first, a wrong secret, or garbage, is dropped and nothing it sent is taken. The first
+    with the secret is the server, and what it sends after (in the same write too) arrives,
+    buffers included; after that nobody can connect."""
     import threading
 
+    from jupyter_stream import wire
     from jupyter_stream.worker import direct
 
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(direct, "HELLO_TIMEOUT", 0.5)
     got, connected = [], threading.Event()
     chan = direct.DirectChannel(lambda data, buffers: got.append((data, [bytes(b) for b in buffers])), connected.set)
     threading.Thread(target=chan.read_forever, daemon=True).start()
-    ctx = zmq.Context()
     try:
-        def peer(*first):
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"ipc://{chan.dir}/in")
-            if first:
-                sock.send_multipart(list(first))
-            return sock
-
-        stranger = peer()
-        stranger.send_multipart([json.dumps({"op": "ping", "n": 1}).encode()])
-        wrong = peer(b"hello", b"not the secret")
-        wrong.send_multipart([json.dumps({"op": "ping", "n": 2}).encode()])
-        time.sleep(0.3)
+        silent = peer(chan.path)
+        stranger = peer(chan.path, {"op": "ping", "n": 1})
+        wrong = peer(chan.path, {"op": "hello", "secret": "not the secret"}, {"op": "ping", "n": 2})
+        garbage = peer(chan.path)
+        garbage.sendall(b"\xff" * 64)
+        huge = peer(chan.path)
+        huge.sendall(wire.direct_parts({"op": "hello", "secret": chan.secret})[0][:4] + (1 << 40).to_bytes(8, "little"))
+        time.sleep(1.5)
         assert got == [] and not connected.is_set()
-        server = peer(b"hello", chan.secret.encode())
+        for sock in (silent, stranger, wrong, garbage, huge):  # each was dropped: it reads the end
+            sock.settimeout(5)
+            assert sock.recv(10) == b""
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.connect(chan.path)
+        wire.send_parts(server, wire.direct_parts({"op": "hello", "secret": chan.secret})
+                        + wire.direct_parts({"op": "ping", "n": 3}, [b"buffer", b"x" * 100_000]))
         assert connected.wait(5)
-        server.send_multipart([json.dumps({"op": "ping", "n": 3}).encode(), b"buffer"])
-        late = peer(b"hello", chan.secret.encode())  # the secret again, from another peer: too late
-        late.send_multipart([json.dumps({"op": "ping", "n": 4}).encode()])
-        stranger.send_multipart([json.dumps({"op": "ping", "n": 5}).encode()])
+        wire.send_parts(server, wire.direct_parts({"op": "ping", "n": 4}))
+        with pytest.raises(OSError):  # the secret again, from another peer: too late, the socket is gone
+            peer(chan.path, {"op": "hello", "secret": chan.secret})
         deadline = time.monotonic() + 5
-        while not got and time.monotonic() < deadline:
+        while len(got) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.3)
-        assert got == [({"op": "ping", "n": 3}, [b"buffer"])]
+        assert got == [({"op": "ping", "n": 3}, [b"buffer", b"x" * 100_000]), ({"op": "ping", "n": 4}, [])]
         assert stat.S_IMODE(os.stat(chan.dir).st_mode) == 0o700
+        # the worker's messages to the server, large ones in pieces
+        sending = threading.Thread(target=chan.send, args=({"op": "pong", "n": 5}, [b"y" * 300_000]))
+        sending.start()  # more than the socket holds: it waits for this reader
+        reader = wire.DirectReader()
+        server.settimeout(5)
+        messages = []
+        while not messages:
+            target = reader.target()
+            if target is not None:
+                messages = reader.received(server.recv_into(target))
+            else:
+                messages = reader.feed(server.recv(4096))
+        assert messages[0][0] == {"op": "pong", "n": 5} and bytes(messages[0][1][0]) == b"y" * 300_000
+        sending.join(5)
     finally:
         chan.remove()
-        ctx.destroy(linger=0)
 
 
 def test_a_worker_killed_mid_stream_and_mid_map_loses_nothing(server):

@@ -283,8 +283,8 @@ def test_a_message_that_does_not_decode_gets_its_worker_replaced(server, where):
             worker.kernel.iopub_socket.send_multipart(
                 [worker.topic, b"<IDS|MSG>", b"0" * 64, b"{}", b"{}", b"{}", b"{}"])
         else:
-            with worker.direct.lock:
-                worker.direct.outbound.send_multipart([b"not json"])
+            with worker.direct.lock:  # one part, of 8 bytes, that is not JSON
+                worker.direct.sock.sendall((1).to_bytes(4, "little") + (8).to_bytes(8, "little") + b"not json")
         yield "data: later\n\n"
 
     if where == "direct" and os.environ.get("JUPYTER_STREAM_TEST_WORKER_MESSAGES") in ("zmq", "channels"):

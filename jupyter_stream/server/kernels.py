@@ -289,11 +289,16 @@ class WorkerKernel:
         if ready.get("control"):  # the worker takes our messages on the faster control channel
             self.transport.use_control()
         if self.transport.offers_direct:
+            problem = ready.get("direct_problem") or "it did not offer one"
             if isinstance(ready.get("direct"), dict):
-                self.transport.use_direct(ready["direct"])
-            else:
+                try:
+                    self.transport.use_direct(ready["direct"])
+                    problem = None
+                except (OSError, WorkerError) as exc:
+                    problem = f"it could not be reached: {exc}"
+            if problem:
                 log.warning("jupyter_stream: %s (pid %s) has no direct channel (%s); its messages go through the comm",
-                            self.name, self.pid, ready.get("direct_problem") or "it did not offer one")
+                            self.name, self.pid, problem)
         self.alive = True
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> bool:

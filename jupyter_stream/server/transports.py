@@ -4,9 +4,9 @@
 that where a kernel comes from decides how it is reached, not what is said:
 
 - `DirectTransport` (local kernels, the default): once the comm is open, the worker's
-  direct channel carries every message both ways (two unix sockets in a private
+  direct channel carries every message both ways (one unix socket in a private
   directory, see `worker.direct`): no Jupyter envelope, no signature, no hop through
-  ipykernel's threads. IOPub is still read for the kernel's own prints; a worker that
+  ipykernel's threads or a messaging library's. IOPub is still read for the kernel's own prints; a worker that
   cannot open the channel stays on the `ZmqTransport` path, with one log line.
 - `ZmqTransport` reads the kernel's IOPub ZMQ socket directly, subscribed to this comm
   and the kernel's prints only (zmq drops the two status messages a kernel publishes
@@ -38,13 +38,15 @@ Usage, as `WorkerKernel.start` does it::
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from .. import wire
 from ..errors import WorkerError
 
 log = logging.getLogger("jupyter_stream")
@@ -57,6 +59,10 @@ OnStream = Callable[[str, str], None]
 OnBroken = Callable[[str], None]
 
 MODES = ("auto", "direct", "zmq", "channels")
+
+#: bytes a direct channel's reader takes at a time, and reads per event loop turn
+READ_SIZE = 1 << 18
+READS_PER_TURN = 16
 
 
 class WorkerTransport:
@@ -169,9 +175,10 @@ class ChannelTransport(WorkerTransport):
 
 class DirectTransport(ZmqTransport):
     """A local kernel's messages through its direct channel (see `worker.direct`): the
-    comm opens it, then every message goes as frames on two unix sockets, JSON and buffers,
-    uncopied. Until the worker has said it is there (or if it could not open the channel)
-    the `ZmqTransport` path carries them; IOPub stays read for the kernel's own prints."""
+    comm opens it, then every message goes as framed parts on one unix socket, JSON and
+    buffers, uncopied, one system call each way. Until the worker has said it is there (or
+    if it could not open the channel) the `ZmqTransport` path carries them; IOPub stays
+    read for the kernel's own prints."""
 
     offers_direct = True
 
@@ -179,8 +186,8 @@ class DirectTransport(ZmqTransport):
         super().__init__(*args, **kwargs)
         self.direct = False  # the server's messages go through the channel
         self.confirmed = False  # the worker's first message came through it
-        self._dealer: zmq.Socket | None = None
-        self._pull: zmq.Socket | None = None
+        self._sock: socket.socket | None = None
+        self._unsent: list[memoryview] = []  # what the socket did not take yet (see `_flush`)
         self._watched: tuple[asyncio.AbstractEventLoop, int] | None = None  # the socket's descriptor, while read
         self._direct_reader: asyncio.Task | None = None
 
@@ -190,20 +197,21 @@ class DirectTransport(ZmqTransport):
 
     def use_direct(self, offer: dict[str, Any]) -> None:
         """Connect to the worker's channel (``offer``: its directory and secret), present
-        the secret, and send everything there from now on."""
-        directory, secret = offer["dir"], offer["secret"]
+        the secret, and send everything there from now on. Raises OSError or WorkerError
+        when it cannot: the comm then goes on carrying everything."""
+        directory, secret = offer.get("dir"), offer.get("secret")
         if not isinstance(directory, str) or not isinstance(secret, str):
             raise WorkerError("the worker's direct channel offer is malformed")
-        self._dealer = zmq.Context.instance().socket(zmq.DEALER)
-        self._dealer.setsockopt(zmq.LINGER, 0)
-        self._dealer.setsockopt(zmq.SNDHWM, 0)  # what is queued is bounded by the calls' own credit
-        self._dealer.connect(f"ipc://{directory}/in")
-        self._pull = zmq.Context.instance().socket(zmq.PULL)  # read in `_take_waiting`, not through futures
-        self._pull.setsockopt(zmq.LINGER, 0)
-        self._pull.setsockopt(zmq.RCVHWM, 0)
-        self._pull.connect(f"ipc://{directory}/out")
-        self._dealer.send_multipart([b"hello", secret.encode()])
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(os.path.join(directory, "socket"))  # a local socket that listens: at once
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._sock = sock
         self.direct = True
+        self._write(wire.direct_parts({"op": "hello", "secret": secret}))
         self._direct_reader = asyncio.create_task(self._read_direct())
         self._direct_reader.add_done_callback(self._reader_ended)
 
@@ -212,64 +220,99 @@ class DirectTransport(ZmqTransport):
             return super().send(data, buffers)
         if self.broken:
             raise WorkerError("its transport is broken")
-        header = json.dumps(data, separators=(",", ":")).encode()
-        self._dealer.send_multipart([header, *buffers] if buffers else [header], copy=False)
+        self._write(wire.direct_parts(data, buffers))
+
+    def _write(self, parts: list) -> None:
+        """Write now what the socket takes; the rest waits for it in order (`_flush`)."""
+        if self._unsent:
+            self._unsent += parts
+            return
+        try:
+            rest = wire.send_parts_nowait(self._sock, parts)
+        except OSError as exc:
+            raise WorkerError(f"its direct channel is closed: {exc}") from None
+        if rest:
+            self._unsent = rest
+            asyncio.get_running_loop().add_writer(self._sock.fileno(), self._flush)
+
+    def _flush(self) -> None:
+        try:
+            self._unsent = wire.send_parts_nowait(self._sock, self._unsent)
+        except OSError as exc:  # the worker is gone: its reader says so too, this ends the wait
+            self._unsent = []
+            self._sock_writer_done()
+            if not self.broken and not self.closed:
+                self.broken = True
+                if self.on_broken is not None:
+                    self.on_broken(f"its direct channel is closed: {exc}")
+            return
+        if not self._unsent:
+            self._sock_writer_done()
+
+    def _sock_writer_done(self) -> None:
+        if self._sock is not None and self._sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_writer(self._sock.fileno())
 
     async def _read_direct(self) -> None:
-        """The event loop calls `_take_waiting` whenever the socket may hold messages (no
-        future, no task step per message: about 15 us less each than an awaited receive).
-        This task only stands for the reader, supervised as the other readers are: it ends
-        with the error that stopped it."""
+        """The event loop calls `readable` whenever the socket holds bytes (no future, no
+        task step per message). This task only stands for the reader, supervised as the
+        other readers are: it ends with the error that stopped it."""
         loop = asyncio.get_running_loop()
         stopped = loop.create_future()
+        sock, reader = self._sock, wire.DirectReader()
+        on_comm_msg = self.on_comm_msg
 
         def readable() -> None:
             try:
-                self._take_waiting()
+                for _ in range(READS_PER_TURN):  # then let the loop's other callbacks run
+                    if self.closed:
+                        return
+                    target = reader.target()
+                    try:
+                        if target is not None:
+                            count = sock.recv_into(target)
+                            messages = reader.received(count) if count else None
+                        else:
+                            chunk = sock.recv(READ_SIZE)
+                            messages = reader.feed(chunk) if chunk else None
+                    except (BlockingIOError, InterruptedError):
+                        return
+                    if messages is None:
+                        raise ConnectionError("the worker closed its direct channel")
+                    for data, buffers in messages:
+                        if not self.confirmed:
+                            self.confirmed = True
+                            if isinstance(data, dict) and data.get("op") == "direct":
+                                continue
+                        on_comm_msg(data, buffers)
             except BaseException as exc:  # noqa: BLE001 - the reader stops, and says why
                 loop.remove_reader(fd)
                 if not stopped.done():
                     stopped.set_exception(exc)
 
-        fd = self._pull.getsockopt(zmq.FD)
+        fd = sock.fileno()
         loop.add_reader(fd, readable)
         self._watched = (loop, fd)
         try:
-            readable()  # the socket's descriptor only signals what arrives after a receive
             await stopped
         finally:
             self._stop_watching()
-
-    def _take_waiting(self) -> None:
-        """Route every message waiting on the socket, until none is (its descriptor signals
-        edges: it must be read dry)."""
-        pull, on_comm_msg = self._pull, self.on_comm_msg
-        while not self.closed:
-            try:
-                frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            data = json.loads(frames[0].bytes)
-            if not self.confirmed:
-                self.confirmed = True
-                if isinstance(data, dict) and data.get("op") == "direct":
-                    continue
-            on_comm_msg(data, [frame.buffer for frame in frames[1:]])
 
     def _stop_watching(self) -> None:
         watched, self._watched = self._watched, None
         if watched is not None:
             loop, fd = watched
             loop.remove_reader(fd)
+            if self._unsent:
+                loop.remove_writer(fd)
 
     def close(self) -> None:
         super().close()
         if self._direct_reader is not None:
             self._direct_reader.cancel()
         self._stop_watching()  # before its socket closes (and the descriptor's number is reused)
-        for sock in (self._dealer, self._pull):
-            if sock is not None:
-                sock.close(0)
+        if self._sock is not None:
+            self._sock.close()
 
 
 def transport_class(kc: Any, mode: str) -> type[WorkerTransport]:

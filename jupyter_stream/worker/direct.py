@@ -3,36 +3,39 @@ ipykernel's messaging in between.
 
 Through the comm, every message is a Jupyter message: JSON headers, an HMAC signature, a
 hop through ipykernel's control thread in and its IOPub thread out. For a kernel on the
-same machine the worker offers two unix sockets instead, in a directory only its user may
-enter, named (with a secret) in its ``ready`` message:
+same machine the worker offers a unix socket instead, ``socket`` in a directory only its
+user may enter, named (with a secret) in its ``ready`` message. The first peer to connect
+and present the secret (a ``hello`` message) is the server; a peer that presents anything
+else is dropped, and once the server is there the socket is closed and removed, so that
+no other process can connect at all.
 
-- ``in``, a ROUTER socket: the server's messages. Nothing is taken from a peer until it
-  has presented the secret (``[b"hello", secret]``), and then only from that peer: another
-  process cannot talk to the worker through it.
-- ``out``, a PUSH socket: the worker's messages, once the server has said hello.
-
-A frame holds one `wire` message as JSON, and its binary buffers follow as frames of their
-own, uncopied. The comm stays open as the control path, and as the fallback where the
-channel cannot be opened (the directory cannot be made, say): nothing changes then, but
-for one log line.
+Messages go both ways on that one connection, framed by `wire.direct_parts`: the `wire`
+message as JSON, and its binary buffers after it, written with scatter-gather writes (no
+joining copy) and received large ones straight into their own buffer. Each message is
+one system call to the other process, with no messaging library's threads in between.
+The comm stays open as the control path, and as the fallback where the channel cannot be
+opened (the directory cannot be made, say): nothing changes then, but for one log line.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
 
-import zmq
+from .. import wire
 
-#: what the server sends first on ``in``, with the secret
-HELLO = b"hello"
+#: seconds a peer that connected has to present the secret (so that one that says
+#: nothing cannot keep the server out)
+HELLO_TIMEOUT = 5.0
+#: bytes read at a time
+READ_SIZE = 1 << 18
 
 OnMessage = Callable[[dict[str, Any], list], None]
 
@@ -44,8 +47,8 @@ def runtime_dir() -> str:
 
 
 class DirectChannel:
-    """Two unix sockets, bound in a private directory; `read_forever` runs in a thread of
-    its own and hands each message the server sends to `on_message`."""
+    """A unix socket, bound in a private directory; `read_forever` runs in a thread of its
+    own, waits for the server, and hands each message it sends to `on_message`."""
 
     def __init__(self, on_message: OnMessage, on_connected: Callable[[], None]):
         self.on_message = on_message
@@ -53,17 +56,13 @@ class DirectChannel:
         parent = runtime_dir()
         os.makedirs(parent, exist_ok=True)
         self.dir = tempfile.mkdtemp(prefix="jupyter-stream-direct-", dir=parent)
-        os.chmod(self.dir, 0o700)  # only this user may reach the sockets (mkdtemp says so too)
+        os.chmod(self.dir, 0o700)  # only this user may reach the socket (mkdtemp says so too)
         self.secret = secrets.token_hex(32)
-        self.context = zmq.Context()
-        self.inbound = self.context.socket(zmq.ROUTER)
-        self.outbound = self.context.socket(zmq.PUSH)
-        for sock in (self.inbound, self.outbound):
-            sock.setsockopt(zmq.LINGER, 1000)
-        self.outbound.setsockopt(zmq.SNDHWM, 0)  # the sender's own window bounds what is queued
-        self.inbound.bind(f"ipc://{self.dir}/in")
-        self.outbound.bind(f"ipc://{self.dir}/out")
-        self.server: bytes | None = None  # the routing id of the peer that said hello
+        self.path = os.path.join(self.dir, "socket")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        self.sock: socket.socket | None = None  # the server's connection, once it said hello
         self.connected = False
         self.lock = threading.Lock()  # sends come from several threads (sender, calls, watchdog)
 
@@ -72,26 +71,59 @@ class DirectChannel:
         return {"dir": self.dir, "secret": self.secret}
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
-        header = json.dumps(data, separators=(",", ":")).encode()  # ASCII: a lone surrogate travels escaped
+        parts = wire.direct_parts(data, buffers)  # raises before writing if it does not encode
         with self.lock:
-            self.outbound.send_multipart([header, *(buffers or ())], copy=False)
+            wire.send_parts(self.sock, parts)
 
     def read_forever(self) -> None:
-        """Hand on the server's messages: [routing id, JSON, buffers...]. A peer that has
-        not presented the secret is ignored, whatever it sends."""
+        """Wait for the server, then hand on its messages until it closes the connection
+        (which raises: the worker cannot go on without it)."""
+        sock, reader, first = self.accept_server()
+        for data, buffers in first:
+            self.on_message(data, buffers)
         while True:
-            frames = self.inbound.recv_multipart(copy=False)
-            peer = frames[0].bytes
-            if self.server is None:
-                if len(frames) == 3 and frames[1].bytes == HELLO and hmac.compare_digest(frames[2].bytes, self.secret.encode()):
-                    self.server = peer
-                    self.connected = True
-                    self.on_connected()
-                continue
-            if peer != self.server or len(frames) < 2:
-                continue  # another process: the channel is the server's
-            self.on_message(json.loads(frames[1].bytes), [frame.buffer for frame in frames[2:]])
+            target = reader.target()
+            if target is not None:
+                count = sock.recv_into(target)
+                messages = reader.received(count) if count else None
+            else:
+                chunk = sock.recv(READ_SIZE)
+                messages = reader.feed(chunk) if chunk else None
+            if messages is None:
+                raise ConnectionError("the server closed the direct channel")
+            for data, buffers in messages:
+                self.on_message(data, buffers)
+
+    def accept_server(self) -> tuple[socket.socket, wire.DirectReader, list]:
+        """The first peer that presents the secret, with what it sent after its hello.
+        Others are dropped; then the socket is closed and removed."""
+        while True:
+            sock, _ = self.listener.accept()
+            sock.settimeout(HELLO_TIMEOUT)
+            reader = wire.DirectReader(max_bytes=4096)  # a hello is small: a stranger allocates nothing
+            messages: list = []
+            try:
+                while not messages:
+                    chunk = sock.recv(READ_SIZE)
+                    if not chunk:
+                        break
+                    messages = reader.feed(chunk, limit=1)
+            except (OSError, ValueError):
+                messages = []
+            hello = messages[0][0] if messages else None
+            secret = hello.get("secret") if isinstance(hello, dict) and hello.get("op") == "hello" else None
+            if isinstance(secret, str) and hmac.compare_digest(secret.encode(), self.secret.encode()):
+                break
+            sock.close()
+        sock.settimeout(None)
+        self.listener.close()
+        os.unlink(self.path)
+        self.sock = sock
+        self.connected = True
+        self.on_connected()
+        reader.max_bytes = wire.MAX_DIRECT_BYTES
+        return sock, reader, reader.feed(b"")  # what the server sent right after its hello
 
     def remove(self) -> None:
-        """At exit: the sockets' directory goes (the sockets go with the process)."""
+        """At exit: the socket's directory goes."""
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -154,6 +154,8 @@ class Worker:
                 self.direct = None
         threading.Thread(target=self.send_loop, name="jupyter-stream-sender", daemon=True).start()
         atexit.register(self.stop_runs)
+        global _worker
+        _worker = self  # before "ready": the first call may come at once, and may look for it
         self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0], "control": isinstance(handlers, dict),
                    "version": wire.PROTOCOL_VERSION, "direct": offer, "direct_problem": problem})
 
