@@ -5,10 +5,9 @@ and the window, the buffer's bounds and the auth rules say what they refuse."""
 
 import json
 import os
+import sys
 import tempfile
 import time
-
-import sys
 
 import cloudpickle
 import httpx
@@ -316,3 +315,54 @@ def test_what_a_registration_may_ask(server):
     ep = register_endpoint(text_only, "windowed", connection=server.connection, resumable=5)
     assert ep.resumable == 5.0
     assert server.connection.request("GET", "api/stream/endpoints/windowed").json()["resumable"] == 5.0
+
+
+def test_a_resumable_endpoint_that_returns_a_plain_value_answers_as_usual(endpoints):
+    def value(n: int = 1):
+        return {"n": n}
+
+    register_endpoint(value, "value", connection=endpoints.connection, resumable=True)
+    r = httpx.get(endpoints.url + "stream/value?n=3", headers=endpoints.headers, timeout=30)
+    assert r.status_code == 200 and r.json() == {"n": 3} and "x-stream-id" not in r.headers
+
+
+# ---- the buffer on its own (no server) ----
+
+def test_events_are_cut_numbered_and_bounded():
+    import asyncio
+
+    from jupyter_stream.server.resumable import ResumableStreams, SSESplitter, StreamsFull, parse_resume
+
+    splitter = SSESplitter()  # blocks across chunk boundaries and line ends of all three kinds
+    assert splitter.feed(b"data: a\r") == [] and splitter.feed(b"\n\r\ndata: b\n\n: c\r\rid") == [b"data: a", b"data: b", b": c"]
+    assert splitter.feed(b": 7\ndata: d") == [] and splitter.flush() == [b"id: 7\ndata: d"]
+
+    async def scenario():
+        streams = ResumableStreams(max_streams=2, max_events=3, max_bytes=1 << 20)
+        cancelled = []
+        one = streams.open("ep", 0.05, cancelled.append)
+        new = one.feed(b"data: 1\n\nid: x\ndata: 2\n\ndata: 3\n\ndata: 4\n\n")
+        assert [e.data for e in new[:2]] == [f"data: 1\nid: {one.id}:1\n\n".encode(), f"data: 2\nid: {one.id}:2:x\n\n".encode()]
+        assert one.first_seq == 2 and one.since(0)[0] == (1, 1) and [e.seq for e in one.since(2)[1]] == [3, 4]
+        assert streams.get(one.id, "another endpoint") is None and streams.get(one.id, "ep") is one
+        two = streams.open("ep", 0.05, cancelled.append)
+        try:
+            streams.open("ep", 0.05, cancelled.append)
+        except StreamsFull as e:
+            assert "resumable_max_streams" in str(e)
+        else:
+            raise AssertionError("a third stream was kept")
+        streams.ended(two)  # an ended stream makes room for a new one
+        streams.open("ep", 0.05, cancelled.append)
+        assert "dropped early" in streams.why_gone(two.id, "ep")
+        client = object()
+        one.attach(client)
+        one.detach(client)  # its last client left: the window runs
+        await asyncio.sleep(0.2)
+        assert one.id not in streams.streams and cancelled and "cancelled after event 4" in cancelled[0]
+        assert streams.why_gone(one.id, "ep") == cancelled[0] and streams.why_gone(one.id, "other") is None
+
+    asyncio.run(scenario())
+    sid = "A" * 22
+    assert parse_resume(None, f"{sid}:5:mine").after == 5 and parse_resume(sid, "5").after == 5
+    assert parse_resume(None, "5") is None and parse_resume(None, f"{sid}:gone").gone

@@ -3,8 +3,12 @@
 Follow one request: `EndpointHandler.get` looks the endpoint up in the registry, binds
 the query/body to keyword arguments, borrows a worker from the pool, starts the call on
 it and then copies the worker's output to the socket, flushing after every batch, until
-the call ends. Every route requires Jupyter's auth (token header, ``?token=`` or the
-login cookie); unauthenticated API requests get 403 rather than a login redirect.
+the call ends. A --resumable endpoint's call feeds a `resumable.ResumableStream` instead:
+its events are numbered and kept, its run outlives its client for the stream's window,
+and a request naming the stream (``Last-Event-ID``, ``?stream=``) follows it rather than
+running anything (`EndpointHandler.resume`). Every route requires Jupyter's auth (token
+header, ``?token=`` or the login cookie); unauthenticated API requests get 403 rather than
+a login redirect.
 
 Who a request is: a request that presents a token (``Authorization`` or ``?token=``,
 ``?share=``) is judged by that token alone, never by a login cookie beside it; a share

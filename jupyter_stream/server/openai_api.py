@@ -17,6 +17,10 @@ worker reports both with the call's end (``finish``, see `wire`). A streamed com
 ends with a chunk that carries the ``finish_reason`` and, when the request asks with
 ``stream_options: {"include_usage": true}``, a last chunk with no choices and the
 ``usage``, as OpenAI sends it.
+
+On an endpoint registered with ``resumable``, a streamed completion is a resumable stream
+(see `resumable`): the same POST again with ``Last-Event-ID``, or a GET with ``?stream=``,
+gets the rest of the same completion.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..requirements import check_requirements
-from .resumable import DEFAULT_WINDOW, MAX_WINDOW, RESUME_QUERY
 from ..signatures import (
     MAX_DOC,
     MAX_FUNCTION_BYTES,
@@ -30,6 +29,7 @@ from ..signatures import (
     check_name,
     check_signature,
 )
+from .resumable import DEFAULT_WINDOW, MAX_WINDOW, RESUME_QUERY
 
 RESERVED_QUERY = {"token", "_xsrf", "share"}
 #: lines of printed output kept per endpoint
