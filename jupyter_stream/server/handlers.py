@@ -700,6 +700,8 @@ class EndpointHandler(StreamHandlerBase):
         """The server is stopping: stop the call and end the response properly (see
         `end_for_stopping`) instead of cutting the connection."""
         self.stopping = why
+        if self.rstream is not None:
+            self.rstream.release()
         if self.waiting is not None:
             self.waiting.cancel()
         if self.run is not None:

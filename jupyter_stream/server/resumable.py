@@ -167,6 +167,7 @@ class ResumableStream:
         self.start: dict[str, Any] | None = None
         self.ended = False
         self.cancelled = False  # ended because no client came back within the window
+        self.paced = True  # its producer waits for lagging followers (`room`) until `release`
         self.followers: set[Any] = set()  # handlers sending it to their clients; each has ``sent_seq``
         self.created = time.time()
         self.idle_since: float | None = None
@@ -225,12 +226,18 @@ class ResumableStream:
         follows has not been sent all of it: a slow follower pauses the run (as a slow
         client of any endpoint does) instead of losing events. With nobody following, the
         run goes on and the oldest events make room."""
-        while self.full() and any(f.sent_seq < self.last_seq for f in self.followers) and not self.ended:
+        while self.paced and self.full() and any(f.sent_seq < self.last_seq for f in self.followers) and not self.ended:
             self._room = asyncio.get_running_loop().create_future()
             try:
                 await self._room
             finally:
                 self._room = None
+
+    def release(self) -> None:
+        """Its producer is being stopped (the server stops, or the call was stopped): it
+        waits for no follower any more, so that it can say so and end."""
+        self.paced = False
+        self.advanced()
 
     def advanced(self) -> None:
         """A follower sent more of the stream to its client."""
