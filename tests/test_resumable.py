@@ -299,7 +299,12 @@ def test_streams_are_behind_the_endpoints_auth(endpoints):
     assert resume(server, stream="not-an-id").status_code == 400
 
 
-def test_what_a_registration_may_ask(server):
+def test_what_a_registration_may_ask(endpoints):
+    from IPython.core.magic_arguments import parse_argstring
+
+    from jupyter_stream.client.magics import StreamMagics
+
+    server = endpoints
     def text_only():
         yield "x"
 
@@ -315,6 +320,11 @@ def test_what_a_registration_may_ask(server):
     ep = register_endpoint(text_only, "windowed", connection=server.connection, resumable=5)
     assert ep.resumable == 5.0
     assert server.connection.request("GET", "api/stream/endpoints/windowed").json()["resumable"] == 5.0
+    assert server.connection.request("GET", "api/stream/endpoints/counted").json()["resumable"] == 30.0  # True: 30 s
+    assert server.connection.request("GET", "api/stream/endpoints/plain").json()["resumable"] is None
+    magic = StreamMagics.stream_endpoint  # --resumable alone is True (30 s); a number is the window
+    assert [parse_argstring(magic, line).resumable for line in ("", "--resumable", "--resumable 12", "--resumable --name x")] \
+        == [False, True, 12.0, True]
 
 
 def test_a_resumable_endpoint_that_returns_a_plain_value_answers_as_usual(endpoints):

@@ -166,10 +166,8 @@ class ResumableStream:
         #: what its followers' responses start with: status and the function's headers (`begin`)
         self.start: dict[str, Any] | None = None
         self.ended = False
-        self.cancelled = False  # ended because no client came back within the window
         self.paced = True  # its producer waits for lagging followers (`room`) until `release`
         self.followers: set[Any] = set()  # handlers sending it to their clients; each has ``sent_seq``
-        self.created = time.time()
         self.idle_since: float | None = None
         self._changed: asyncio.Future | None = None  # followers wait on it for new events
         self._room: asyncio.Future | None = None  # the producer waits on it for a lagging follower
@@ -215,8 +213,10 @@ class ResumableStream:
         when the buffer no longer holds them, and the kept events after it."""
         first = self.first_seq
         lost = (after + 1, first - 1) if after + 1 < first else None
-        start = max(0, after + 1 - first)
-        return lost, list(itertools.islice(self.events, start, None))
+        count = self.last_seq - max(after, first - 1)  # taken from the newest end: a follower that keeps up costs O(new)
+        kept = list(itertools.islice(reversed(self.events), max(0, count)))
+        kept.reverse()
+        return lost, kept
 
     def full(self) -> bool:
         return len(self.events) >= self.max_events or self.bytes >= self.max_bytes
@@ -270,11 +270,6 @@ class ResumableStream:
             if not self.followers:
                 self.idle_since = time.time()
                 self.on_idle(self)
-
-    def info(self) -> dict[str, Any]:
-        return {"id": self.id, "endpoint": self.endpoint, "window": self.window, "events": self.last_seq,
-                "kept": len(self.events), "bytes": self.bytes, "followers": len(self.followers),
-                "ended": self.ended, "created": self.created}
 
 
 class StreamsFull(Exception):
@@ -352,7 +347,6 @@ class ResumableStreams:
                 why = (f"no client followed it for {stream.window:g} s (its resume window), so its run was cancelled "
                        f"after event {stream.last_seq}")
                 abandon = self.abandon.pop(stream.id, None)
-                stream.cancelled = True
                 self.forget(stream, why)
                 if abandon is not None:
                     abandon(why)
@@ -382,6 +376,3 @@ class ResumableStreams:
         for timer in self.timers.values():
             timer.cancel()
         self.timers.clear()
-
-    def info(self) -> list[dict[str, Any]]:
-        return [s.info() for s in self.streams.values()]
