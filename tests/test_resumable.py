@@ -39,6 +39,7 @@ def endpoints(server):
         register_endpoint(counted, "plain", connection=server.connection)
         register_endpoint(chat, "chat", connection=server.connection, openai=True, resumable=True)
         register_endpoint(counted, "other", connection=server.connection, resumable=True)
+        register_endpoint(big, "big", connection=server.connection, resumable=True)
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     return server
@@ -62,6 +63,19 @@ def counted(path: str, n: int = 10, pace: float = 0.05, own_ids: bool = False):
     finally:
         with open(path + ".end", "a") as f:
             f.write("completed\n" if done else "cancelled\n")
+
+
+def big(path: str, n: int = 200, size: int = 100_000, pace: float = 0.02):
+    """`n` events of `size` bytes, one every `pace` seconds."""
+    import time
+
+    with open(path + ".runs", "a") as f:
+        f.write("run\n")
+    for i in range(n):
+        yield f"data: {i} {'x' * size}\n\n"
+        time.sleep(pace)
+    with open(path + ".end", "a") as f:
+        f.write("completed\n")
 
 
 def chat(messages: list, max_tokens: int = 64):
@@ -199,6 +213,48 @@ def test_last_event_id_in_the_query_and_a_second_client_following(endpoints):
     r = resume(server, stream=sid, last_event_id="10")  # ?stream= with a bare number
     assert data(read(r)) == [10, 11]
     assert lines_of(path, ".runs") == ["run"]
+
+
+def test_a_follower_that_does_not_read_pauses_the_run_and_loses_nothing(endpoints):
+    import socket
+    import threading
+
+    server, path = endpoints, scratch()
+    first: list[dict] = []
+    with httpx.Client(headers=server.headers, timeout=60) as client:
+        with client.stream("GET", server.url + "stream/big", params={"path": path}) as r:
+            sid = r.headers["x-stream-id"]
+            first += events(r, 1)
+            # a follower with a small receive buffer that reads nothing for a while
+            follower = socket.socket()
+            follower.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            follower.connect(("127.0.0.1", server.port))
+            follower.sendall(f"GET /stream/big?stream={sid} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: token {server.token}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+            reader = threading.Thread(target=lambda: first.extend(events(r)))
+            reader.start()
+            # 20 MB in 4 s, unless something waits: the follower reads nothing, and the run waits
+            # for it once what the sockets, the buffer and the worker's flow window hold is full
+            time.sleep(6)
+            assert lines_of(path, ".end") == [] and len(first) < 200
+            raw = bytearray()
+            while chunk := follower.recv(1 << 20):
+                raw += chunk
+            follower.close()
+            reader.join(30)
+    head, _, body = bytes(raw).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+    text = bytearray()
+    while True:  # the chunked body
+        size, _, body = body.partition(b"\r\n")
+        if int(size, 16) == 0:
+            break
+        text += body[:int(size, 16)]
+        body = body[int(size, 16) + 2:]
+    followed = read(httpx.Response(200, content=bytes(text)))
+    assert [int(e["data"].split()[0]) for e in followed] == list(range(200))  # no EventsLost: all of it
+    assert [int(e["data"].split()[0]) for e in first] == list(range(200))
+    assert lines_of(path, ".runs") == ["run"] and lines_of(path, ".end") == ["completed"]
 
 
 def test_past_the_window_the_run_is_cancelled_and_a_late_client_is_told(endpoints):

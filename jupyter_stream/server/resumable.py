@@ -202,7 +202,10 @@ class ResumableStream:
             self.events.append(event)
             self.bytes += len(event.data)
             new.append(event)
-        while len(self.events) > 1 and (len(self.events) > self.max_events or self.bytes > self.max_bytes):
+        # past its bounds, the oldest go; not those a client that follows has yet to be
+        # sent (over by at most a chunk, until `room` lets the producer go on)
+        unsent = min((f.sent_seq for f in self.followers), default=self.last_seq) if self.paced else self.last_seq
+        while len(self.events) > 1 and self.over() and self.events[0].seq <= unsent:
             self.bytes -= len(self.events.popleft().data)
         if new:
             self.notify()
@@ -218,15 +221,15 @@ class ResumableStream:
         kept.reverse()
         return lost, kept
 
-    def full(self) -> bool:
-        return len(self.events) >= self.max_events or self.bytes >= self.max_bytes
+    def over(self) -> bool:
+        return len(self.events) > self.max_events or self.bytes > self.max_bytes
 
     async def room(self) -> None:
-        """Wait, before the producer adds more, while the buffer is full and a client that
-        follows has not been sent all of it: a slow follower pauses the run (as a slow
-        client of any endpoint does) instead of losing events. With nobody following, the
-        run goes on and the oldest events make room."""
-        while self.paced and self.full() and any(f.sent_seq < self.last_seq for f in self.followers) and not self.ended:
+        """Wait, before the producer adds more, while the buffer is past its bounds with
+        events a client that follows has not been sent: a slow follower pauses the run (as
+        a slow client of any endpoint does) instead of losing events. With nobody
+        following, the run goes on and the oldest events make room."""
+        while self.paced and self.over() and any(f.sent_seq < self.last_seq for f in self.followers) and not self.ended:
             self._room = asyncio.get_running_loop().create_future()
             try:
                 await self._room
