@@ -229,8 +229,8 @@ def test_a_follower_that_does_not_read_pauses_the_run_and_loses_nothing(endpoint
             follower = socket.socket()
             follower.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
             follower.connect(("127.0.0.1", server.port))
-            follower.sendall(f"GET /stream/big?stream={sid} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: token {server.token}\r\n"
-                             "Connection: close\r\n\r\n".encode())
+            follower.sendall(f"GET /stream/big?stream={sid} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                             f"Authorization: token {server.token}\r\nConnection: close\r\n\r\n".encode())
             reader = threading.Thread(target=lambda: first.extend(events(r)))
             reader.start()
             # 20 MB in 4 s, unless something waits: the follower reads nothing, and the run waits
