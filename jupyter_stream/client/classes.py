@@ -178,7 +178,7 @@ class Instance:
                                                        connection=owner.connection, queue_timeout=marked.get("queue_timeout"),
                                                        openai=marked.get("openai", False),
                                                        openai_count_chunks=marked.get("openai_count_chunks", False),
-                                                       env=env, **options)
+                                                       resumable=marked.get("resumable", False), env=env, **options)
             else:
                 self.handles[name] = register_function(call, f"{prefix}.{name}", marked.get("retries", 0), marked.get("timeout"),
                                                        connection=owner.connection, env=env, **options)

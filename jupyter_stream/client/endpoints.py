@@ -29,6 +29,7 @@ class Endpoint:
     """A registered streaming endpoint. `.url` is its full URL."""
 
     openai = False  # also an OpenAI-compatible API at `url` + "/v1"
+    resumable: float | None = None  # seconds a stream's run goes on for a client to come back (--resumable)
 
     def __init__(self, name: str, url: str, media_type: str, fn: Callable, connection: ServerConnection,
                  parameters: list[dict[str, Any]] | None = None):
@@ -199,6 +200,7 @@ def register_endpoint(
     openai: bool = False,
     openai_count_chunks: bool = False,
     history: bool = True,
+    resumable: bool | float = False,
     **requirements: Any,
 ) -> Endpoint:
     """Register `fn` with the server as endpoint `name` (default: the function's name).
@@ -209,11 +211,16 @@ def register_endpoint(
     `openai_count_chunks` (implies `openai`): the OpenAI route reports each yielded
     piece as a completion token in ``usage`` when the function does not say
     (`jupyter_stream.Finish`). `history` False: the server keeps none of its requests
-    (`Endpoint.requests`)."""
+    (`Endpoint.requests`). `resumable` True (a 30 s window) or seconds: a client that
+    loses its connection gets the rest of the stream with ``Last-Event-ID`` (an
+    ``EventSource`` does so by itself) instead of running the function again; the run
+    goes on that long with no client."""
     openai = bool(openai or openai_count_chunks)
     count = {"openai_count_chunks": True} if openai_count_chunks else {}
     if not history:
         count["history"] = False
+    if resumable is not False and resumable is not None:
+        count["resumable"] = resumable
     if media_type is not None:  # undeclared: streams are SSE, values are sent as FastAPI does
         check_media_type(media_type)
     name, reply, conn = register(
@@ -222,6 +229,7 @@ def register_endpoint(
     )
     handle = Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn, reply.get("parameters"))
     handle.openai = openai
+    handle.resumable = reply.get("resumable")
     from .history import remember
 
     remember(handle)  # the code `replay` runs, until the cell runs again
@@ -233,7 +241,7 @@ def endpoint(
     gpu: str | list[str] | None = None, min_workers: int | None = None, max_workers: int | None = None,
     scaledown_window: float | None = None, kernel: str | None = None, env: dict[str, str] | None = None,
     concurrency: int | None = None, queue_timeout: float | None = None, openai: bool = False,
-    openai_count_chunks: bool = False, history: bool = True,
+    openai_count_chunks: bool = False, history: bool = True, resumable: bool | float = False,
 ) -> Any:
     """Decorator: serve a generator (or any function returning an iterable) as a streaming
     endpoint. Returns an `Endpoint` handle::
@@ -251,9 +259,11 @@ def endpoint(
 
         if in_class_body(f):  # a method of a %%stream_class: marked here, served with its class
             f.__jupyter_stream_method__ = {"kind": "endpoint", "media_type": media_type, "queue_timeout": queue_timeout,
-                                           "openai": openai, "openai_count_chunks": openai_count_chunks}
+                                           "openai": openai, "openai_count_chunks": openai_count_chunks,
+                                           "resumable": resumable}
             return f
         return register_endpoint(f, name, media_type, persist=persist, queue_timeout=queue_timeout, openai=openai,
-                                 openai_count_chunks=openai_count_chunks, history=history, **requirements)
+                                 openai_count_chunks=openai_count_chunks, history=history, resumable=resumable,
+                                 **requirements)
 
     return decorate(fn) if fn is not None else decorate

@@ -1,6 +1,6 @@
 """The notebook's cell magics, thin wrappers over `register_endpoint` and `register_function`.
 
-``%%stream_endpoint [--name NAME] [--media-type TYPE] [--persist] [--no-history]`` runs the cell in the notebook,
+``%%stream_endpoint [--name NAME] [--media-type TYPE] [--persist] [--no-history] [--resumable [WINDOW]]`` runs the cell in the notebook,
 takes the last function it defines, registers it, and binds that name to the `Endpoint`
 handle, which is also the cell's output. ``%%stream_function [--name NAME] [--retries N]
 [--timeout S] [--persist]`` does the same with a `Function` handle.
@@ -172,6 +172,11 @@ class StreamMagics(Magics):
               "(unless the function ends with jupyter_stream.Finish(usage=...)).")
     @argument("--no-history", action="store_true",
               help="Keep none of its requests on the server (ep.requests() lists the last 100 otherwise).")
+    @argument("--resumable", nargs="?", type=float, const=True, default=False, metavar="WINDOW",
+              help="Streams survive a dropped connection: events get ids <stream>:<n>, and a client that comes back "
+              "with Last-Event-ID (an EventSource does so by itself) or ?last_event_id= gets what it missed and the "
+              "rest, without running the function again; ?stream=<id> (the X-Stream-Id header) lets others follow. "
+              "With no client, the run goes on WINDOW seconds (default 30), then is cancelled.")
     @requirement_arguments
     @cell_magic
     def stream_endpoint(self, line: str, cell: str) -> Any:
@@ -180,7 +185,8 @@ class StreamMagics(Magics):
             self.stream_endpoint, line, cell,
             lambda fn, args: register_endpoint(fn, args.name, args.media_type, persist=args.persist, queue_timeout=args.queue_timeout,
                                                openai=args.openai, openai_count_chunks=args.openai_count_chunks,
-                                               history=not args.no_history, **requirements_of(args)),
+                                               history=not args.no_history, resumable=args.resumable,
+                                               **requirements_of(args)),
         )
 
     @magic_arguments()

@@ -33,6 +33,7 @@ from .persist import RegistrationStore, StoredRegistration
 from .placement import Placement, PoolKey
 from .pool import WorkerPool
 from .registry import ENDPOINT_STATS, FUNCTION_STATS, EndpointSpec, FunctionSpec, RegistrationError, Registry, parse_registration
+from .resumable import ResumableStreams
 from .shares import ShareStore
 
 #: Environment variables through which kernels started by this server find it.
@@ -160,6 +161,21 @@ class JupyterStream(ExtensionApp):
         help="Largest arguments (as JSON) a kept request holds; larger ones are not kept (the entry says their size).",
     )
 
+    resumable_buffer_events = Int(
+        10_000, config=True,
+        help="Events kept per resumable stream (--resumable) for clients that come back; the oldest go first, and a "
+        "client that comes back for them gets an error event saying how many it lost.",
+    )
+    resumable_buffer_bytes = Int(
+        1024 * 1024, config=True,
+        help="Most bytes of events kept per resumable stream (a single larger event is still kept whole).",
+    )
+    resumable_max_streams = Int(
+        256, config=True,
+        help="Resumable streams running or kept at once (each holds at most resumable_buffer_bytes); past it, a new "
+        "request of a --resumable endpoint gets 503 until one ends and its window passes.",
+    )
+
     persist_dir = Unicode(
         "", config=True,
         help="Directory of registrations made with --persist, registered again at startup "
@@ -213,6 +229,8 @@ class JupyterStream(ExtensionApp):
         self.pool = self.make_pool(self.placement.key_for({}))
         self.shares = ShareStore(on_change=self.share_changed)
         self.restore_shares()
+        #: the streams of --resumable endpoints, with their recent events, kept for clients that come back
+        self.resumable = ResumableStreams(self.resumable_max_streams, self.resumable_buffer_events, self.resumable_buffer_bytes)
         #: the endpoint requests being answered now (`EndpointHandler`), ended properly at shutdown
         self.open_requests: set[Any] = set()
         #: what happens here, for `GET /api/stream/events` (the Streams panel), and the calls running now
@@ -328,7 +346,7 @@ class JupyterStream(ExtensionApp):
         if kind == "endpoint":
             spec = EndpointSpec(media_type=body["media_type"], signature=body["signature"], queue_timeout=body["queue_timeout"],
                                 openai=body["openai"], openai_count_chunks=body["openai_count_chunks"],
-                                keeps_history=body["history"], **common)
+                                keeps_history=body["history"], resumable=body["resumable"], **common)
             spec.history = self.history_for(spec, previous)
         else:
             spec = FunctionSpec(is_generator=body.get("generator", False), retries=body["retries"], timeout=body["timeout"],
@@ -588,6 +606,7 @@ class JupyterStream(ExtensionApp):
         """The server is stopping: end the open streams properly first (an SSE client gets an
         event saying so and every body its last chunk), then stop every worker gracefully."""
         await self.end_streams("the server is stopping; retry in a moment")
+        self.resumable.close()
         await self.placement.shutdown()
 
     async def end_streams(self, why: str, wait: float = 2.0) -> None:
@@ -635,6 +654,7 @@ class JupyterStream(ExtensionApp):
                 "media_type_declared": spec.media_type is not None,
                 "queue_timeout": spec.queue_timeout, "openai": spec.openai,
                 "openai_count_chunks": spec.openai_count_chunks,
+                "resumable": spec.resumable,
                 "history": spec.history is not None,
                 "last_failure": spec.history.last_failure() if spec.history is not None else None,
                 "parameters": spec.signature.get("params", [])}

@@ -3,8 +3,12 @@
 Follow one request: `EndpointHandler.get` looks the endpoint up in the registry, binds
 the query/body to keyword arguments, borrows a worker from the pool, starts the call on
 it and then copies the worker's output to the socket, flushing after every batch, until
-the call ends. Every route requires Jupyter's auth (token header, ``?token=`` or the
-login cookie); unauthenticated API requests get 403 rather than a login redirect.
+the call ends. A --resumable endpoint's call feeds a `resumable.ResumableStream` instead:
+its events are numbered and kept, its run outlives its client for the stream's window,
+and a request naming the stream (``Last-Event-ID``, ``?stream=``) follows it rather than
+running anything (`EndpointHandler.resume`). Every route requires Jupyter's auth (token
+header, ``?token=`` or the login cookie); unauthenticated API requests get 403 rather than
+a login redirect.
 
 Who a request is: a request that presents a token (``Authorization`` or ``?token=``,
 ``?share=``) is judged by that token alone, never by a login cookie beside it; a share
@@ -44,6 +48,7 @@ from . import metrics
 from .history import clean_headers, clean_query
 from .kernels import OutputQueue
 from .registry import RESERVED_QUERY, EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
+from .resumable import ResumableStream, ResumeError, StreamsFull, error_event, parse_resume
 from .scheduler import ClientSession
 from .shares import COOKIE as SHARE_COOKIE
 from .shares import Share, ShareRefused
@@ -179,6 +184,7 @@ class StreamHandlerBase(PathOnlyLogging, APIHandler):
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, Last-Event-ID")
             self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.set_header("Access-Control-Expose-Headers", "X-Stream-Id")
             self.set_header("Vary", "Origin")
 
     @property
@@ -240,6 +246,14 @@ class EndpointHandler(StreamHandlerBase):
     failure: dict[str, Any] | None = None
     refused: web.HTTPError | None = None
     relaying = False  # get() has taken over a call started in prepare()
+    #: the resumable stream this request's call feeds (``--resumable``; see `resumable`): its
+    #: client may leave and others follow it; None for any other response
+    rstream: ResumableStream | None = None
+    #: this request's client left a resumable stream whose run goes on (for WINDOW seconds)
+    detached = False
+    #: the last event of a resumable stream this request sent its client (its producer's or one it follows)
+    sent_seq = 0
+    following: ResumableStream | None = None  # the stream this request follows (a resume, or ?stream=)
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -281,7 +295,7 @@ class EndpointHandler(StreamHandlerBase):
         if self.cookie_authenticated and not self.from_own_pages():
             return
         spec = self.stream.endpoints.get(self.path_kwargs.get("name", ""))
-        if spec is None:
+        if spec is None or spec.resumable:  # a resumable one may be a resume: get() decides
             return
         try:
             kwargs = self.encode_kwargs(spec.bind(self.query_parameters(), None))
@@ -372,6 +386,8 @@ class EndpointHandler(StreamHandlerBase):
         spec = self.stream.endpoints.get(name)
         if spec is None:
             raise web.HTTPError(404, self.stream.endpoints.not_found(name))
+        if spec.resumable and await self.resume(spec):
+            return
         try:
             kwargs = self.encode_kwargs(spec.bind(self.query_parameters(), self.parse_body()))
         except ParameterError as e:
@@ -384,12 +400,16 @@ class EndpointHandler(StreamHandlerBase):
         self.relaying = True
         self.call_kwargs = kwargs
         try:
+            if spec.resumable and self.resumable_response():
+                self.open_resumable(spec)
             await self.relay(spec, kwargs, spec.stats, media_type)
         except web.HTTPError as e:  # a 503 from the queue, kept in the history with its reason
             self.refused = e
             raise
         finally:
             self.uncount_call()
+            if self.rstream is not None:
+                self.end_resumable()
 
     def count_call(self, spec: EndpointSpec) -> None:
         stats = spec.stats
@@ -543,9 +563,7 @@ class EndpointHandler(StreamHandlerBase):
                     if not begun:
                         sse = self.begin({"media_type": media_type})
                         begun = True
-                    if sse:
-                        self.write(b": keep-alive\n\n")
-                    await self.flush()
+                    await self.keep_alive(sse)
                     continue
                 start = output.take_start()
                 if not begun and start is not None:
@@ -605,6 +623,10 @@ class EndpointHandler(StreamHandlerBase):
 
     async def emit(self, data: memoryview) -> None:
         """One chunk of the worker's output to the client, as it came."""
+        if self.rstream is not None:
+            self.sse_write(data.tobytes())
+            await self.sse_flush()
+            return
         if self._headers_written:
             if data.nbytes >= LARGE_CHUNK:
                 await write_chunk_uncopied(self.request.connection, data)
@@ -652,7 +674,7 @@ class EndpointHandler(StreamHandlerBase):
                     worker = self.waiting.result()
                     self._handed = True
                     return worker
-                if sse and not self.closed:
+                if sse and not self.closed and not self.detached:
                     if not self._headers_written:
                         self.begin({"media_type": spec.media_type})
                     self.write(b": waiting for a worker\n\n")
@@ -678,6 +700,8 @@ class EndpointHandler(StreamHandlerBase):
         """The server is stopping: stop the call and end the response properly (see
         `end_for_stopping`) instead of cutting the connection."""
         self.stopping = why
+        if self.rstream is not None:
+            self.rstream.release()
         if self.waiting is not None:
             self.waiting.cancel()
         if self.run is not None:
@@ -693,7 +717,173 @@ class EndpointHandler(StreamHandlerBase):
             self.retry_after = 5
             self.send_error(503, exc_info=(None, web.HTTPError(503, self.stopping), None))
         elif sse:
-            self.write(f"event: error\ndata: {error_body(error_info(self.stopping_type, self.stopping))}\n\n")
+            self.sse_write(f"event: error\ndata: {error_body(error_info(self.stopping_type, self.stopping))}\n\n".encode())
+
+    async def keep_alive(self, sse: bool) -> None:
+        """A comment to an idle SSE client (and, to any client, the status and headers of a
+        response that has no body yet)."""
+        if self.detached:
+            return
+        if sse:
+            self.write(b": keep-alive\n\n")
+        if self.rstream is None:
+            await self.flush()
+            return
+        try:
+            await self.flush()
+        except StreamClosedError:
+            self.client_left()
+
+    # -- resumable streams (`resumable`): this request's call feeds one, or it follows one --
+
+    def resumable_response(self) -> bool:
+        """Whether this response of a --resumable endpoint is a resumable stream (the
+        OpenAI route's are when they stream)."""
+        return True
+
+    def open_resumable(self, spec: EndpointSpec) -> None:
+        """Number and keep this call's events in a stream of its own; this request's client
+        is its first follower."""
+        try:
+            self.rstream = self.stream.resumable.open(spec.name, spec.resumable, self.abandon)
+        except StreamsFull as e:
+            self.retry_after = 5
+            raise web.HTTPError(503, str(e)) from None
+        self.stream.resumable.attach(self.rstream, self)
+
+    def announce_stream(self, headers: dict[str, str] | None) -> None:
+        """Tell the client its stream's id (``X-Stream-Id``; every event's id names it too)
+        and keep how the response starts, for the stream's other followers."""
+        self.set_header("X-Stream-Id", self.rstream.id)
+        self.rstream.begin(self.get_status(), headers)
+
+    def drop_resumable(self) -> None:
+        """The response is not a resumable stream after all (not SSE): sent as usual."""
+        stream, self.rstream = self.rstream, None
+        self.stream.resumable.forget(stream, "its response was not Server-Sent Events, so it could not be resumed")
+        stream.detach(self)
+
+    def sse_write(self, data: bytes) -> None:
+        """Bytes of an SSE response, to the client; a resumable stream's are numbered into
+        its buffer, and go to this client while it follows."""
+        if self.rstream is None:
+            self.write(data)
+            return
+        self.send_events(self.rstream.feed(data))
+
+    def send_events(self, events: list[Any]) -> None:
+        if events and not self.detached and not self.closed and not self._finished:
+            self.write(b"".join(e.data for e in events))
+            self.sent_seq = events[-1].seq
+
+    async def sse_flush(self) -> None:
+        """`flush`; a resumable stream's producer then waits while a follower lags behind a
+        full buffer (`ResumableStream.room`); a client gone by now only leaves the stream."""
+        if self.rstream is None:
+            await self.flush()
+            return
+        if not self.detached and not self.closed:
+            try:
+                await self.flush()
+            except StreamClosedError:
+                self.client_left()
+        await self.rstream.room()
+
+    def client_left(self) -> None:
+        """A write found this resumable stream's client gone (tornado may not have said so yet)."""
+        if not self.detached and self.rstream is not None:
+            self.detached = True
+            self.rstream.detach(self)
+
+    def end_resumable(self) -> None:
+        """The call is over: the stream's last events go to this client, its followers
+        finish, and it is kept for its window (or forgotten now if nobody was told its id)."""
+        stream = self.rstream
+        self.send_events(stream.end())
+        stream.detach(self)
+        if stream.start is None:
+            self.stream.resumable.forget(stream, "it ended before it began")
+        else:
+            self.stream.resumable.ended(stream)
+
+    async def resume(self, spec: EndpointSpec) -> bool:
+        """A request of a --resumable endpoint that names one of its streams (a
+        ``Last-Event-ID`` of ours, ``?last_event_id=``, ``?stream=``): send it the events
+        it missed and the live rest, running nothing. False when it names none."""
+        last = self.request.headers.get("Last-Event-ID") or self.get_query_argument("last_event_id", None)
+        try:
+            wanted = parse_resume(self.get_query_argument("stream", None), last)
+        except ResumeError as e:
+            raise web.HTTPError(400, str(e)) from None
+        if wanted is None:
+            return False
+        streams = self.stream.resumable
+        stream = streams.get(wanted.stream, spec.name)
+        if stream is not None and wanted.after > stream.last_seq:
+            raise web.HTTPError(400, f"Last-Event-ID names event {wanted.after} of stream {stream.id}, which has sent "
+                                     f"{stream.last_seq} so far")
+        if wanted.gone or (stream is not None and stream.ended and wanted.after == stream.last_seq and last):
+            # nothing more: 204 tells an EventSource to stop reconnecting
+            self.set_status(204)
+            self.finish()
+            return True
+        if stream is None or stream.start is None:
+            why = streams.why_gone(wanted.stream, spec.name) or (
+                "it ended or was cancelled a while ago, the server restarted since, or the id is wrong")
+            message = (f"stream {wanted.stream} of endpoint {spec.name!r} is no longer kept: {why}; the events after "
+                       f"{wanted.after} are lost. Send the request again without Last-Event-ID (or ?stream=) to run "
+                       "the endpoint anew")
+            self.set_header("Content-Type", SSE)
+            self.set_header("X-Stream-Id", wanted.stream)
+            for k, v in SSE_HEADERS.items():
+                self.set_header(k, v)
+            metrics.STREAM_ERRORS.labels(spec.name).inc()
+            self.finish(error_event("StreamGone", message, f"{wanted.stream}:gone", stream=wanted.stream))
+            return True
+        await self.follow(stream, wanted.after)
+        return True
+
+    async def follow(self, stream: ResumableStream, after: int) -> None:
+        """Send `stream`'s kept events after event `after`, then its new ones as they come,
+        until it ends or this client leaves. Events the buffer no longer holds are named in
+        an error event where they would have been."""
+        self.following, self.sent_seq = stream, after
+        self.stream.resumable.attach(stream, self)
+        try:
+            self.set_status(stream.start["status"])
+            self.set_header("Content-Type", SSE)
+            for k, v in SSE_HEADERS.items():
+                self.set_header(k, v)
+            for k, v in stream.start["headers"].items():
+                self.set_header(k, v)
+            self.set_header("X-Stream-Id", stream.id)
+            heartbeat = self.stream.sse_heartbeat_interval
+            while not self.closed:
+                lost, events = stream.since(self.sent_seq)
+                if lost is not None:
+                    first, last = lost
+                    self.write(error_event(
+                        "EventsLost", f"{last - first + 1} event(s) of stream {stream.id} ({first} to {last}) are no "
+                        f"longer kept: its buffer holds the last {stream.max_events} events or {stream.max_bytes} bytes "
+                        "(JupyterStream.resumable_buffer_events, resumable_buffer_bytes). It goes on from event "
+                        f"{last + 1}; reconnect sooner, or raise those limits",
+                        stream=stream.id, lost=last - first + 1, first_lost=first, last_lost=last))
+                if events:
+                    self.write(b"".join(e.data for e in events))
+                if lost is not None or events or not self._headers_written:
+                    await self.flush()
+                    self.sent_seq = events[-1].seq if events else lost[1] if lost is not None else self.sent_seq
+                    stream.advanced()
+                    continue
+                if stream.ended:
+                    return
+                if not await stream.changed(heartbeat) and not self.closed:
+                    self.write(b": keep-alive\n\n")
+                    await self.flush()
+        except StreamClosedError:
+            pass
+        finally:
+            stream.detach(self)
 
     def begin(self, start: dict[str, Any]) -> bool:
         """Send the status line and headers; returns whether this is an SSE stream."""
@@ -706,6 +896,11 @@ class EndpointHandler(StreamHandlerBase):
                 self.set_header(k, v)
         for k, v in (start.get("headers") or {}).items():
             self.set_header(k, v)
+        if self.rstream is not None:
+            if sse:
+                self.announce_stream(start.get("headers"))
+            else:  # not Server-Sent Events: sent as any response is (nobody was told its id)
+                self.drop_resumable()
         return sse
 
     def failed(self, error: dict[str, Any], sse: bool) -> None:
@@ -719,9 +914,9 @@ class EndpointHandler(StreamHandlerBase):
             self.set_status(422 if is_request_error else 500)
             self.set_header("Content-Type", "application/json")
             self.finish(error_body(error))
-        elif sse:
+        elif sse or self.rstream is not None:
             metrics.STREAM_ERRORS.labels(self.spec.name if self.spec else "").inc()
-            self.write(f"event: error\ndata: {error_body(error)}\n\n")
+            self.sse_write(f"event: error\ndata: {error_body(error)}\n\n".encode())
         else:
             metrics.STREAM_ERRORS.labels(self.spec.name if self.spec else "").inc()
             # Close without the final chunk so the client sees a truncated response.
@@ -729,6 +924,21 @@ class EndpointHandler(StreamHandlerBase):
             self._finished = True
 
     def on_connection_close(self) -> None:
+        if self.following is not None:  # it followed a stream: that stream's run goes on
+            self.closed = True
+            self.following.detach(self)
+            self.following.notify()
+            return
+        if self.rstream is not None and self._headers_written and not self.rstream.ended:
+            # its client was told the stream's id: the run goes on for WINDOW seconds (`resumable`)
+            self.detached = True
+            self.rstream.detach(self)
+            return
+        self.abandon()
+
+    def abandon(self, why: str = "") -> None:
+        """Nobody will read this call any more (its client left; for a resumable stream,
+        nobody followed it for its window): cancel it on its worker."""
         self.closed = True
         if self.waiting is not None:
             self.waiting.cancel()

@@ -17,6 +17,10 @@ worker reports both with the call's end (``finish``, see `wire`). A streamed com
 ends with a chunk that carries the ``finish_reason`` and, when the request asks with
 ``stream_options: {"include_usage": true}``, a last chunk with no choices and the
 ``usage``, as OpenAI sends it.
+
+On an endpoint registered with ``resumable``, a streamed completion is a resumable stream
+(see `resumable`): the same POST again with ``Last-Event-ID``, or a GET with ``?stream=``,
+gets the rest of the same completion.
 """
 
 from __future__ import annotations
@@ -94,7 +98,12 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
 
     @allow_unauthenticated
     async def get(self, name: str) -> None:
-        raise web.HTTPError(405, "POST a chat completion request here")
+        """Only to resume a streamed completion of a --resumable endpoint (``?stream=``,
+        ``Last-Event-ID``); a completion is asked for with POST."""
+        await self.check_access("execute")
+        spec = self.openai_spec(name)
+        if not (spec.resumable and await self.resume(spec)):
+            raise web.HTTPError(405, "POST a chat completion request here")
 
     @allow_unauthenticated
     async def post(self, name: str) -> None:  # type: ignore[override]
@@ -102,6 +111,8 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
         if self._finished:  # answered 413 while the body arrived
             return
         spec = self.openai_spec(name)
+        if spec.resumable and await self.resume(spec):  # a client resuming a streamed completion
+            return
         try:
             request = loads_json(bytes(self._body) or b"{}", "the chat completion request")
         except ParameterError as e:
@@ -160,6 +171,9 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
             usage = {"prompt_tokens": 0, "completion_tokens": chunks, "total_tokens": chunks}
         return finish.get("reason") or "stop", usage
 
+    def resumable_response(self) -> bool:
+        return self.streaming  # a whole completion is one JSON document
+
     def begin(self, start: dict[str, Any]) -> bool:
         self.set_status(200)
         if not self.streaming:
@@ -168,7 +182,9 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache, no-transform")
         self.set_header("X-Accel-Buffering", "no")
-        self.write(self.chunk({"role": "assistant", "content": ""}))
+        if self.rstream is not None:
+            self.announce_stream(None)
+        self.sse_write(self.chunk({"role": "assistant", "content": ""}))
         return True
 
     async def emit(self, data: memoryview) -> None:
@@ -181,8 +197,8 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
                 raise CompletionTooLong()
             self.text.append(text)
             return
-        self.write(self.chunk({"content": text}))
-        await self.flush()
+        self.sse_write(self.chunk({"content": text}))
+        await self.sse_flush()
 
     def complete(self) -> None:
         rest = self.decoder.decode(b"", final=True)
@@ -196,11 +212,11 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
             }))
             return
         if rest:
-            self.write(self.chunk({"content": rest}))
-        self.write(self.chunk({}, reason))
+            self.sse_write(self.chunk({"content": rest}))
+        self.sse_write(self.chunk({}, reason))
         if self.include_usage:
-            self.write(self.chunk(None, usage=usage))
-        self.write(b"data: [DONE]\n\n")
+            self.sse_write(self.chunk(None, usage=usage))
+        self.sse_write(b"data: [DONE]\n\n")
 
     def failed(self, error: dict[str, Any], sse: bool) -> None:
         self.log.warning("jupyter_stream: endpoint %s failed: %s: %s", self.request.path, error["type"], error["message"])
@@ -213,4 +229,4 @@ class ChatCompletionsHandler(OpenAIMixin, EndpointHandler):
         elif not self.streaming:  # a completion whose headers went out while it waited
             self.finish(openai_error(message, "server_error"))
         else:  # OpenAI's clients raise on an event whose data has "error"
-            self.write(f"data: {openai_error(message, 'server_error')}\n\n")
+            self.sse_write(f"data: {openai_error(message, 'server_error')}\n\n".encode())

@@ -29,6 +29,7 @@ from ..signatures import (
     check_name,
     check_signature,
 )
+from .resumable import DEFAULT_WINDOW, MAX_WINDOW, RESUME_QUERY
 
 RESERVED_QUERY = {"token", "_xsrf", "share"}
 #: lines of printed output kept per endpoint
@@ -99,7 +100,7 @@ def loads_json(raw: bytes | str, what: str) -> Any:
 
 REGISTRATION_FIELDS = {
     "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner", "requirements", "queue_timeout", "openai",
-                 "openai_count_chunks", "history"},
+                 "openai_count_chunks", "history", "resumable"},
     "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner", "requirements", "queue_timeout"},
 }
 
@@ -167,6 +168,7 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
         if not isinstance(body.get("history", True), bool):
             raise RegistrationError("'history' must be true or false (false: keep none of its requests)")
         body["history"] = body.get("history", True)
+        body["resumable"] = check_resumable(body.get("resumable"), body)
         return body
     if not isinstance(body.get("generator", False), bool):
         raise RegistrationError("'generator' must be true or false")
@@ -187,6 +189,27 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
     # none: a call from a notebook waits as long as it takes (`scheduler.queue_timeout`)
     body["queue_timeout"] = check_queue_timeout(body["queue_timeout"]) if body.get("queue_timeout") is not None else None
     return body
+
+
+def check_resumable(value: Any, body: dict[str, Any]) -> float | None:
+    """An endpoint's resume window in seconds (``resumable``: true is the default window),
+    or None when its streams are not resumable (`resumable`)."""
+    if value is None or value is False:
+        return None
+    window = DEFAULT_WINDOW if value is True else value
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not math.isfinite(window) \
+            or not 0 < window <= MAX_WINDOW:
+        raise RegistrationError(f"'resumable' must be true (a {DEFAULT_WINDOW:g} s window), false, or the seconds a stream's "
+                                f"run goes on with no client (above 0, at most {MAX_WINDOW:g}); got {value!r}")
+    media_type = body.get("media_type")
+    if media_type is not None and not media_type.split(";")[0].strip().lower() == "text/event-stream" and not body.get("openai"):
+        raise RegistrationError(f"a resumable endpoint streams Server-Sent Events; its media type is {media_type!r}: "
+                                "declare text/event-stream (or none), or leave out --resumable")
+    taken = sorted({p["name"] for p in body["signature"].get("params", [])} & set(RESUME_QUERY))
+    if taken:
+        raise RegistrationError(f"a resumable endpoint keeps the query names {', '.join(RESUME_QUERY)} for resuming streams; "
+                                f"rename its parameter {taken[0]!r}")
+    return float(window)
 
 
 def check_queue_timeout(value: Any) -> float:
@@ -269,6 +292,8 @@ class EndpointSpec:
     owner: str = ""  # the notebook (or script) that registered it
     #: whether its recent requests are kept (`history`); off with --no-history
     keeps_history: bool = True
+    #: seconds a stream's run goes on with no client, to be resumed (`resumable`); None: not resumable
+    resumable: float | None = None
     #: its recent requests (`history.RequestHistory`), carried over when its owner registers it again
     history: Any = field(default=None, repr=False, compare=False)
     #: what its workers need (`requirements.check_requirements`): GPUs, pool size, kernel, env
