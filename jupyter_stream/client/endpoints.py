@@ -18,6 +18,7 @@ from ..errors import NotRegisteredError
 from ..requirements import requirement_fields
 from ..responses import SSE
 from ..signatures import check_media_type, describe_parameters, parse_expires
+from .batched import batch_of, item_signature
 from .connection import ServerConnection, get_connection
 from .registration import register
 
@@ -199,6 +200,7 @@ def register_endpoint(
     openai: bool = False,
     openai_count_chunks: bool = False,
     history: bool = True,
+    batch: dict[str, Any] | None = None,
     **requirements: Any,
 ) -> Endpoint:
     """Register `fn` with the server as endpoint `name` (default: the function's name).
@@ -209,15 +211,21 @@ def register_endpoint(
     `openai_count_chunks` (implies `openai`): the OpenAI route reports each yielded
     piece as a completion token in ``usage`` when the function does not say
     (`jupyter_stream.Finish`). `history` False: the server keeps none of its requests
-    (`Endpoint.requests`)."""
+    (`Endpoint.requests`). `batch` (or ``@jupyter_stream.batched``): requests are run
+    in batches, the function taking lists (its parameters describe one request's)."""
     openai = bool(openai or openai_count_chunks)
-    count = {"openai_count_chunks": True} if openai_count_chunks else {}
+    count: dict[str, Any] = {"openai_count_chunks": True} if openai_count_chunks else {}
     if not history:
         count["history"] = False
+    signature = describe_parameters(fn) if callable(fn) else None
+    batch = batch_of(fn, batch) if callable(fn) else batch
+    if batch is not None:
+        count["batch"] = batch
+        signature = item_signature(signature) if signature is not None else None
     if media_type is not None:  # undeclared: streams are SSE, values are sent as FastAPI does
         check_media_type(media_type)
     name, reply, conn = register(
-        "endpoint", fn, name, connection, persist, media_type=media_type, signature=describe_parameters(fn) if callable(fn) else None,
+        "endpoint", fn, name, connection, persist, media_type=media_type, signature=signature,
         requirements=requirement_fields(**requirements), queue_timeout=queue_timeout, openai=openai, **count,
     )
     handle = Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn, reply.get("parameters"))
