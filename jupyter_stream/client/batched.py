@@ -29,7 +29,8 @@ from ..signatures import check_batch
 MARK = "__jupyter_stream_batch__"
 
 
-def batched(_fn: Callable | None = None, *, max_batch_size: int, wait_ms: float) -> Callable[[Callable], Callable]:
+def batched(_fn: Callable | None = None, *, max_batch_size: int | None = None,
+            wait_ms: float | None = None) -> Callable[[Callable], Callable]:
     """Mark a function, method or endpoint function as batched: it takes lists (one per
     parameter: element i of each is caller i's argument) and returns a list with one
     result per input, in order (a generator yields such lists; element i of each goes to
@@ -37,8 +38,8 @@ def batched(_fn: Callable | None = None, *, max_batch_size: int, wait_ms: float)
     up to `max_batch_size`. Put it below ``@jupyter_stream.function`` or
     ``@jupyter_stream.endpoint`` (or alone, or below ``@jupyter_stream.method``, on a
     ``%%stream_class`` method)."""
-    if _fn is not None:
-        raise TypeError("use @jupyter_stream.batched(max_batch_size=N, wait_ms=W), with its arguments named")
+    if _fn is not None or max_batch_size is None or wait_ms is None:
+        raise TypeError("use @jupyter_stream.batched(max_batch_size=N, wait_ms=W), with both arguments named")
     batch = checked(max_batch_size, wait_ms)
 
     def mark(fn: Callable) -> Callable:
