@@ -181,6 +181,44 @@ def test_a_batched_generator_streams_each_caller_its_own_elements(server):
     assert streams == [[f"{p}-{i}" for i in range(3)] for p in "abc"]
 
 
+def test_a_caller_that_leaves_does_not_stop_the_others_and_the_last_one_stops_the_batch(server, tmp_path):
+    folder = str(tmp_path)
+
+    @jupyter_stream.batched(max_batch_size=4, wait_ms=300)
+    def slow_steps(prompts):
+        import pathlib
+        import time
+
+        steps = 0
+        try:
+            for i in range(40):
+                time.sleep(0.05)
+                yield [f"{p}{i}" for p in prompts]
+                steps += 1
+        finally:
+            (pathlib.Path(folder) / f"closed-{''.join(prompts)}").write_text(str(steps))
+
+    f = register_function(slow_steps, connection=server.connection)
+
+    def leave_early(p):
+        stream = f.remote(p)
+        taken = [next(stream), next(stream)]
+        stream.close()  # the caller leaves: its input is cancelled
+        return taken
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        early, whole = pool.submit(leave_early, "a"), pool.submit(lambda: list(f.remote("b")))
+        assert early.result(timeout=60) == ["a0", "a1"]
+        assert whole.result(timeout=60) == [f"b{i}" for i in range(40)]  # its batch went on for it
+    assert {p.name: p.read_text() for p in tmp_path.glob("closed-*")} == {"closed-ab": "40"}  # one batch, to its end
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both leave: the batch stops early
+        assert [r.result(timeout=60) for r in [pool.submit(leave_early, p) for p in "cd"]] == [["c0", "c1"], ["d0", "d1"]]
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "closed-cd").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert int((tmp_path / "closed-cd").read_text()) < 20  # its generator was closed (finally ran), not run out
+
+
 def test_a_worker_killed_mid_batch_reruns_each_input(server, tmp_path):
     """As single calls: inputs in flight on a kernel that dies run again elsewhere, each
     result reaching its caller once (and, having died with others, each runs alone)."""

@@ -626,7 +626,7 @@ class JupyterStream(ExtensionApp):
         """What the API shows of an endpoint or function."""
         common = {"name": spec.name, "doc": spec.doc, "persist": spec.persist, "created": spec.created,
                   "owner": spec.owner, "stats": dict(spec.stats), "requirements": public_requirements(spec.requirements),
-                  "batch": spec.batch}
+                  "batch": spec.batch, **({"batching": spec.batcher.info()} if spec.batcher is not None else {})}
         if isinstance(spec, FunctionSpec):
             return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout,
                     "queue_timeout": spec.queue_timeout}
