@@ -17,7 +17,7 @@ Configurations, each on one worker (one replica) with one BLAS thread:
   closed loop: 2,000 calls); ``single`` runs one call at a time on its worker,
   ``batched`` is ``@jupyter_stream.batched(max_batch_size=32, wait_ms=5)``.
 * ``ours HTTP``: the same through the class's endpoints (``GET /stream/Model.http_single?seed=N``),
-  100 httpx clients on keep-alive connections.
+  100 aiohttp clients on keep-alive connections.
 * ``ray serve HTTP``: a Ray Serve deployment (1 replica) through its HTTP proxy, the same
   100 clients: ``single`` computes in an ``async def __call__`` (one request at a time on
   the replica's loop; ``max_ongoing_requests=1`` instead makes Ray's router back off and
@@ -104,14 +104,20 @@ async def closed_loop(call: Any, clients: int, calls: int) -> tuple[dict[str, fl
     return summary(latencies, time.perf_counter() - started), results
 
 
-def http_caller(client: Any, url: str, headers: dict[str, str]) -> Any:
-    async def call(seed: int) -> float:
-        r = await client.get(url, params={"seed": seed}, headers=headers)
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}: {r.status_code} {r.text[:300]}")
-        return r.json()["y"]
+async def http_loop(url: str, headers: dict[str, str], clients: int, calls: int) -> tuple[dict[str, float], dict[int, float]]:
+    """`closed_loop` over HTTP: aiohttp on `clients` keep-alive connections (httpx's async
+    client costs this machine's two cores so much that it, not the servers, sets the pace)."""
+    import aiohttp
 
-    return call
+    connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        async def call(seed: int) -> float:
+            async with session.get(url, params={"seed": str(seed)}) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"{url}: {r.status} {(await r.text())[:300]}")
+                return (await r.json(content_type=None))["y"]
+
+        return await closed_loop(call, clients, calls)
 
 
 # -- ours -----------------------------------------------------------------------------
@@ -146,8 +152,6 @@ def make_model(dim: int, layers: int, batch: int, wait_ms: float) -> type:
 
 
 def run_ours(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
-
     from jupyter_stream.client.classes import register_class
     from jupyter_stream.pytest_plugin import StreamServer
 
@@ -164,11 +168,9 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
             for name, fn in (("single", model.single), ("batched", model.batched)):
                 out[f"ours .remote, {name}"], out[f"_results .remote {name}"] = await closed_loop(
                     fn.remote.aio, args.clients, args.calls)
-            limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-            async with httpx.AsyncClient(limits=limits, timeout=300) as client:
-                for name in ("single", "batched"):
-                    call = http_caller(client, f"{server.url}stream/Model.http_{name}", server.headers)
-                    out[f"ours HTTP, {name}"], out[f"_results HTTP {name}"] = await closed_loop(call, args.clients, args.calls)
+            for name in ("single", "batched"):
+                out[f"ours HTTP, {name}"], out[f"_results HTTP {name}"] = await http_loop(
+                    f"{server.url}stream/Model.http_{name}", server.headers, args.clients, args.calls)
 
         asyncio.run(main())
         for name, path in (("ours .remote, batched", "functions/Model.batched"), ("ours HTTP, batched", "endpoints/Model.http_batched")):
@@ -191,7 +193,6 @@ def free_port() -> int:
 def ray_child(args: argparse.Namespace) -> None:
     """Runs under the Python that has ray[serve]: serves the model both ways, measures
     with the same clients, prints one JSON line."""
-    import httpx
     import ray
     from ray import serve
 
@@ -225,12 +226,9 @@ def ray_child(args: argparse.Namespace) -> None:
     out: dict[str, Any] = {}
 
     async def main() -> None:
-        limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-        async with httpx.AsyncClient(limits=limits, timeout=300) as client:
-            for name in ("single", "batched"):
-                call = http_caller(client, f"http://127.0.0.1:{port}/{name}", {})
-                out[f"ray serve HTTP, {name}"], results = await closed_loop(call, args.clients, args.calls)
-                out[f"_results ray {name}"] = results
+        for name in ("single", "batched"):
+            out[f"ray serve HTTP, {name}"], out[f"_results ray {name}"] = await http_loop(
+                f"http://127.0.0.1:{port}/{name}", {}, args.clients, args.calls)
 
     try:
         asyncio.run(main())
@@ -244,11 +242,11 @@ def ray_python(args: argparse.Namespace) -> tuple[str | None, str]:
     """The Python to run the Ray half with, or None and why not."""
     candidates = [args.ray_python] if args.ray_python else [sys.executable, os.environ.get("RAY_PYTHON")]
     for python in filter(None, candidates):
-        probe = subprocess.run([python, "-c", "import ray, ray.serve, numpy, httpx; print(ray.__version__)"],
+        probe = subprocess.run([python, "-c", "import ray, ray.serve, numpy, aiohttp; print(ray.__version__)"],
                                capture_output=True, text=True)
         if probe.returncode == 0:
             return python, probe.stdout.strip()
-    return None, ("no Python here imports ray[serve] (pip install 'ray[serve]' numpy httpx into a venv and pass "
+    return None, ("no Python here imports ray[serve] (pip install 'ray[serve]' numpy into a venv and pass "
                   "--ray-python, or set RAY_PYTHON)")
 
 
@@ -313,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size")
     parser.add_argument("--wait-ms", type=float, default=5.0)
-    parser.add_argument("--ray-python", default=None, help="a Python with ray[serve], numpy and httpx (default: this one, or $RAY_PYTHON)")
+    parser.add_argument("--ray-python", default=None, help="a Python with ray[serve] and numpy (default: this one, or $RAY_PYTHON)")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--ray-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
