@@ -49,15 +49,17 @@ _PUBLIC = {
     "enter": "client.classes",
     "exit": "client.classes",
     "method": "client.classes",
+    "batched": "client.batched",
 }
 
 __all__ = [
     "Endpoint", "Finish", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
     "Share", "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
-    "list", "serve_forever", "sse", "cls", "enter", "exit", "method",
+    "list", "serve_forever", "sse", "cls", "enter", "exit", "method", "batched",
 ]
 
 if TYPE_CHECKING:
+    from .client.batched import batched
     from .client.connection import ServerConnection, connect, get_connection
     from .client.endpoints import Endpoint, Share, endpoint
     from .client.functions import Function, FunctionCall, function

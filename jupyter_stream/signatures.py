@@ -28,6 +28,10 @@ MAX_PARAMS = 256
 MAX_DOC = 64 * 1024
 MAX_RETRIES = 100
 MAX_TIMEOUT = 7 * 24 * 3600.0
+#: Dynamic batching (`@jupyter_stream.batched`): the largest batch, and the longest a
+#: batch may wait to fill after its first input arrived (Modal's bounds).
+MAX_BATCH_SIZE = 1000
+MAX_BATCH_WAIT_MS = 10 * 60 * 1000
 #: ``type/subtype`` and ``; key=value`` parameters, as RFC 9110 writes them (no controls).
 _TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"
 MEDIA_TYPE_RE = re.compile(rf'^{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\x00-\x1f\x7f]*"))*$')
@@ -83,6 +87,24 @@ def _check_param(p: Any, index: int) -> dict[str, Any]:
     if not (default is None or isinstance(default, (str, int, float, bool))):
         raise RegistrationError(f"parameter {name!r}: a default must be a JSON string, number, boolean or null")
     return p
+
+
+def check_batch(batch: Any) -> dict[str, int] | None:
+    """A registration's ``batch`` (`@jupyter_stream.batched`): None, or
+    ``{"max_batch_size": 1..MAX_BATCH_SIZE, "wait_ms": 0..MAX_BATCH_WAIT_MS}``, checked
+    by the decorator in the notebook and again by the server."""
+    if batch is None:
+        return None
+    if not isinstance(batch, dict) or set(batch) != {"max_batch_size", "wait_ms"}:
+        raise RegistrationError("'batch' must be null or an object {\"max_batch_size\": N, \"wait_ms\": W}, "
+                                "as @jupyter_stream.batched(max_batch_size=N, wait_ms=W) sends it")
+    size, wait = batch["max_batch_size"], batch["wait_ms"]
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH_SIZE:
+        raise RegistrationError(f"max_batch_size must be a whole number from 1 to {MAX_BATCH_SIZE}, got {size!r}")
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= MAX_BATCH_WAIT_MS or wait != wait:
+        raise RegistrationError(f"wait_ms must be a number of milliseconds from 0 to {MAX_BATCH_WAIT_MS} (10 minutes), "
+                                f"got {wait!r}")
+    return {"max_batch_size": size, "wait_ms": wait}
 
 
 def check_signature(signature: Any) -> dict[str, Any]:

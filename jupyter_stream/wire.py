@@ -22,6 +22,8 @@ Server -> worker (``data["op"]``):
             the request waits for a worker). With ``finish`` (the OpenAI route) the
             worker counts the chunks the function yields and keeps a generator's
             returned `responses.Finish`, for the end's ``finish``.
+            Mode ``"batch"`` runs a batched function once on several callers' inputs
+            (see below).
 ``ack``     the server has written ``bytes`` more bytes of call ``id`` to its client (or
             forwarded that much of a map lane's results); the worker may run that much
             further ahead (credit-based backpressure).
@@ -98,6 +100,18 @@ Map calls (``mode: "map"``) open a lane on a worker; the server feeds it with
             server asks one lane for one revoke at a time, so that another lane that ran
             dry can take the items (work stealing).
 
+Batches (``mode: "batch"``, `@jupyter_stream.batched`): ``batch`` holds ``mode``
+(``"values"`` or ``"http"``: how each input's result travels, as in those modes) and
+``items``, one per input: its own call ``id`` and the indices of the buffers that hold its
+arguments: ``pickled`` (a pickled ``(args, kwargs)``), or ``args`` (a pickled argument
+tuple of a map) with ``kwargs`` (the map's pickled ``((), kwargs)``, shared by its
+inputs), or ``json`` (an HTTP request's keyword arguments) with ``request``. The worker
+calls the function once with one list per parameter and sends each input's result (or
+each yielded list's element) as the output of that input's ``id``, each ending on its
+own, then ends the batch's ``id``; an error of the whole batch ends every input with it.
+Each input can be cancelled alone (``cancel`` with its ``id``); ``timeout``, ``interrupt``
+and the seat on the worker belong to the batch's ``id``.
+
 Between clients (notebook kernels, scripts, workers) and the server, calls of
 ``%%stream_function`` functions travel over one WebSocket per client as binary frames
 made by `encode_frame`: a JSON header and a payload. Client -> server ops: ``call``
@@ -147,7 +161,7 @@ ACK_MESSAGES_EVERY = 64
 
 #: Changes whenever a message changes meaning: a worker kernel whose jupyter-stream speaks
 #: another version is refused at start (install the same version there).
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 #: Functions a worker keeps unpickled at most; the server tells it to forget the least
 #: recently used beyond this (and at once those no registration uses any more).

@@ -146,7 +146,7 @@ REGISTRATION_CASES = [
     ("reg-var-keyword", "endpoints", endpoint_registration(signature={"params": [], "var_keyword": "yes"}), "true or false"),
     ("reg-doc-int", "endpoints", endpoint_registration(doc=5), "'doc' must be a string"),
     ("reg-doc-huge", "endpoints", endpoint_registration(doc="x" * 70_000), "at most 65536 characters"),
-    ("reg-endpoint-unknown-field", "endpoints", endpoint_registration(retries=2), "allowed: ['doc', 'function'"),
+    ("reg-endpoint-unknown-field", "endpoints", endpoint_registration(retries=2), "allowed: ['batch', 'doc', 'function'"),
     ("fn-not-json", "functions", b"nope", "send UTF-8 JSON"),
     ("fn-no-name", "functions", {"function": FUNCTION}, "has no 'name'"),
     ("fn-bad-name", "functions", function_registration(name="a/b"), "use letters, digits"),
@@ -166,7 +166,7 @@ REGISTRATION_CASES = [
     ("fn-timeout-inf", "functions", b'{"name": "fine_fn", "function": "' + FUNCTION.encode() + b'", "timeout": Infinity}',
      "null for none"),
     ("fn-generator-string", "functions", function_registration(generator="yes"), "'generator' must be true or false"),
-    ("fn-unknown-field", "functions", function_registration(media_type="text/plain"), "allowed: ['doc', 'function'"),
+    ("fn-unknown-field", "functions", function_registration(media_type="text/plain"), "allowed: ['batch', 'doc', 'function'"),
     ("fn-doc-list", "functions", function_registration(doc=["x"]), "'doc' must be a string"),
 ]
 

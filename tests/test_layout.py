@@ -57,7 +57,7 @@ def test_the_public_names():
     assert jupyter_stream.__all__ == [
         "Endpoint", "Finish", "Function", "FunctionCall", "FunctionTimeoutError", "RemoteError", "Request", "ServerConnection",
         "Share", "StreamingResponse", "WorkerDied", "WorkerError", "connect", "endpoint", "function", "get_connection",
-        "list", "serve_forever", "sse", "cls", "enter", "exit", "method",
+        "list", "serve_forever", "sse", "cls", "enter", "exit", "method", "batched",
     ]
     for name in jupyter_stream.__all__:
         assert getattr(jupyter_stream, name) is not None

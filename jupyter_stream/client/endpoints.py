@@ -18,6 +18,7 @@ from ..errors import NotRegisteredError
 from ..requirements import requirement_fields
 from ..responses import SSE
 from ..signatures import check_media_type, describe_parameters, parse_expires
+from .batched import batch_of, item_signature
 from .connection import ServerConnection, get_connection
 from .registration import register
 
@@ -201,6 +202,7 @@ def register_endpoint(
     openai_count_chunks: bool = False,
     history: bool = True,
     resumable: bool | float = False,
+    batch: dict[str, Any] | None = None,
     **requirements: Any,
 ) -> Endpoint:
     """Register `fn` with the server as endpoint `name` (default: the function's name).
@@ -214,17 +216,23 @@ def register_endpoint(
     (`Endpoint.requests`). `resumable` True (a 30 s window) or seconds: a client that
     loses its connection gets the rest of the stream with ``Last-Event-ID`` (an
     ``EventSource`` does so by itself) instead of running the function again; the run
-    goes on that long with no client."""
+    goes on that long with no client. `batch` (or ``@jupyter_stream.batched``): requests
+    are run in batches, the function taking lists (its parameters describe one request's)."""
     openai = bool(openai or openai_count_chunks)
-    count = {"openai_count_chunks": True} if openai_count_chunks else {}
+    count: dict[str, Any] = {"openai_count_chunks": True} if openai_count_chunks else {}
     if not history:
         count["history"] = False
     if resumable is not False and resumable is not None:
         count["resumable"] = resumable
+    signature = describe_parameters(fn) if callable(fn) else None
+    batch = batch_of(fn, batch) if callable(fn) else batch
+    if batch is not None:
+        count["batch"] = batch
+        signature = item_signature(signature) if signature is not None else None
     if media_type is not None:  # undeclared: streams are SSE, values are sent as FastAPI does
         check_media_type(media_type)
     name, reply, conn = register(
-        "endpoint", fn, name, connection, persist, media_type=media_type, signature=describe_parameters(fn) if callable(fn) else None,
+        "endpoint", fn, name, connection, persist, media_type=media_type, signature=signature,
         requirements=requirement_fields(**requirements), queue_timeout=queue_timeout, openai=openai, **count,
     )
     handle = Endpoint(name, conn.endpoint_url(name), reply.get("media_type") or media_type or SSE, fn, conn, reply.get("parameters"))

@@ -21,6 +21,7 @@ from .. import wire
 from ..errors import rebuild
 from ..requirements import requirement_fields
 from ..signatures import MAX_RETRIES, MAX_TIMEOUT
+from .batched import batch_of
 from .calls import CallStream, calls_socket
 from .connection import ServerConnection, get_connection
 from .progress import MapProgress
@@ -592,19 +593,25 @@ def register_function(
     connection: ServerConnection | None = None,
     persist: bool = False,
     queue_timeout: float | None = None,
+    batch: dict[str, Any] | None = None,
     **requirements: Any,
 ) -> Function:
     """Register `fn` with the server so workers can run it; returns its `Function` handle.
     Like endpoints, it belongs to the server, and `requirements` choose its workers (see
     `register_endpoint`). `queue_timeout`: seconds a call may wait for a worker (default:
-    as long as it takes, 60 for a call made from inside a worker)."""
+    as long as it takes, 60 for a call made from inside a worker). `batch`
+    (``{"max_batch_size", "wait_ms"}``, else what ``@jupyter_stream.batched`` marked):
+    the server runs its callers' inputs in batches (`batched`)."""
     if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
         raise ValueError(f"retries must be a whole number from 0 to {MAX_RETRIES}")
     if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError(f"timeout must be a positive number of seconds, at most {MAX_TIMEOUT:g} (7 days)")
     is_generator = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
     fields = requirement_fields(**requirements)
-    extra = {"queue_timeout": queue_timeout} if queue_timeout is not None else {}
+    extra: dict[str, Any] = {"queue_timeout": queue_timeout} if queue_timeout is not None else {}
+    batch = batch_of(fn, batch)
+    if batch is not None:
+        extra["batch"] = batch
     name, _, conn = register("function", fn, name, connection, persist, generator=is_generator, retries=retries, timeout=timeout,
                              requirements=fields, **extra)
     return Function(name, is_generator, fn, conn)

@@ -7,7 +7,8 @@ handle, which is also the cell's output. ``%%stream_function [--name NAME] [--re
 
 Both take the worker requirements: ``--gpu SPEC`` (any, N, TYPE, TYPE:N, H100,A100:2),
 ``--min-workers N``, ``--max-workers N``, ``--scaledown-window S``, ``--kernel NAME`` and
-``--env KEY=VALUE`` (repeatable).
+``--env KEY=VALUE`` (repeatable), and ``--batch N [--batch-wait MS]``
+(`@jupyter_stream.batched`: the function takes lists, callers single inputs).
 """
 
 from __future__ import annotations
@@ -48,6 +49,27 @@ def requirement_arguments(fn: Any) -> Any:
     for option in options:
         fn = option(fn)
     return fn
+
+
+#: milliseconds a batch waits to fill when ``--batch`` comes without ``--batch-wait``
+DEFAULT_BATCH_WAIT_MS = 10
+
+
+def batch_arguments(fn: Any) -> Any:
+    """``--batch N --batch-wait MS``: `@jupyter_stream.batched` for a cell's function."""
+    fn = argument("--batch-wait", type=float, default=None, metavar="MS",
+                  help=f"Milliseconds a batch waits to fill after its first input (default {DEFAULT_BATCH_WAIT_MS}).")(fn)
+    return argument("--batch", type=int, default=None, metavar="N",
+                    help="Run callers' inputs in batches of up to N: the function takes lists and returns a list.")(fn)
+
+
+def batch_of_args(args: Any, magic: str) -> dict[str, Any] | None:
+    if args.batch is None:
+        if args.batch_wait is not None:
+            raise UsageError(f"%%{magic}: --batch-wait needs --batch N (the largest batch)")
+        return None
+    wait = DEFAULT_BATCH_WAIT_MS if args.batch_wait is None else args.batch_wait
+    return {"max_batch_size": args.batch, "wait_ms": int(wait) if float(wait).is_integer() else wait}
 
 
 def requirements_of(args: Any) -> dict[str, Any]:
@@ -177,6 +199,7 @@ class StreamMagics(Magics):
               "with Last-Event-ID (an EventSource does so by itself) or ?last_event_id= gets what it missed and the "
               "rest, without running the function again; ?stream=<id> (the X-Stream-Id header) lets others follow. "
               "With no client, the run goes on WINDOW seconds (default 30), then is cancelled.")
+    @batch_arguments
     @requirement_arguments
     @cell_magic
     def stream_endpoint(self, line: str, cell: str) -> Any:
@@ -186,6 +209,7 @@ class StreamMagics(Magics):
             lambda fn, args: register_endpoint(fn, args.name, args.media_type, persist=args.persist, queue_timeout=args.queue_timeout,
                                                openai=args.openai, openai_count_chunks=args.openai_count_chunks,
                                                history=not args.no_history, resumable=args.resumable,
+                                               batch=batch_of_args(args, "stream_endpoint"),
                                                **requirements_of(args)),
         )
 
@@ -197,6 +221,7 @@ class StreamMagics(Magics):
     @argument("--queue-timeout", type=float, default=None, metavar="S",
               help="Seconds a call may wait for a worker before it fails (default: as long as it takes; "
                    "60 for a call made from inside a worker).")
+    @batch_arguments
     @requirement_arguments
     @cell_magic
     def stream_function(self, line: str, cell: str) -> Any:
@@ -204,7 +229,8 @@ class StreamMagics(Magics):
         return self._register_cell(  # its repr is the cell's one-line confirmation
             self.stream_function, line, cell,
             lambda fn, args: register_function(fn, args.name, args.retries, args.timeout, persist=args.persist,
-                                               queue_timeout=args.queue_timeout, **requirements_of(args)),
+                                               queue_timeout=args.queue_timeout, batch=batch_of_args(args, "stream_function"),
+                                               **requirements_of(args)),
         )
 
 

@@ -338,7 +338,7 @@ class JupyterStream(ExtensionApp):
         self.check_machine(body["requirements"])
         name, blob = body["name"], body["blob"]
         common = dict(name=name, fn_hash=wire.content_hash(blob), fn_blob=blob, doc=body["doc"], persist=body.get("persist", False),
-                      owner=body["owner"], requirements=body["requirements"])
+                      owner=body["owner"], requirements=body["requirements"], batch=body["batch"])
         previous = self.registries[kind].get(name)
         if restoring and previous is not None:
             raise RuntimeError("a newer registration of that name was made while it was being restored; kept the newer one")
@@ -644,7 +644,8 @@ class JupyterStream(ExtensionApp):
     def info(self, spec: EndpointSpec | FunctionSpec) -> dict[str, Any]:
         """What the API shows of an endpoint or function."""
         common = {"name": spec.name, "doc": spec.doc, "persist": spec.persist, "created": spec.created,
-                  "owner": spec.owner, "stats": dict(spec.stats), "requirements": public_requirements(spec.requirements)}
+                  "owner": spec.owner, "stats": dict(spec.stats), "requirements": public_requirements(spec.requirements),
+                  "batch": spec.batch, **({"batching": spec.batcher.info()} if spec.batcher is not None else {})}
         if isinstance(spec, FunctionSpec):
             return {**common, "generator": spec.is_generator, "retries": spec.retries, "timeout": spec.timeout,
                     "queue_timeout": spec.queue_timeout}

@@ -45,6 +45,7 @@ from ..errors import WorkerError, error_body, error_info
 from ..responses import SSE, check_headers, check_status
 from ..signatures import parse_expires
 from . import metrics
+from .batching import BatchItem, batcher_for
 from .history import clean_headers, clean_query
 from .kernels import OutputQueue
 from .registry import RESERVED_QUERY, EndpointSpec, FunctionSpec, ParameterError, RegistrationError, loads_json
@@ -301,6 +302,10 @@ class EndpointHandler(StreamHandlerBase):
             kwargs = self.encode_kwargs(spec.bind(self.query_parameters(), None))
         except ParameterError:
             return
+        if spec.batch is not None:  # a batched endpoint's request joins its next batch
+            self.count_call(spec)
+            self.join_batch(spec, kwargs, spec.media_type)
+            return
         worker = self.stream.pool_for(spec).try_acquire()
         if worker is None:
             return  # all busy: get() waits in the queue, with its heartbeats and timeout
@@ -527,7 +532,9 @@ class EndpointHandler(StreamHandlerBase):
         client left, a header tornado refuses, a bug of ours), the call is cancelled on
         its worker: it never runs on for nobody."""
         media_type = media_type or spec.media_type
-        if self.run is None:  # (a GET's call may have started in prepare)
+        if self.run is None and spec.batch is not None:
+            self.join_batch(spec, kwargs, media_type)
+        elif self.run is None:  # (a GET's call may have started in prepare)
             worker = await self.wait_for_worker(spec, (media_type or "").startswith(SSE))
             if worker is None:
                 return
@@ -591,6 +598,10 @@ class EndpointHandler(StreamHandlerBase):
                 if output.ended:
                     break
             if output.error is not None:
+                if output.error.get("type") == "QueueTimeout" and not self._headers_written:  # (a batched request's)
+                    metrics.QUEUE_TIMEOUTS.labels(spec.name).inc()
+                    self.retry_after = max(1, min(int(spec.queue_timeout), 30))
+                    raise web.HTTPError(503, output.error["message"])
                 stats["errors"] += 1
                 self.failed(output.error, sse)
             else:
@@ -609,6 +620,28 @@ class EndpointHandler(StreamHandlerBase):
                                           json_kwargs=kwargs, request=request, finish=self.reads_finish)
         run.on_crash = lambda exc: output({"end": True, "error": error_info(
             "WorkerError", f"the server failed while relaying this call: {type(exc).__name__}: {exc}")}, [])
+
+    def join_batch(self, spec: EndpointSpec, kwargs: bytes, media_type: str | None) -> None:
+        """A batched endpoint's request joins the endpoint's next batch (`batching`):
+        `self.run` is its `BatchItem`, relayed as a run is. While it waits, `relay` sends an
+        SSE stream its heartbeats; past the endpoint's --queue-timeout it is a 503."""
+        self.call_kwargs = kwargs
+        output = self.output = OutputQueue(on_print=lambda printed: self.printed(spec, self.worker_name or "?", printed))
+        request = self.request_info(spec.request_parameter) if spec.request_parameter else None
+
+        def started(run: Any) -> None:
+            self.worker_name = run.worker.name
+            run.on_crash = lambda exc: output({"end": True, "error": error_info(
+                "WorkerError", f"the server failed while relaying this call: {type(exc).__name__}: {exc}")}, [])
+
+        def timed_out(waited: float) -> None:
+            output({"end": True, "error": error_info("QueueTimeout", (
+                f"all {len(self.stream.pool_for(spec).workers)} worker(s) of endpoint {spec.name!r} are busy: the request "
+                f"waited {spec.queue_timeout:g} s for a batch (its --queue-timeout); retry in a moment"))}, [])
+
+        self.run = BatchItem(output, {"json": kwargs, "request": request}, started=started, timed_out=timed_out,
+                             refused=lambda error: output({"end": True, "error": error}, []), queue_timeout=spec.queue_timeout)
+        batcher_for(spec, "endpoint").submit(self.run, self.stream.pool_for(spec))
 
     @staticmethod
     def bad_start(start: dict[str, Any]) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import logging
 import uuid
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 from jupyter_client.manager import AsyncKernelManager
 
 from .. import wire
-from ..errors import MessageTooLarge, WorkerError, error_payload, worker_died_error
+from ..errors import MessageTooLarge, WorkerError, error_info, error_payload, worker_died_error
 from .transports import WorkerTransport, transport_class
 
 log = logging.getLogger("jupyter_stream")
@@ -53,6 +54,11 @@ class Run:
     """The server's end of one call running on a worker: its output goes to `on_output`
     (called with each ``out`` message's data and buffers, the end included), and the
     typed methods below are everything the server may tell the worker about it."""
+
+    #: of a batch (`WorkerKernel.start_batch`): an input's run names its batch's run, which
+    #: holds the worker's seat; the batch's run lists its inputs' runs
+    batch: Run | None = None
+    items: list[Run] = []
 
     def __init__(self, worker: WorkerKernel, call_id: str, window: int, on_output: OnOutput):
         self.worker = worker
@@ -199,6 +205,34 @@ class OutputQueue:
         """The response's start (status, headers, media type), once it has come."""
         self.start_unread = False
         return self.start
+
+
+def _no_output(data: dict[str, Any], buffers: list) -> None:
+    pass
+
+
+def _batch_output(batch: Run, data: dict[str, Any], buffers: list) -> None:
+    """Output of a batch's own run: what its code printed goes to every caller whose input
+    is in it; its end (after its inputs' ends) fails the inputs it did not end, with its
+    error (its worker died, it timed out, it could not start) or saying so."""
+    printed = data.get("print")
+    if printed:
+        for run in batch.items:
+            if not run.ended and not run.cancelled:
+                run.on_output({"print": printed}, [])
+    if data.get("end"):
+        error = data.get("error") or error_info("WorkerError", "the batch ended without a result for this input")
+        for run in batch.items:
+            run.fail(error)
+
+
+def _batch_crashed(batch: Run, exc: BaseException) -> None:
+    """Relaying a batch's own output failed (a bug of ours): its inputs end with the error."""
+    error = error_info("WorkerError", f"the server failed while relaying this batch: {type(exc).__name__}: {exc}")
+    for run in batch.items:
+        if not run.ended:
+            run.cancel()
+            run.fail(error)
 
 
 def _time_out(wakeup: asyncio.Future) -> None:
@@ -447,9 +481,56 @@ class WorkerKernel:
         if known and self.alive:
             self.send(wire.forget_message(known))
 
+    def start_batch(self, fn_hash: str, fn_blob: bytes, inputs: list[tuple[OnOutput, dict[str, Any]]], *, mode: str,
+                    media_type: str | None = None, timeout: float | None = None) -> list[Run]:
+        """Start one batch of a batched function (``mode: "batch"`` in `wire`): one call that
+        runs the function once on several callers' inputs. Each input (its output taker,
+        and ``pickled`` arguments, or ``args`` and the map's ``kwargs``, or ``json``
+        arguments and a ``request``) gets a run of its own, which carries its output and
+        can be cancelled alone; the batch's own run holds the worker's seat, ends after
+        its inputs' runs and fails those it did not end (`_batch_output`). `mode` is how
+        each input's result travels: ``values`` or ``http``. Returns the inputs' runs."""
+        batch = Run(self, uuid.uuid4().hex[:16], wire.DEFAULT_WINDOW, _no_output)
+        batch.on_output = functools.partial(_batch_output, batch)
+        batch.on_crash = functools.partial(_batch_crashed, batch)
+        batch.items = []
+        self.runs[batch.id] = batch
+        send_fn = fn_hash not in self.functions
+        buffers: list[bytes] = [fn_blob] if send_fn else []
+        shared: dict[int, int] = {}  # a map's kwargs travel once for all its inputs
+        described = []
+        for on_output, fields in inputs:
+            run = Run(self, uuid.uuid4().hex[:16], wire.DEFAULT_WINDOW, on_output)
+            run.batch = batch
+            self.runs[run.id] = run
+            batch.items.append(run)
+            entry: dict[str, Any] = {"id": run.id}
+            for key in ("pickled", "args", "json"):
+                if key in fields:
+                    entry[key] = len(buffers)
+                    buffers.append(fields[key])
+            if "kwargs" in fields:
+                blob = fields["kwargs"]
+                if id(blob) not in shared:
+                    shared[id(blob)] = len(buffers)
+                    buffers.append(blob)
+                entry["kwargs"] = shared[id(blob)]
+            if fields.get("request") is not None:
+                entry["request"] = fields["request"]
+            described.append(entry)
+        runs = list(batch.items)
+        if not self.alive:  # replaced between being handed out and this batch: fail it next turn
+            asyncio.get_running_loop().call_soon(batch.fail, worker_died_error("replaced before the batch started"))
+            return runs
+        message = wire.call_message(batch.id, fn_hash, send_fn, "batch", wire.DEFAULT_WINDOW, media_type=media_type,
+                                    timeout=timeout, batch={"mode": mode, "items": described})
+        if self.send(message, buffers):
+            self.remember(fn_hash)
+        return runs
+
     def run_ended(self, run: Run) -> None:
-        if self.runs.pop(run.id, None) is not None and not run.abandoned:
-            self.pool.release(self)
+        if self.runs.pop(run.id, None) is not None and not run.abandoned and run.batch is None:
+            self.pool.release(self)  # (a batch's input holds no seat: its batch does)
 
     def abandon(self, run: Run) -> None:
         """A cancelled call stops counting against this kernel now, whatever its code is
@@ -458,6 +539,11 @@ class WorkerKernel:
         if run.id not in self.runs or run.abandoned:
             return
         run.abandoned = True
+        batch = run.batch
+        if batch is not None:  # one input of a batch: the batch keeps its seat while others want it
+            if all(item.abandoned or item.ended for item in batch.items):
+                batch.cancel()  # (which frees the seat, and stops its code as a single call's)
+            return
         self.pool.release(self)
         grace = self.pool.cancel_grace_period
         loop = asyncio.get_running_loop()

@@ -25,6 +25,7 @@ from ..signatures import (
     MAX_RETRIES,
     MAX_TIMEOUT,
     RegistrationError,
+    check_batch,
     check_media_type,
     check_name,
     check_signature,
@@ -100,8 +101,9 @@ def loads_json(raw: bytes | str, what: str) -> Any:
 
 REGISTRATION_FIELDS = {
     "endpoint": {"name", "function", "media_type", "signature", "doc", "persist", "owner", "requirements", "queue_timeout", "openai",
-                 "openai_count_chunks", "history", "resumable"},
-    "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner", "requirements", "queue_timeout"},
+                 "openai_count_chunks", "history", "resumable", "batch"},
+    "function": {"name", "function", "generator", "retries", "timeout", "doc", "persist", "owner", "requirements", "queue_timeout",
+                 "batch"},
 }
 
 
@@ -147,6 +149,7 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
     if not isinstance(body.get("persist", False), bool):
         raise RegistrationError("'persist' must be true or false")
     body["requirements"] = check_requirements(body.get("requirements"))
+    body["batch"] = check_batch(body.get("batch"))
     if kind == "endpoint":
         # None: not declared; the worker picks it from what the function returns
         body["media_type"] = check_media_type(body["media_type"]) if body.get("media_type") is not None else None
@@ -165,6 +168,9 @@ def parse_registration(raw: bytes, kind: str) -> dict[str, Any]:
         if not isinstance(count, bool) or (count and not body["openai"]):
             raise RegistrationError("'openai_count_chunks' must be true or false, and true only with 'openai'")
         body["openai_count_chunks"] = count
+        if body["openai"] and body["batch"] is not None:
+            raise RegistrationError("an --openai endpoint cannot be batched (yet): serve the batched model through a "
+                                    "batched %%stream_function that the --openai endpoint calls")
         if not isinstance(body.get("history", True), bool):
             raise RegistrationError("'history' must be true or false (false: keep none of its requests)")
         body["history"] = body.get("history", True)
@@ -299,6 +305,10 @@ class EndpointSpec:
     #: what its workers need (`requirements.check_requirements`): GPUs, pool size, kernel, env
     requirements: dict[str, Any] = field(default_factory=dict)
     pool: Any = field(default=None, repr=False, compare=False)  # the pool of those requirements (`JupyterStream.pool_for`)
+    #: ``{"max_batch_size", "wait_ms"}`` when its requests run in batches (`batching`), and
+    #: the `batching.Batcher` that forms them
+    batch: dict[str, Any] | None = None
+    batcher: Any = field(default=None, repr=False, compare=False)
     created: float = field(default_factory=time.time)
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     #: the last lines its code printed, for the endpoint card's live view
@@ -404,6 +414,10 @@ class FunctionSpec:
     owner: str = ""
     requirements: dict[str, Any] = field(default_factory=dict)
     pool: Any = field(default=None, repr=False, compare=False)
+    #: ``{"max_batch_size", "wait_ms"}`` when its calls run in batches (`batching`), and
+    #: the `batching.Batcher` that forms them
+    batch: dict[str, Any] | None = None
+    batcher: Any = field(default=None, repr=False, compare=False)
     created: float = field(default_factory=time.time)
     stats: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 

@@ -23,6 +23,7 @@ from typing import Any
 from .. import wire
 from ..errors import WorkerError, error_info, gave_up_error
 from . import metrics, supervision
+from .batching import BatchItem, batcher_for
 from .kernels import Run, WorkerKernel
 from .pool import WorkerPool
 from .registry import DEFAULT_QUEUE_TIMEOUT, FunctionSpec, Registry
@@ -86,8 +87,10 @@ def queue_timeout_error(spec: FunctionSpec, pool: WorkerPool, waited: float) -> 
 
 
 def killed_alone(run: Run) -> bool:
-    """Whether `run` was the only one on its kernel when the kernel died."""
-    return run.worker.died_with == {run.id}
+    """Whether `run` was the only one on its kernel when the kernel died (an input of a
+    batch: the only input of the only batch there)."""
+    died_with = run.worker.died_with
+    return died_with == {run.id} or (run.batch is not None and died_with == {run.id, run.batch.id})
 
 
 class RemoteCall:
@@ -104,6 +107,8 @@ class RemoteCall:
         self.run: Run | None = None
         self.cancelled = False
         self.task: asyncio.Task | None = None
+        #: its input to its function's batches, when the function is batched (`batching`)
+        self.item: BatchItem | None = None
         self.started = time.time()
         self.activity_id: str | None = None  # in the server's `Activity` (the Streams panel)
         self.attempt()
@@ -119,7 +124,11 @@ class RemoteCall:
         self.session.end(self.id, error_info("WorkerError", f"the call was {why}"))
         self.cancel()
     def attempt(self) -> None:
-        """Start on an idle worker now (the common, fast case), or wait for one."""
+        """Start on an idle worker now (the common, fast case), or wait for one; a batched
+        function's call joins its next batch instead."""
+        if self.spec.batch is not None:
+            self.join_batch()
+            return
         worker = self.session.worker_now(self.pool)
         if worker is not None:
             self.launch(worker)
@@ -142,6 +151,23 @@ class RemoteCall:
             self.pool.release(worker)
             return
         self.launch(worker)
+
+    def join_batch(self) -> None:
+        """Join the function's next batch (`batching`). After its kernel died under it, it
+        runs in a batch of its own, so that a death can be blamed on it."""
+        nested = self.session.caller is not None
+        self.item = BatchItem(self.on_output, {"pickled": self.args}, refused=self.finish_with, timed_out=self.batch_timed_out,
+                              queue_timeout=queue_timeout(self.spec, nested), started=self.batch_started, nested=nested,
+                              alone=self.shared_deaths > 0)
+        batcher_for(self.spec, "function").submit(self.item, self.pool)
+
+    def batch_started(self, run: Run) -> None:
+        self.attempts += 1
+        self.run = run
+        run.on_crash = self.crashed
+
+    def batch_timed_out(self, waited: float) -> None:
+        self.finish_with(queue_timeout_error(self.spec, self.pool, round(waited, 1)))
 
     def crashed(self, exc: BaseException) -> None:
         """A failure of ours while placing or relaying this call: it ends with the error."""
@@ -200,6 +226,8 @@ class RemoteCall:
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.item is not None:
+            self.item.cancel()  # (leaves its batcher's queue)
         if self.run is not None:
             self.run.cancel()
         if self.task is not None and not self.task.done():
@@ -674,6 +702,138 @@ class MapCall:
         self.session.end(self.id, error)
 
 
+class BatchedMapCall:
+    """A `.map()` (`.starmap`, `.for_each`) of a batched function: each input joins the
+    function's batches (`batching`), next to every other caller's inputs, instead of
+    lanes of its own. Results go back as they complete (the client restores input order),
+    a batch's worth in one frame; failed inputs are retried (`--retries`), and inputs
+    whose kernel died under them run again alone, as a map's do."""
+
+    def __init__(self, session: ClientSession, call_id: str, spec: FunctionSpec, kwargs: bytes):
+        self.session, self.id, self.spec, self.kwargs = session, call_id, spec, kwargs
+        self.pool = session.pool_for(spec)
+        self.batcher = batcher_for(spec, "function")
+        self.items: dict[int, BatchItem] = {}  # index -> its input, until answered
+        self.attempts: dict[int, int] = {}  # index -> times it failed and was run again
+        self.deaths: dict[int, int] = {}  # index -> kernels that died running it alone
+        self.shared_deaths: dict[int, int] = {}
+        self.results: list[tuple[int, bool | None, bytes]] = []  # answered, for the next frame
+        self.flushing = False
+        self.inputs_done = self.cancelled = self.finished = False
+        self.started = time.time()
+        self.activity_id: str | None = None
+        self.received = self.done = self.failed = self.retried = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": "map", "function": self.spec.name, "started": self.started, "done": self.done,
+                "total": self.received if self.inputs_done else None, "failed": self.failed, "retried": self.retried,
+                "lanes": 0, "client": self.session.client}
+
+    def stop(self, why: str) -> None:
+        if not self.finished:
+            self.session.end(self.id, error_info("WorkerError", f"the map was {why}"))
+            self.cancel()
+
+    def add_items(self, count: int, payload: memoryview) -> None:
+        indices, sizes, _, pickles = wire.unpack_items(payload, count, outcomes=False)
+        self.received += len(indices)
+        self.spec.stats["items"] += len(indices)
+        for index, blob in zip(indices, wire.cut(pickles, sizes)):
+            self.submit(index, blob)
+
+    def submit(self, index: int, args: bytes, alone: bool = False) -> None:
+        item = BatchItem(functools.partial(self.on_output, index), {"args": args, "kwargs": self.kwargs},
+                         refused=functools.partial(self.answer, index, False), nested=self.session.caller is not None,
+                         alone=alone)
+        self.items[index] = item
+        self.batcher.submit(item, self.pool)
+
+    def end_of_inputs(self) -> None:
+        self.inputs_done = True
+        self.maybe_finish()
+
+    def on_output(self, index: int, data: dict[str, Any], buffers: list) -> None:
+        item = self.items.get(index)
+        if item is None or self.cancelled:
+            return
+        if data.get("print"):
+            self.session.send({"op": "out", "id": self.id, "print": data["print"], "worker": item.worker.name})
+        if not data.get("end"):
+            if buffers and buffers[0].nbytes:  # its value, ahead of its end
+                item.fields["value"] = bytes(buffers[0])
+            return
+        error = data.get("error")
+        if error is None:
+            value = bytes(buffers[0]) if buffers and buffers[0].nbytes else item.fields.get("value", b"")
+            self.answer(index, True, value)
+            return
+        args = item.fields["args"]
+        if error.get("type") == "WorkerDied":
+            self.shared_deaths[index] = self.shared_deaths.get(index, 0) + 1
+            if killed_alone(item.run):
+                self.deaths[index] = self.deaths.get(index, 0) + 1
+            if self.deaths.get(index, 0) < MAX_DEATHS and self.shared_deaths[index] < MAX_SHARED_DEATHS:
+                self.again(index, args, alone=True)
+                return
+            error = gave_up_error(self.shared_deaths[index])
+        elif self.attempts.get(index, 0) < self.spec.retries:
+            self.attempts[index] = self.attempts.get(index, 0) + 1
+            self.again(index, args, alone=False)
+            return
+        self.answer(index, False, error)
+
+    def again(self, index: int, args: bytes, alone: bool) -> None:
+        """Run input `index` again (the client hears it is being retried)."""
+        self.spec.stats["retried"] += 1
+        self.retried += 1
+        self.results.append((index, None, b""))
+        self.flush_soon()
+        self.submit(index, args, alone)
+
+    def answer(self, index: int, ok: bool, value: Any) -> None:
+        """Input `index` is done: its pickled result, or its error (a dict)."""
+        if self.items.pop(index, None) is None or self.cancelled:
+            return
+        if not ok:
+            self.spec.stats["failed"] += 1
+            self.failed += 1
+            value = wire.dumps(value)
+        self.done += 1
+        metrics.MAP_ITEMS.labels(self.spec.name, "done" if ok else "failed").inc()
+        self.results.append((index, ok, value))
+        self.flush_soon()
+
+    def flush_soon(self) -> None:
+        """Send what is answered in one frame, once this loop turn has answered all it will
+        (a batch's inputs end in one message from the worker)."""
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flushing = False
+        results, self.results = self.results, []
+        if results and not self.cancelled:
+            outcomes = bytes(wire.ITEM_RETRIED if ok is None else wire.ITEM_OK if ok else wire.ITEM_FAILED for _, ok, _ in results)
+            self.session.send({"op": "out", "id": self.id, "items": len(results), "lanes": 1},
+                              wire.pack_items([i for i, _, _ in results], [len(v) for _, _, v in results], outcomes),
+                              *(v for _, _, v in results))
+        self.maybe_finish()
+
+    def maybe_finish(self) -> None:
+        if self.finished or self.cancelled or not self.inputs_done or self.items or self.results:
+            return
+        self.finished = True
+        metrics.CALLS.labels(self.spec.name, "done").inc()
+        self.session.end(self.id)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        items, self.items = self.items, {}
+        for item in items.values():
+            item.cancel()
+        self.session.forget(self.id)
+
 def check_frame(header: dict[str, Any], payload: memoryview) -> None:
     """Raise `wire.FrameError` unless `header` is a well-formed client op (see `wire`)."""
     op, call_id = header.get("op"), header.get("id")
@@ -747,7 +907,10 @@ class ClientSession:
                 self.end(call_id, error_info("LookupError", self.functions.not_found(header["fn"]), "builtins"))
                 return
             spec.stats["calls"] += 1
-            kind = MapCall if header.get("kind") == "map" else RemoteCall
+            if header.get("kind") == "map":
+                kind = MapCall if spec.batch is None else BatchedMapCall
+            else:
+                kind = RemoteCall
             call = self.calls[call_id] = kind(self, call_id, spec, payload.tobytes())
             if self.activity is not None:
                 call.activity_id = self.activity.started(call)
@@ -755,7 +918,7 @@ class ClientSession:
         call = self.calls.get(call_id)
         if call is None:  # ended, or cancelled: frames already on their way are dropped
             return
-        if op in ("items", "inputs_done") and not isinstance(call, MapCall):
+        if op in ("items", "inputs_done") and isinstance(call, RemoteCall):
             raise wire.FrameError(f"{op!r} is for map calls; call {call_id!r} is a remote call")
         if op == "ack" and not isinstance(call, RemoteCall):
             raise wire.FrameError(f"'ack' is for remote calls; call {call_id!r} is a map")

@@ -47,6 +47,11 @@ class RunCancelled(BaseException):
 class Run:
     """One running call: its output buffer, credit and state, guarded by the worker lock."""
 
+    #: of a batch (see `batches`): an input's run names its batch's run, which runs the
+    #: code; the batch's run lists its inputs' runs
+    batch: Run | None = None
+    items: list[Run] = []
+
     def __init__(self, worker: Worker, call_id: str, window: int):
         self.worker = worker
         self.id = call_id

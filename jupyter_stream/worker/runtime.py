@@ -29,7 +29,7 @@ import cloudpickle
 from .. import wire
 from ..errors import error_info, error_payload, timeout_error
 from ..responses import SSE, Finish, Finished, StreamingResponse, encoder_for, plain_response
-from . import arguments
+from . import arguments, batches
 from .direct import DirectChannel
 from .runs import Run, RunCancelled, RunThreads, pack, text_safe
 
@@ -240,6 +240,8 @@ class Worker:
         run = Run(self, data["id"], data.get("window", wire.DEFAULT_WINDOW))
         self.runs[run.id] = run
         try:
+            if data.get("mode") == "batch":
+                batches.prepare(self, run, data)
             key = data["fn"]
             fn = self.functions.get(key)
             if fn is None:
@@ -248,7 +250,9 @@ class Worker:
                 fn = self.pickled.get(key)
             self.threads.submit(self.execute, run, data, buffers, fn)
         except BaseException as exc:  # noqa: BLE001 - say so to the caller rather than leave it waiting
-            run.finish(error_payload(exc, pickled=data.get("mode") != "http"))
+            error = error_payload(exc, pickled=data.get("mode") != "http")
+            for each in (*run.items, run):
+                each.finish(error)
 
     def add_batch(self, data: dict[str, Any], buffers: list) -> None:
         """More map items for a lane: (index, pickled args) pairs cut from one buffer."""
@@ -289,6 +293,8 @@ class Worker:
             run.batches.clear()
             run.wake()
             run.has_batch.notify_all()
+        if run.batch is not None:  # one input of a batch: it ends now, the batch goes on for the others
+            run.finish(None)
         if run.loop is not None and run.task is not None:
             run.loop.call_soon_threadsafe(run.task.cancel)
 
@@ -335,6 +341,9 @@ class Worker:
         token = _current_run.set(run)
         on_loop = False  # an async function's run goes on on the worker's event loop
         try:
+            if mode == "batch":  # one call for several callers' inputs
+                batches.run_batch(self, run, data, buffers, fn_or_pickle)
+                return
             fn = self.function(data["fn"], fn_or_pickle)
             if mode == "load":  # the server only checks that the pickle loads here
                 return
