@@ -59,13 +59,14 @@ Worker -> server:
             sends comes that way from now on.
 
 The direct channel (local kernels, ``worker_messages = auto | direct``): when the comm's
-``comm_open`` asks for it (``direct``), the worker binds two unix sockets in a private
-directory and names them in ``ready`` (``direct``: ``dir`` and ``secret``; or
-``direct_problem`` saying why it could not). The server connects a DEALER to
-``<dir>/in`` and presents ``[b"hello", secret]``, then sends every message there as
-frames: the message as JSON, then its buffers; the worker answers on ``<dir>/out`` (a PUSH
-socket) the same way, beginning with ``direct``. The same messages, the same meaning:
-only the carrier changes (see `worker.direct` and `server.transports.DirectTransport`).
+``comm_open`` asks for it (``direct``), the worker listens on a unix socket,
+``<dir>/socket`` in a private directory, and names it in ``ready`` (``direct``: ``dir``
+and ``secret``; or ``direct_problem`` saying why it could not). The server connects and
+presents ``{"op": "hello", "secret": ...}``, then sends every message there framed by
+`direct_parts` (a head of part lengths, the message as JSON, its buffers); the worker
+removes the socket (nobody else can connect) and answers on the same connection the same
+way, beginning with ``direct``. The same messages, the same meaning: only the carrier
+changes (see `worker.direct` and `server.transports.DirectTransport`).
 ``out``     output of call ``id``: buffer 0 holds zero or more bytes (many chunks joined);
             optional ``start`` (``status``, ``headers``, ``media_type``) comes with the
             first message, ``end`` is true on the last one, and ``error`` (a dict from

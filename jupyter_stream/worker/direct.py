@@ -40,10 +40,23 @@ READ_SIZE = 1 << 18
 OnMessage = Callable[[dict[str, Any], list], None]
 
 
+#: the longest unix socket path every platform takes (Linux 108 bytes, macOS 104)
+MAX_SOCKET_PATH = 100
+
+
 def runtime_dir() -> str:
     from jupyter_core.paths import jupyter_runtime_dir
 
     return jupyter_runtime_dir()
+
+
+def channel_parent() -> str:
+    """Where the channel's private directory goes: Jupyter's runtime directory, or the
+    system's temporary one when that is too deep for a unix socket's path."""
+    parent = runtime_dir()
+    if len(os.path.join(parent, "jupyter-stream-direct-xxxxxxxx", "socket")) > MAX_SOCKET_PATH:
+        return tempfile.gettempdir()
+    return parent
 
 
 class DirectChannel:
@@ -53,15 +66,19 @@ class DirectChannel:
     def __init__(self, on_message: OnMessage, on_connected: Callable[[], None]):
         self.on_message = on_message
         self.on_connected = on_connected
-        parent = runtime_dir()
+        parent = channel_parent()
         os.makedirs(parent, exist_ok=True)
         self.dir = tempfile.mkdtemp(prefix="jupyter-stream-direct-", dir=parent)
-        os.chmod(self.dir, 0o700)  # only this user may reach the socket (mkdtemp says so too)
-        self.secret = secrets.token_hex(32)
-        self.path = os.path.join(self.dir, "socket")
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(8)
+        try:
+            os.chmod(self.dir, 0o700)  # only this user may reach the socket (mkdtemp says so too)
+            self.secret = secrets.token_hex(32)
+            self.path = os.path.join(self.dir, "socket")
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(self.path)
+            self.listener.listen(8)
+        except BaseException:
+            self.remove()  # no channel: nothing of it is left behind
+            raise
         self.sock: socket.socket | None = None  # the server's connection, once it said hello
         self.connected = False
         self.lock = threading.Lock()  # sends come from several threads (sender, calls, watchdog)

@@ -183,10 +183,16 @@ class Worker:
         self.send({"op": "direct"})
 
     def direct_loop(self) -> None:
-        """The direct channel's reader thread, supervised as the sender is: if it fails,
-        nothing the server says arrives any more; the worker says why and exits."""
+        """The direct channel's reader thread, supervised as the sender is. When the server
+        closes the channel it is shutting this kernel down (or gone): what is still sent
+        goes through the comm, and the kernel ends the usual way, its calls' ``finally``
+        blocks and exit handlers run. If the reader fails otherwise, nothing the server
+        says arrives any more: the worker says why and exits."""
         try:
             self.direct.read_forever()
+        except (ConnectionError, EOFError) as exc:  # the server closed it
+            self.direct.connected = False
+            log_line(f"the server closed the direct channel ({exc}); what is left goes through the comm")
         except BaseException as exc:  # noqa: BLE001
             reason = f"its direct channel's reader failed: {type(exc).__name__}: {exc}"
             log_line(f"{reason}; exiting so that the server replaces this kernel")
@@ -194,6 +200,7 @@ class Worker:
                 self.send({"op": "broken", "reason": reason})
             finally:
                 time.sleep(0.5)
+                self.direct.remove()  # (exit handlers do not run on os._exit)
                 os._exit(70)
 
     def handle(self, data: dict[str, Any], buffers: list) -> None:
@@ -719,10 +726,13 @@ class Worker:
         direct = self.direct
         if direct is not None and direct.connected:
             try:
-                direct.send(data, buffers)
-            except (TypeError, ValueError):
-                direct.send(jsonable(data), buffers)
-            return
+                try:
+                    direct.send(data, buffers)
+                except (TypeError, ValueError):
+                    direct.send(jsonable(data), buffers)
+                return
+            except (BrokenPipeError, ConnectionResetError):  # the server closed it (see `direct_loop`): the comm carries it
+                direct.connected = False
         content = {"comm_id": self.comm.comm_id, "data": data}
         try:
             self.session.send(self.kernel.iopub_socket, "comm_msg", content, ident=self.topic, buffers=buffers)
