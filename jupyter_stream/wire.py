@@ -459,6 +459,23 @@ MAX_DIRECT_BYTES = 1 << 34
 DIRECT_LARGE = 1 << 16
 
 
+#: Bytes a direct channel's socket may hold on their way (asked for; the system caps it at
+#: net.core.wmem_max): with the default (about 200 KiB) a 1 MiB chunk took five hand-offs
+#: between the two processes, and bulk streams ran at two thirds of the speed
+DIRECT_SOCKET_BUFFER = 4 << 20
+
+
+def widen_socket(sock: Any) -> None:
+    """Ask for `DIRECT_SOCKET_BUFFER` bytes of send and receive buffer (best effort)."""
+    import socket
+
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, DIRECT_SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
 def direct_parts(data: dict[str, Any], buffers: list | None = None) -> list:
     """One message for the direct channel, as the parts to write: a head (a little-endian
     u32 count of parts and a u64 length per part), the message's JSON, then its buffers,

@@ -209,6 +209,7 @@ class DirectTransport(ZmqTransport):
             sock.close()
             raise
         sock.setblocking(False)
+        wire.widen_socket(sock)
         self._sock = sock
         self.direct = True
         self._write(wire.direct_parts({"op": "hello", "secret": secret}))

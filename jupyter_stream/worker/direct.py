@@ -133,6 +133,7 @@ class DirectChannel:
                 break
             sock.close()
         sock.settimeout(None)
+        wire.widen_socket(sock)
         self.listener.close()
         os.unlink(self.path)
         self.sock = sock
