@@ -188,3 +188,66 @@ def test_large_chunks_arrive_whole_and_in_order(server):
     register_endpoint(blobs, connection=server.connection, media_type="application/octet-stream")
     body = httpx.get(server.url + "stream/blobs", headers=server.headers, timeout=60).content
     assert body == b"".join(hashlib.sha256(str(i).encode()).digest() * (1 << 15) for i in range(12))
+
+
+def test_messages_come_out_whole_however_the_stream_is_cut():
+    """The channel's framing (`wire.direct_parts` / `wire.DirectReader`): a run of messages,
+    small and large (received into their own buffer), cut into pieces at random places,
+    comes out as the same messages in the same order; bytes that are not the framing raise."""
+    import random
+
+    from jupyter_stream import wire
+
+    rng = random.Random(7)
+    sent = []
+    for n in range(60):
+        buffers = [rng.randbytes(rng.choice([0, 1, 100, 70_000, 300_000])) for _ in range(rng.randint(0, 3))]
+        sent.append(({"op": "out", "id": f"c{n}", "n": n}, buffers))
+    stream = b"".join(bytes(p) for data, buffers in sent for p in wire.direct_parts(data, buffers))
+    for _ in range(5):
+        reader, got, pos = wire.DirectReader(), [], 0
+        while pos < len(stream):
+            target = reader.target()
+            if target is not None:  # a large message: straight into its buffer
+                count = min(target.nbytes, rng.randint(1, 200_000), len(stream) - pos)
+                target[:count] = stream[pos:pos + count]
+                got += reader.received(count)
+            else:
+                count = rng.randint(1, 50_000)
+                got += reader.feed(stream[pos:pos + count])
+            pos += count
+        assert [(data, [bytes(b) for b in buffers]) for data, buffers in got] == sent
+        assert reader.target() is None and not reader.pending
+    for garbage, why in ((b"\x00\x00\x00\x00", "0 parts"), ((5000).to_bytes(4, "little"), "5000 parts"),
+                         ((1).to_bytes(4, "little") + (2).to_bytes(8, "little") + b"{x", "Expecting")):
+        with pytest.raises(ValueError, match=why):
+            wire.DirectReader().feed(garbage)
+    with pytest.raises(ValueError, match="at most 4096"):
+        wire.DirectReader(max_bytes=4096).feed(wire.direct_parts({"op": "hello"}, [b"x" * 5000])[0])
+
+
+def test_a_runtime_directory_too_deep_for_a_socket_path_still_gets_a_channel(tmp_path, monkeypatch):
+    """A unix socket's path is at most about 100 bytes: a deeper runtime directory puts the
+    channel's private directory in the system's temporary one instead of going without."""
+    import tempfile
+
+    from jupyter_stream.worker import direct
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(deep))
+    chan = direct.DirectChannel(lambda data, buffers: None, lambda: None)
+    try:
+        assert os.path.dirname(chan.dir) == tempfile.gettempdir() and len(chan.path) <= direct.MAX_SOCKET_PATH
+        assert stat.S_IMODE(os.stat(chan.dir).st_mode) == 0o700
+    finally:
+        chan.listener.close()
+        chan.remove()
+    shallow = tempfile.mkdtemp(prefix="rt")  # (pytest's own directories are too deep already)
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", shallow)
+    chan = direct.DirectChannel(lambda data, buffers: None, lambda: None)
+    try:
+        assert os.path.dirname(chan.dir) == shallow
+    finally:
+        chan.listener.close()
+        chan.remove()
+        os.rmdir(shallow)
