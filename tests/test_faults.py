@@ -435,9 +435,12 @@ def kernels_server(jstream_start_server):
     launch = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     kernelspec(root, "broken", [sys.executable, "-c", "import sys; sys.exit('broken kernel')", "{connection_file}"])
     mark = os.path.join(root, "first-start-failed")
-    # the first start fails at once; the next ones take 3 s (still starting when the first has failed)
+    # exactly one start fails (the first to make the mark: two that started together both saw
+    # no mark once, and both failed), after 1 s, when every call of the test has asked for its
+    # start even on a loaded machine; the others take 3 s (still starting when that one fails)
     kernelspec(root, "flaky", [sys.executable, "-c",
-                               f"import os, sys, time\nif not os.path.exists({mark!r}):\n    open({mark!r}, 'w').close(); sys.exit(3)\n"
+                               f"import os, sys, time\ntry:\n    os.close(os.open({mark!r}, os.O_CREAT | os.O_EXCL))\n"
+                               "except FileExistsError:\n    pass\nelse:\n    time.sleep(1); sys.exit(3)\n"
                                f"time.sleep(3)\nos.execv(sys.executable, {launch[:-1]!r} + [sys.argv[1]])", "{connection_file}"])
     kernelspec(root, "slow", [sys.executable, "-c", f"import os, sys, time\ntime.sleep(3)\n"
                               f"os.execv(sys.executable, {launch[:-1]!r} + [sys.argv[1]])", "{connection_file}"])
