@@ -106,13 +106,7 @@ def _blobs(payload: memoryview, sizes: list[int]) -> list:
     tracks, a thousand per frame; large ones stay views of the frame (no copy)."""
     if payload.nbytes > SMALL_RESULT * len(sizes):
         return wire.split(payload, sizes)
-    data, start, blobs = payload.tobytes(), 0, []
-    append = blobs.append
-    for size in sizes:
-        end = start + size
-        append(data[start:end])
-        start = end
-    return blobs
+    return wire.cut(payload, sizes)
 
 
 def relay_printed(header: dict[str, Any]) -> None:
