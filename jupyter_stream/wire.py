@@ -355,10 +355,15 @@ def dumps(obj: Any) -> bytes:
         return cloudpickle_dumps(obj)
 
 
+#: compact JSON, made by one encoder (``json.dumps`` with options builds a new one per call,
+#: a few microseconds of every message)
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_frame(header: dict[str, Any], *payload: bytes | memoryview) -> bytes:
     """One WebSocket message: 4-byte header length, JSON header, payload (its parts
     joined here, in the one copy the message needs)."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _compact_json(header).encode()
     return b"".join((struct.pack("!I", len(head)), head, *payload))
 
 
@@ -481,7 +486,7 @@ def direct_parts(data: dict[str, Any], buffers: list | None = None) -> list:
     u32 count of parts and a u64 length per part), the message's JSON, then its buffers,
     uncopied. The JSON is made first, so a message that does not encode raises here
     (TypeError, ValueError) before anything is written."""
-    parts = [json.dumps(data, separators=(",", ":")).encode(), *(buffers or ())]
+    parts = [_compact_json(data).encode(), *(buffers or ())]
     return [struct.pack(f"<I{len(parts)}Q", len(parts), *map(_nbytes, parts)), *parts]
 
 
