@@ -271,10 +271,13 @@ class DirectTransport(ZmqTransport):
                     target = reader.target()
                     try:
                         if target is not None:
+                            wanted = target.nbytes
                             count = sock.recv_into(target)
                             messages = reader.received(count) if count else None
                         else:
+                            wanted = READ_SIZE
                             chunk = sock.recv(READ_SIZE)
+                            count = len(chunk)
                             messages = reader.feed(chunk) if chunk else None
                     except (BlockingIOError, InterruptedError):
                         return
@@ -286,6 +289,8 @@ class DirectTransport(ZmqTransport):
                             if isinstance(data, dict) and data.get("op") == "direct":
                                 continue
                         on_comm_msg(data, buffers)
+                    if count < wanted:  # the socket is empty: no second read only to hear so
+                        return
             except BaseException as exc:  # noqa: BLE001 - the reader stops, and says why
                 loop.remove_reader(fd)
                 if not stopped.done():
