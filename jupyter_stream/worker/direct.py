@@ -88,7 +88,10 @@ class DirectChannel:
         return {"dir": self.dir, "secret": self.secret}
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
-        parts = wire.direct_parts(data, buffers)  # raises before writing if it does not encode
+        self.send_parts(wire.direct_parts(data, buffers))  # raises before writing if it does not encode
+
+    def send_parts(self, parts: list) -> None:
+        """Write whole messages (`wire.direct_parts`), one or several, as one."""
         with self.lock:
             wire.send_parts(self.sock, parts)
 

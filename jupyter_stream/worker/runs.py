@@ -8,6 +8,7 @@ import asyncio
 import collections
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..responses import text_safe
@@ -17,6 +18,12 @@ if TYPE_CHECKING:
 
 #: Characters of printed text a run may have waiting for the sender (then it is dropped).
 MAX_PRINTED = 1 << 20
+
+#: A run's output that comes this long (seconds) after its previous message is sent by the
+#: thread that put it, on a direct channel: a token of a paced stream then reaches the
+#: server without waking the sender thread (a thread hop of tens of microseconds, more on
+#: busy cores). Output that comes faster waits for the sender, which ships it in batches.
+SPACED = 0.001
 
 #: Chunks this large travel as buffers of their own instead of being copied into a join.
 LARGE_CHUNK = 64 * 1024
@@ -63,6 +70,7 @@ class Run:
         self.unacked = 0
         self.dirty = False
         self.sent_directly = False  # the first output skips the sender thread
+        self.sent_at = 0.0  # (time.monotonic) when this thread last sent the run's output itself
         self.start: dict[str, Any] | None = None
         self.done = False
         self.error: dict[str, Any] | None = None
@@ -126,7 +134,8 @@ class Run:
         """Queue output bytes for the sender; block while the client is a window behind.
         The first output of a run is sent right here, saving a thread hop on the time to
         first byte; so is a call's `last` and only output (a plain return value), which
-        goes out with the call's end: a `.remote()` costs one message back, not two.
+        goes out with the call's end: a `.remote()` costs one message back, not two; and
+        so is output that comes `SPACED` after the run's previous message (a token).
         A map item's result comes with the seconds it took (`busy`), which the server
         adds up to size the lane's batches. `wait=False` (the watchdog's timeout errors)
         queues it without waiting for credit."""
@@ -148,11 +157,13 @@ class Run:
             if self.dirty:  # the sender has this call queued (and ships its end too)
                 return
             self.dirty = True
-            if self.sent_directly and not last:
+            now = time.monotonic()
+            if self.sent_directly and not last and not (now - self.sent_at >= SPACED and worker.direct_connected()):
                 worker.dirty.append(self)
                 worker.has_output.notify()
                 return
             self.sent_directly = True
+            self.sent_at = now
             message = worker.take_output(self)
         worker.send(*message)
 

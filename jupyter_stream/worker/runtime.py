@@ -665,9 +665,31 @@ class Worker:
                 first, self.seq = self.seq + 1, self.seq + len(messages)
             for n in pongs:
                 self.send({"op": "pong", "n": n})
-            for seq, (out, buffers) in enumerate(messages, first):
+            for seq, (out, _) in enumerate(messages, first):
                 out["seq"] = seq
+            if len(messages) > 1 and self.ship_together(messages):
+                continue
+            for out, buffers in messages:
                 self.ship(out, buffers)
+
+    def ship_together(self, messages: list[tuple[dict[str, Any], list]]) -> bool:
+        """Several runs' messages in one write on the direct channel (tokens of concurrent
+        streams often come due together: one system call and one wake-up of the server
+        for all of them). False, with nothing sent, where each must go on its own: no
+        channel, or one of them does not encode (`ship` says why for that one)."""
+        direct = self.direct
+        if direct is None or not direct.connected:
+            return False
+        try:
+            parts = [part for out, buffers in messages for part in wire.direct_parts(out, buffers)]
+        except (TypeError, ValueError):
+            return False
+        try:
+            direct.send_parts(parts)
+        except (BrokenPipeError, ConnectionResetError):  # the server closed it: the comm carries them
+            direct.connected = False
+            return False
+        return True
 
     def ship(self, out: dict[str, Any], buffers: list) -> None:
         """Send one run's message; if it cannot be sent (say, its headers do not encode),
@@ -718,6 +740,10 @@ class Worker:
                 out["finish"] = {**(run.ending or Finish()).info(), "chunks": run.chunks}
             self.runs.pop(run.id, None)
         return out, buffers
+
+    def direct_connected(self) -> bool:
+        direct = self.direct
+        return direct is not None and direct.connected
 
     def send(self, data: dict[str, Any], buffers: list | None = None) -> None:
         """One message to the server: on the direct channel once the server is there,
