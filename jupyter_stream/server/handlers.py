@@ -235,6 +235,8 @@ class EndpointHandler(StreamHandlerBase):
     started = 0.0  # time.time() the call began
     first_byte: float | None = None  # seconds from the request's arrival to its first body byte
     sent = 0  # bytes of output sent
+    #: a chunk's write that the client's socket did not take at once (`relay` waits for it)
+    pending_write: asyncio.Future | None = None
     waiting: asyncio.Future | None = None  # for a worker, while the request is queued
     #: what `check_access` said in `start_in_prepare` (None: not asked yet; True, or the
     #: refusal that get() raises): the authorizer is asked once per request
@@ -555,6 +557,33 @@ class EndpointHandler(StreamHandlerBase):
         commit_after = self.stream.commit_headers_after if self.commit_early else None
         begun = sse = self._headers_written  # an SSE response already begun while queued
         sent_bytes, sent_chunks = metrics.SENT_BYTES.labels(spec.name), metrics.SENT_CHUNKS.labels(spec.name)
+
+        def sent(data: memoryview) -> None:
+            stats["bytes_sent"] += data.nbytes
+            self.sent += data.nbytes
+            sent_bytes.inc(data.nbytes)
+            sent_chunks.inc()
+            run.consumed(data.nbytes)
+
+        # Once the response is under way, a small chunk that arrives while this loop waits
+        # is written by the worker's reader right away (`write_now`): a token then costs
+        # no wake-up of this coroutine. The loop still sees the end, errors, a client
+        # that left, and a write the socket could not take at once (it waits for that).
+        def write_now(data: memoryview) -> bool:
+            if (data.nbytes >= LARGE_CHUNK or self.closed or self.stopping or self.rstream is not None
+                    or self.pending_write is not None):
+                return False
+            try:
+                written = self.request.connection.write(data)
+            except Exception:  # noqa: BLE001 - not written: the loop sends it, and meets the error itself
+                return False
+            sent(data)
+            if not written.done() or written.exception() is not None:
+                self.pending_write = written  # the loop waits for it (or raises what it raised)
+                output.wake()
+            return True
+
+        sink_ready = type(self).emit is EndpointHandler.emit  # (a handler that rewrites chunks writes each itself)
         try:
             while True:
                 if self._headers_written:
@@ -566,7 +595,18 @@ class EndpointHandler(StreamHandlerBase):
                 if self.stopping:
                     self.end_for_stopping(sse)
                     return
-                if not await output.wait(timeout):
+                sunk = output.sunk
+                output.sink = write_now if sink_ready and self.first_byte is not None and self._headers_written else None
+                try:
+                    has_output = await output.wait(timeout)
+                finally:
+                    output.sink = None
+                if self.pending_write is not None:
+                    written, self.pending_write = self.pending_write, None
+                    await written
+                if not has_output:
+                    if output.sunk != sunk:  # not idle: the sink wrote meanwhile
+                        continue
                     if not begun:
                         sse = self.begin({"media_type": media_type})
                         begun = True
@@ -589,11 +629,7 @@ class EndpointHandler(StreamHandlerBase):
                         spec.first_bytes.append(self.first_byte)
                         metrics.FIRST_BYTE_SECONDS.labels(spec.name).observe(self.first_byte)
                     await self.emit(data)
-                    stats["bytes_sent"] += data.nbytes
-                    self.sent += data.nbytes
-                    sent_bytes.inc(data.nbytes)
-                    sent_chunks.inc()
-                    run.consumed(data.nbytes)
+                    sent(data)
                     continue
                 if output.ended:
                     break

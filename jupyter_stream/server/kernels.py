@@ -161,6 +161,11 @@ class OutputQueue:
         #: how the call ended (its end's ``finish``: reason, usage, chunks), when it says
         self.finish: dict[str, Any] | None = None
         self._wakeup: asyncio.Future | None = None
+        #: while its reader is waiting with nothing queued, it may take a chunk right away:
+        #: ``sink(chunk)`` writes it to the client and says whether it did (see `relay`)
+        self.sink: Callable[[memoryview], bool] | None = None
+        #: chunks the sink took (the reader sees traffic even though it was not woken)
+        self.sunk = 0
 
     def __call__(self, data: dict[str, Any], buffers: list) -> None:
         if data.get("print") and self.on_print is not None:
@@ -170,6 +175,10 @@ class OutputQueue:
             self.start_unread = True
         for buffer in buffers:
             if buffer.nbytes:
+                sink = self.sink
+                if sink is not None and not self.chunks and sink(buffer):
+                    self.sunk += 1
+                    continue
                 self.chunks.append(buffer)
         if data.get("end"):
             self.ended = True
