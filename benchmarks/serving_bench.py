@@ -13,6 +13,9 @@ Servers:
   the generator is an endpoint method of a class registered with
   ``register_class(LLM, concurrency=100, max_workers=1)``: one worker kernel
   runs up to 100 calls at once (a thread each), as a model server would.
+* ``ours async c=100`` - the same with an async generator (``await
+  asyncio.sleep``), registered like ``ours c=100``: its calls run on the
+  worker's event loop, as FastAPI's async generator runs on uvicorn's.
 * ``ours c=1``   - the same class body under another name, registered with
   ``concurrency=1, max_workers=1``: one worker, one call at a time.
 * ``fastapi async`` - uvicorn + ``StreamingResponse`` of an async generator
@@ -97,6 +100,7 @@ MEASUREMENTS = ("burst", "latency")
 TARGET_LAST_DONE_S = 1.5  # issue 12: 100 clients on one worker at concurrency 100
 OURS = "ours c=100"
 OURS_SERIAL = "ours c=1"
+OURS_ASYNC = "ours async c=100"
 
 
 # --------------------------------------------------------------------------
@@ -139,6 +143,23 @@ class LLM:
     @jupyter_stream.endpoint(media_type="text/event-stream")
     def tokens(self, n: int = 20, gap: float = 0.05):
         yield from stamped_tokens(self.vocab, n, gap)
+
+
+async def stamped_tokens_async(vocab: list, n: int, gap: float):
+    """The same tokens from an async generator (``await asyncio.sleep``), as FastAPI's."""
+    for i in range(n):
+        await asyncio.sleep(gap)
+        yield f"data: {time.time():.6f} {vocab[i % len(vocab)]}\n\n"
+
+
+class LLMAsync(LLM):
+    """The same model with an async generator: its calls run on the worker's event loop,
+    one thread for all of them (FastAPI's async row does the same)."""
+
+    @jupyter_stream.endpoint(media_type="text/event-stream")
+    async def tokens(self, n: int = 20, gap: float = 0.05):
+        async for token in stamped_tokens_async(self.vocab, n, gap):
+            yield token
 
 
 class LLMSerial(LLM):
@@ -227,16 +248,18 @@ def start_ours(procs: Processes, tmp: Path, clients: int, startup_timeout: float
     from jupyter_stream.client.classes import register_class
     from jupyter_stream.client.connection import ServerConnection
 
-    options = ["--JupyterStream.min_workers=0", "--JupyterStream.max_workers=2"]
+    options = ["--JupyterStream.min_workers=0", "--JupyterStream.max_workers=3"]
     _, base, token, log = start_jupyter_stream(procs, tmp, options, workers=0, startup_timeout=startup_timeout)
     conn = ServerConnection(base, token)
     conn.check()
     fast = register_class(LLM, connection=conn, concurrency=clients, max_workers=1)
     serial = register_class(LLMSerial, connection=conn, concurrency=1, max_workers=1)
+    async_ = register_class(LLMAsync, connection=conn, concurrency=clients, max_workers=1)
     headers = {"Authorization": f"token {token}"}
     targets = [
         Target(OURS, fast.default.tokens.url, headers, f"1 worker, concurrency {clients}"),
         Target(OURS_SERIAL, serial.default.tokens.url, headers, "1 worker, concurrency 1"),
+        Target(OURS_ASYNC, async_.default.tokens.url, headers, f"async generator, 1 worker, concurrency {clients}"),
     ]
     return targets, {"base": base, "headers": headers, "log": log}
 
@@ -530,7 +553,7 @@ def main(argv=None) -> int:
         if not args.skip_ours:
             t = time.monotonic()
             ours_targets, ours = start_ours(procs, tmp, args.clients, startup_timeout=90.0)
-            print(f"[bench] ours up in {time.monotonic() - t:.1f}s; starting its two workers", file=sys.stderr)
+            print(f"[bench] ours up in {time.monotonic() - t:.1f}s; starting its three workers", file=sys.stderr)
         targets = ours_targets + [fastapi_async, fastapi_sync, tornado]
         for target in targets:
             if target.name == OURS_SERIAL and (args.serial_clients <= 0 or "burst" not in args.only):
