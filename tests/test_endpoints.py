@@ -326,6 +326,43 @@ def test_backpressure_pauses_the_generator(jstream_server):
     assert int(open(counter).read()) > 300
 
 
+def test_paced_small_chunks_to_a_slow_reader_arrive_whole_and_in_order(jstream_server):
+    """Paced chunks (each 1 ms or more after the last) are sent by the worker's call thread
+    and written by the server's reader as they come; a client that stalls, then reads,
+    still gets every byte in order, and a stream that keeps flowing gets no heartbeat
+    (the shared server's is 1 s) even though its relay was never woken."""
+
+    def paced(n: int = 1500):
+        for i in range(n):
+            if i % 2 == 0:
+                time.sleep(0.0015)
+            yield f"data: {i:06d} {'x' * 8000}\n\n"
+
+    endpoint = jstream_server.register(paced, media_type="text/event-stream")
+    with httpx.stream("GET", endpoint.url, headers=jstream_server.headers, timeout=60) as r:
+        pieces = r.iter_raw(4096)
+        body = bytearray(next(pieces))
+        time.sleep(1.5)  # the server's writes back up meanwhile
+        for piece in pieces:
+            body += piece
+    text = body.decode()
+    assert ": keep-alive" not in text
+    numbers = [int(event.split()[1]) for event in text.split("\n\n") if event]
+    assert numbers == list(range(1500))
+
+    # and one that stops flowing for longer than the heartbeat still gets one
+    def pause():
+        for i in range(3):
+            yield f"data: {i}\n\n"
+            time.sleep(0.003)
+        time.sleep(1.6)
+        yield "data: end\n\n"
+
+    jstream_server.register(pause, media_type="text/event-stream")
+    text = jstream_server.get("stream/pause").text
+    assert text == "data: 0\n\ndata: 1\n\ndata: 2\n\n: keep-alive\n\ndata: end\n\n"
+
+
 def test_killed_worker_ends_the_stream_and_is_replaced(jstream_server):
     def forever():
         import os
