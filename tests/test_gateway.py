@@ -357,3 +357,67 @@ def test_workers_follow_the_servers_own_gateway(gateway, jstream_start_server):
     workers = server.wait_for_workers(1)
     assert {w["source"] for w in workers} == {"gateway"}
     assert parent_pid(register_function(whoami, connection=server.connection).remote()["pid"]) == gateway.process.pid
+
+
+# -- how the workers' gateway is configured (no server, no gateway) -----------------------------
+
+GATEWAY_ENV = ("JUPYTER_GATEWAY_URL", "JUPYTER_GATEWAY_AUTH_TOKEN", "JUPYTER_GATEWAY_HEADERS", "JUPYTER_GATEWAY_CLIENT_CERT")
+
+
+def worker_gateway_of(config, worker_gateway_url="", server_gateway_url=None):
+    """The `WorkerGateway` a server with `config` builds (`JupyterStream.make_worker_gateway`),
+    its own gateway (the server's ``--gateway-url``) at `server_gateway_url`."""
+    from types import SimpleNamespace
+
+    from jupyter_server.gateway.gateway_client import GatewayClient
+    from traitlets.config import LoggingConfigurable
+
+    from jupyter_stream.server.app import JupyterStream
+
+    serverapp = LoggingConfigurable(config=config)
+    serverapp.gateway_config = GatewayClient(parent=serverapp, **({"url": server_gateway_url} if server_gateway_url else {}))
+    app = SimpleNamespace(serverapp=serverapp, worker_gateway_url=worker_gateway_url, workers_follow_gateway=True)
+    return JupyterStream.make_worker_gateway(app)
+
+
+def test_the_servers_gateway_options_never_reach_a_worker_gateway_of_its_own(monkeypatch):
+    """G1: c.GatewayClient.* (the server's own gateway: its token, headers, certificates) must
+    not configure a separate worker gateway, though WorkerGateway subclasses GatewayClient."""
+    from traitlets.config import Config
+
+    for var in GATEWAY_ENV:
+        monkeypatch.delenv(var, raising=False)
+    config = Config()
+    config.GatewayClient.url = "http://a:1"
+    config.GatewayClient.auth_token = "server-token"
+    config.GatewayClient.headers = '{"X-Server": "a"}'
+    config.GatewayClient.client_cert = "/server/cert.pem"
+    config.WorkerGateway.request_timeout = 7.0
+    gateway = worker_gateway_of(config, worker_gateway_url="http://b:2", server_gateway_url="http://a:1")
+    assert gateway.url == "http://b:2"
+    assert gateway.auth_token == ""  # GatewayClient's default, not the server gateway's token
+    assert gateway.headers == "{}" and gateway.client_cert is None
+    assert gateway.request_timeout == 7.0  # its own section applies
+    assert "server-token" not in repr(gateway.load_connection_args(headers={}))
+    config.WorkerGateway.auth_token = "worker-token"
+    assert worker_gateway_of(config, worker_gateway_url="http://b:2").auth_token == "worker-token"
+    # c.WorkerGateway.url works as worker_gateway_url does
+    config.WorkerGateway.url = "http://c:3"
+    assert worker_gateway_of(config).url == "http://c:3"
+
+
+def test_workers_that_follow_the_servers_gateway_take_its_options(monkeypatch):
+    """With workers_follow_gateway (and no worker gateway of their own) they get the server's
+    gateway options, unless c.WorkerGateway sets one."""
+    from traitlets.config import Config
+
+    for var in GATEWAY_ENV:
+        monkeypatch.delenv(var, raising=False)
+    config = Config()
+    config.GatewayClient.auth_token = "server-token"
+    config.GatewayClient.headers = '{"X-Server": "a"}'
+    gateway = worker_gateway_of(config, server_gateway_url="http://a:1")
+    assert (gateway.url, gateway.auth_token, gateway.headers) == ("http://a:1", "server-token", '{"X-Server": "a"}')
+    config.WorkerGateway.auth_token = "worker-token"
+    assert worker_gateway_of(config, server_gateway_url="http://a:1").auth_token == "worker-token"
+    assert worker_gateway_of(Config()) is None  # no gateway anywhere: workers on this machine

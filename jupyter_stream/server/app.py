@@ -259,6 +259,7 @@ class JupyterStream(ExtensionApp):
                 url, follow = server_gateway.url, server_gateway
         if not url:
             return None
+        # configured by c.WorkerGateway alone, never by c.GatewayClient (see WorkerGateway.section_names)
         gateway = WorkerGateway(parent=self.serverapp, url=url)
         if follow is not None:  # the server's gateway options, where none were given for the workers
             given = self.serverapp.config.get("WorkerGateway", {})

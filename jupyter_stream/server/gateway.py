@@ -82,7 +82,18 @@ class WorkerGateway(GatewayClient):
     ``headers``, ``client_cert``, ``client_key``, ``ca_certs``, ``validate_cert``,
     ``connect_timeout``, ``request_timeout``, ``allowed_envs`` ...); ``url`` is set by
     ``c.JupyterStream.worker_gateway_url``. Made directly, never through ``instance()``:
-    the server's own ``GatewayClient.instance()`` stays the server's."""
+    the server's own ``GatewayClient.instance()`` stays the server's.
+
+    Only the ``c.WorkerGateway`` section configures it, never ``c.GatewayClient`` (which
+    traitlets would load too, as the section of a base class): that is the server's own
+    gateway's, and its token, headers and certificates must not go to another host. Workers
+    that follow the server's gateway get its options from `JupyterStream.make_worker_gateway`,
+    explicitly. (jupyter-server's ``JUPYTER_GATEWAY_*`` environment variables are defaults
+    of both.)"""
+
+    @classmethod
+    def section_names(cls) -> list[str]:
+        return [name for name in super().section_names() if name != GatewayClient.__name__]
 
     pools = Enum(
         ["all", "gpu"], "all", config=True,
