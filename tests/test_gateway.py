@@ -421,3 +421,18 @@ def test_workers_that_follow_the_servers_gateway_take_its_options(monkeypatch):
     config.WorkerGateway.auth_token = "worker-token"
     assert worker_gateway_of(config, server_gateway_url="http://a:1").auth_token == "worker-token"
     assert worker_gateway_of(Config()) is None  # no gateway anywhere: workers on this machine
+
+
+@pytest.mark.parametrize("mode", ["direct", "zmq"])
+def test_direct_or_zmq_worker_messages_fall_back_to_channels_on_gateway_pools(mode):
+    """G4: gateway kernels have no ZMQ sockets here; asking for 'direct' or 'zmq' must not
+    fail every gateway worker's start. Local pools keep the mode asked for."""
+    from jupyter_stream.server.gateway import GatewayWorkerClient, WorkerGateway
+    from jupyter_stream.server.pool import WorkerPool
+    from jupyter_stream.server.transports import ChannelTransport, transport_class
+
+    gateway = WorkerGateway(url="http://b:2")
+    pool = WorkerPool(min_workers=0, worker_messages=mode, gateway=gateway)
+    assert pool.worker_messages == "channels"
+    assert transport_class(GatewayWorkerClient(gateway, "k"), pool.worker_messages) is ChannelTransport
+    assert WorkerPool(min_workers=0, worker_messages=mode).worker_messages == mode

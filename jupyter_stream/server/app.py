@@ -79,7 +79,8 @@ class JupyterStream(ExtensionApp):
         help="How the server exchanges messages with worker kernels: 'direct' through the worker's own unix "
         "sockets once its comm is open (local kernels, fastest), 'zmq' as comm messages read from the "
         "kernel's IOPub socket directly, 'channels' through the kernel client's channel API (any kernel "
-        "client, e.g. a Kernel Gateway's); 'auto' is direct where the kernel client has ZMQ sockets.",
+        "client, e.g. a Kernel Gateway's); 'auto' is direct where the kernel client has ZMQ sockets. "
+        "Workers from a gateway (worker_gateway_url) always use 'channels'.",
     )
     worker_cwd = Unicode("", config=True, help="Working directory of worker kernels (default: the server's root_dir).")
     cancel_grace_period = Float(
@@ -222,6 +223,10 @@ class JupyterStream(ExtensionApp):
             inventory = GpuInventory(gateway=list(self.worker_gateway.gpus))
             self.log.info("jupyter_stream: worker kernels (%s) come from %s", "all" if self.worker_gateway.pools == "all"
                           else "those with GPUs", self.worker_gateway.describe())
+            if self.worker_messages in ("direct", "zmq"):
+                self.log.warning("jupyter_stream: worker kernels from %s are reached through their channels "
+                                 "(JupyterStream.worker_messages=%r needs a local kernel's ZMQ sockets)",
+                                 self.worker_gateway.describe(), self.worker_messages)
         else:
             inventory = GpuInventory(self.simulated_gpus or None)
         self.placement = Placement(max_workers=self.max_workers, inventory=inventory, default_kernel=self.kernel_name)

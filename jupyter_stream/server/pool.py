@@ -85,7 +85,10 @@ class WorkerPool:
         self.kernel_manager_class = kernel_manager_class
         self.transport = transport
         self.cancel_grace_period = cancel_grace_period
-        self.worker_messages = worker_messages
+        #: how the server exchanges messages with this pool's workers (see `transports.transport_class`):
+        #: a gateway's kernels have no ZMQ sockets here, so 'direct' and 'zmq' are 'channels' for them
+        #: (the app says so once in the log; `/api/stream/workers` shows each worker's transport)
+        self.worker_messages = "channels" if gateway is not None and worker_messages in ("direct", "zmq") else worker_messages
         #: seconds a worker may leave a ping unanswered before it is replaced; after a
         #: shorter while it is offered no new calls (`unresponsive_after`)
         self.ping_timeout = ping_timeout
