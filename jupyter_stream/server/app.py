@@ -71,7 +71,8 @@ class JupyterStream(ExtensionApp):
         AsyncKernelManager,
         klass=AsyncKernelManager,
         config=True,
-        help="jupyter_client kernel manager for workers (e.g. a gateway or provisioner-backed one).",
+        help="jupyter_client kernel manager for local worker kernels (e.g. a provisioner-backed one). Not for a "
+        "gateway (jupyter-server's GatewayKernelManager does not work here): set worker_gateway_url instead.",
     )
     worker_transport = Unicode("ipc", config=True, help="ZMQ transport to local worker kernels: 'ipc' (unix sockets, faster) or 'tcp'.")
     worker_messages = Enum(
