@@ -1,7 +1,9 @@
 """Worker kernels from a real Jupyter Kernel Gateway (issue 21): the core cases of the
 endpoint, function and class suites on gateway workers, a gateway kernel killed mid-map,
-idle culling, GPU specs mapped onto the gateway's kernelspecs, and the errors a user sees
-when the gateway is unreachable, refuses the token, lacks a kernelspec or is full."""
+the gateway itself killed mid-stream, idle culling, GPU specs mapped onto the gateway's
+kernelspecs, and the errors a user sees when the gateway is unreachable, refuses the token,
+lacks a kernelspec or is full. Last, without a server: which configuration the workers'
+gateway takes, and the transport of gateway pools."""
 
 import concurrent.futures
 import os
@@ -357,6 +359,62 @@ def test_workers_follow_the_servers_own_gateway(gateway, jstream_start_server):
     workers = server.wait_for_workers(1)
     assert {w["source"] for w in workers} == {"gateway"}
     assert parent_pid(register_function(whoami, connection=server.connection).remote()["pid"]) == gateway.process.pid
+
+
+def test_a_gateway_killed_mid_stream_ends_the_stream_with_an_error_and_calls_recover(jstream_start_server):
+    """The worker's WebSocket drops with its gateway (SIGKILL): the stream ends at once with
+    an error event, and once a gateway is back on the same port with the same token, calls
+    are served by its kernels. A gateway and a server of its own (the others' are untouched).
+    The server asks for worker_messages=zmq, which gateway workers cannot have: they fall
+    back to the channels and the log says so once."""
+    gateway = KernelGateway(GATEWAY_OPTIONS).start()
+    again = None
+    victim = None
+    try:
+        server = jstream_start_server([*gateway.options_for_server, "--JupyterStream.min_workers=1",
+                                       "--JupyterStream.worker_poll_interval=0.2", "--JupyterStream.worker_messages=zmq"])
+        assert {w["transport"] for w in server.wait_for_workers(1)} == {"channels"}
+        assert server.log().count("are reached through their channels") == 1
+
+        def waits():
+            import os
+
+            yield f"data: {os.getpid()}\n\n"
+            import time
+
+            time.sleep(30)
+            yield "data: never\n\n"
+
+        register_endpoint(waits, connection=server.connection)
+        # no event for 10 s (heartbeats come every 15 s) fails the test instead of hanging it
+        with httpx.stream("GET", server.url + "stream/waits", headers=server.headers,
+                          timeout=httpx.Timeout(30, read=10)) as r:
+            lines = r.iter_lines()
+            victim = int(next(line for line in lines if line.startswith("data: ")).split()[1])
+            assert parent_pid(victim) == gateway.process.pid
+            killed = time.monotonic()
+            gateway.process.kill()
+            gateway.process.wait()
+            rest = "\n".join(lines)
+        assert "event: error" in rest and "WorkerDied" in rest, rest
+        assert time.monotonic() - killed < 5.0
+
+        again = KernelGateway(GATEWAY_OPTIONS, port=gateway.port, token=gateway.token).start()
+        deadline = time.monotonic() + 90  # the pool retries its starts with a backoff (2, 4, 8 ... s)
+        while not [w for w in server.workers()["workers"] if w["alive"] and w["pid"] != victim]:
+            assert time.monotonic() < deadline, f"no worker from the restarted gateway:\n{server.log()[-3000:]}"
+            time.sleep(0.2)
+        me = register_function(whoami, connection=server.connection).remote()  # the next call is served
+        assert parent_pid(me["pid"]) == again.process.pid
+    finally:
+        for g in (again, gateway):
+            if g is not None:
+                g.stop()
+        if victim is not None:  # the killed gateway's kernel (ipykernel also exits when its parent does)
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # -- how the workers' gateway is configured (no server, no gateway) -----------------------------
