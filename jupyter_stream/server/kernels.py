@@ -35,6 +35,7 @@ class WorkerOwner(Protocol):
 
     worker_messages: str  # the transport mode (see `transports.transport_class`)
     cancel_grace_period: float
+    freeze_gc: bool
 
     def release(self, worker: WorkerKernel) -> None:
         """A call stopped counting against `worker`."""
@@ -314,7 +315,7 @@ class WorkerKernel:
         )
         self.transport.start()
         options = {"version": wire.PROTOCOL_VERSION, "direct": self.transport.offers_direct,
-                   "cancel_grace_period": self.pool.cancel_grace_period}
+                   "cancel_grace_period": self.pool.cancel_grace_period, "freeze_gc": self.pool.freeze_gc}
         comm_env = getattr(self.km, "comm_env", None)
         if comm_env:  # what a gateway does not pass on: the worker sets it itself
             options["env"] = comm_env

@@ -61,6 +61,7 @@ class WorkerPool:
         kernel_manager_class: type[AsyncKernelManager] = AsyncKernelManager,
         transport: str = "tcp",
         cancel_grace_period: float = 5.0,
+        freeze_gc: bool = False,
         worker_messages: str = "auto",
         gpu: str | None = None,
         env: dict[str, str] | None = None,
@@ -85,6 +86,7 @@ class WorkerPool:
         self.kernel_manager_class = kernel_manager_class
         self.transport = transport
         self.cancel_grace_period = cancel_grace_period
+        self.freeze_gc = freeze_gc  # the workers freeze their start-up objects (`JupyterStream.freeze_gc`)
         #: how the server exchanges messages with this pool's workers (see `transports.transport_class`):
         #: a gateway's kernels have no ZMQ sockets here, so 'direct' and 'zmq' are 'channels' for them
         #: (the app says so once in the log; `/api/stream/workers` shows each worker's transport)

@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import contextvars
 import ctypes
+import gc
 import inspect
 import io
 import json
@@ -154,6 +155,11 @@ class Worker:
                 self.direct = None
         threading.Thread(target=self.send_loop, name="jupyter-stream-sender", daemon=True).start()
         atexit.register(self.stop_runs)
+        if options.get("freeze_gc"):
+            # the kernel's start-up objects (IPython, ipykernel, this module) leave the garbage
+            # collector's generations: a full collection, which holds the GIL and so pauses every
+            # call's thread, then walks only what calls make (see `JupyterStream.freeze_gc`)
+            gc.freeze()
         global _worker
         _worker = self  # before "ready": the first call may come at once, and may look for it
         self.send({"op": "ready", "pid": os.getpid(), "python": sys.version.split()[0], "control": isinstance(handlers, dict),
