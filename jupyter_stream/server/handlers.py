@@ -258,16 +258,6 @@ class EndpointHandler(StreamHandlerBase):
     sent_seq = 0
     following: ResumableStream | None = None  # the stream this request follows (a resume, or ?stream=)
 
-    def set_secure_cookie(self, name: str, value: Any, expires_days: float | None = 30, version: int | None = None,
-                          **kwargs: Any) -> None:
-        """jupyter-server gives every token-authenticated request a login cookie. A client
-        that sent its token in the Authorization header sends it again with each call, and
-        signing and formatting that cookie was about 8 % of the server's CPU to start a
-        call: it gets none here. A token in the URL (a browser opening a link) still does."""
-        if "Authorization" in self.request.headers and name == self.identity_provider.get_cookie_name(self):
-            return
-        super().set_secure_cookie(name, value, expires_days=expires_days, version=version, **kwargs)
-
     async def prepare(self) -> None:
         await super().prepare()
         self._body = bytearray()
