@@ -683,17 +683,16 @@ class Worker:
         streams often come due together: one system call and one wake-up of the server
         for all of them). False, with nothing sent, where each must go on its own: no
         channel, or one of them does not encode (`ship` says why for that one)."""
-        direct = self.direct
-        if direct is None or not direct.connected:
+        if not self.direct_connected():
             return False
         try:
             parts = [part for out, buffers in messages for part in wire.direct_parts(out, buffers)]
         except (TypeError, ValueError):
             return False
         try:
-            direct.send_parts(parts)
+            self.direct.send_parts(parts)
         except (BrokenPipeError, ConnectionResetError):  # the server closed it: the comm carries them
-            direct.connected = False
+            self.direct.connected = False
             return False
         return True
 
