@@ -327,3 +327,35 @@ def test_map_items_pack_and_unpack_and_refuse_what_does_not_add_up():
         wire.unpack_items(frame, True, outcomes=True)
     with pytest.raises(ValueError, match="not a whole number of 8-byte integers"):
         wire.unpack_ints(b"1234")
+
+
+def test_output_queue_wakes_its_reader_only_for_what_it_must_handle():
+    """A chunk the sink wrote needs no reader: waking the relay anyway cost one more event
+    loop turn per token. A chunk the sink refused, the start, and the end still wake it."""
+    import asyncio
+
+    from jupyter_stream.server.kernels import OutputQueue
+
+    async def main():
+        queue = OutputQueue()
+        written = []
+        queue.sink = lambda chunk: written.append(bytes(chunk)) or True
+        waiting = asyncio.ensure_future(queue.wait())
+        await asyncio.sleep(0)
+        queue({"op": "out", "id": "c1"}, [memoryview(b"tok")])
+        await asyncio.sleep(0.01)
+        assert written == [b"tok"] and queue.sunk == 1 and not waiting.done()
+
+        queue.sink = lambda chunk: False  # (a write the sink cannot take)
+        queue({"op": "out", "id": "c1"}, [memoryview(b"late")])
+        assert await asyncio.wait_for(waiting, 1) is True
+        assert bytes(queue.take()) == b"late"
+
+        for message in ({"op": "out", "id": "c1", "start": {"status": 200}}, {"op": "out", "id": "c1", "end": True}):
+            waiting = asyncio.ensure_future(queue.wait())
+            await asyncio.sleep(0)
+            queue(message, [])
+            assert await asyncio.wait_for(waiting, 1) is True
+            queue.take_start()
+
+    asyncio.run(main())

@@ -185,7 +185,8 @@ class OutputQueue:
             self.ended = True
             self.error = data.get("error")
             self.finish = data.get("finish")
-        self.wake()
+        if self.chunks or self.ended or self.start_unread:  # (a chunk the sink wrote needs no reader)
+            self.wake()
 
     def wake(self) -> None:
         """Let the reader look again (new output, or its client left)."""
