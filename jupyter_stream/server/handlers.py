@@ -37,7 +37,7 @@ from jupyter_server.auth.decorator import allow_unauthenticated, authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from tornado import httputil, web
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from .. import wire
@@ -574,11 +574,11 @@ class EndpointHandler(StreamHandlerBase):
                     or self.pending_write is not None):
                 return False
             try:
-                written = self.request.connection.write(data)
+                written = write_chunk_now(self.request.connection, data)
             except Exception:  # noqa: BLE001 - not written: the loop sends it, and meets the error itself
                 return False
             sent(data)
-            if not written.done() or written.exception() is not None:
+            if written is not None and (not written.done() or written.exception() is not None):
                 self.pending_write = written  # the loop waits for it (or raises what it raised)
                 output.wake()
             return True
@@ -700,7 +700,9 @@ class EndpointHandler(StreamHandlerBase):
             if data.nbytes >= LARGE_CHUNK:
                 await write_chunk_uncopied(self.request.connection, data)
             else:  # straight to the connection: no copy into the handler's buffer
-                await self.request.connection.write(data)
+                written = write_chunk_now(self.request.connection, data)
+                if written is not None:
+                    await written
         else:
             self.write(data.tobytes())
             await self.flush()
@@ -1405,6 +1407,31 @@ class SharesHandler(StreamHandlerBase):
 
 #: Chunks at least this large go to the socket without being framed into a copy.
 LARGE_CHUNK = 64 * 1024
+
+
+def write_chunk_now(connection: Any, data: memoryview) -> Any:
+    """Write one small chunk of a chunked response: straight to the client's socket when
+    nothing else waits to be written there (None: it is all sent), else through tornado
+    (its future). A token then costs one ``send`` instead of tornado's two futures, a
+    buffer and a callback per write (about a third of the server's time per token).
+    Only for a plain (not TLS) stream that tornado is sending chunked and is not writing
+    to; anything else, and whatever the socket does not take at once, goes through
+    tornado as before, in order."""
+    stream = getattr(connection, "stream", None)
+    if (type(stream) is not IOStream or not getattr(connection, "_chunking_output", False)
+            or not hasattr(connection, "_pending_write") or stream.closed() or stream.writing()):
+        return connection.write(data)
+    frame = b"%x\r\n%b\r\n" % (data.nbytes, data)
+    try:
+        count = stream.socket.send(frame)
+    except (BlockingIOError, InterruptedError):
+        count = 0
+    except OSError:  # tornado meets the error again and closes the stream, as it does
+        return connection.write(data)
+    if count == len(frame):
+        return None
+    connection._pending_write = stream.write(memoryview(frame)[count:])  # what its finish() waits for
+    return connection._pending_write
 
 
 async def write_chunk_uncopied(connection: Any, data: memoryview) -> None:
