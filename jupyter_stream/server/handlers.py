@@ -584,12 +584,15 @@ class EndpointHandler(StreamHandlerBase):
             return True
 
         sink_ready = type(self).emit is EndpointHandler.emit  # (a handler that rewrites chunks writes each itself)
+        idle_left: float | None = None  # of the heartbeat's interval, counted from the sink's last write
         try:
             while True:
                 if self._headers_written:
                     timeout = heartbeat if sse else None
                 else:
                     timeout = commit_after if begun or media_type else None
+                if idle_left is not None:
+                    timeout, idle_left = idle_left, None
                 if self.closed:
                     return
                 if self.stopping:
@@ -606,6 +609,8 @@ class EndpointHandler(StreamHandlerBase):
                     await written
                 if not has_output:
                     if output.sunk != sunk:  # not idle: the sink wrote meanwhile
+                        if sse and heartbeat:
+                            idle_left = max(0.001, heartbeat - (time.monotonic() - output.sunk_at))
                         continue
                     if not begun:
                         sse = self.begin({"media_type": media_type})

@@ -13,6 +13,7 @@ import collections
 import functools
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -165,8 +166,10 @@ class OutputQueue:
         #: while its reader is waiting with nothing queued, it may take a chunk right away:
         #: ``sink(chunk)`` writes it to the client and says whether it did (see `relay`)
         self.sink: Callable[[memoryview], bool] | None = None
-        #: chunks the sink took (the reader sees traffic even though it was not woken)
+        #: chunks the sink took (the reader sees traffic even though it was not woken), and
+        #: when it last took one (`time.monotonic`: a heartbeat counts from there)
         self.sunk = 0
+        self.sunk_at = 0.0
 
     def __call__(self, data: dict[str, Any], buffers: list) -> None:
         if data.get("print") and self.on_print is not None:
@@ -179,6 +182,7 @@ class OutputQueue:
                 sink = self.sink
                 if sink is not None and not self.chunks and sink(buffer):
                     self.sunk += 1
+                    self.sunk_at = time.monotonic()
                     continue
                 self.chunks.append(buffer)
         if data.get("end"):
