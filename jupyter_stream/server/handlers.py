@@ -1418,8 +1418,7 @@ def write_chunk_now(connection: Any, data: memoryview) -> Any:
     """Write one small chunk of a chunked response: straight to the client's socket when
     nothing else waits to be written there (None: it is all sent), else through tornado
     (its future). A token then costs one ``send`` instead of tornado's two futures, a
-    buffer and a callback per write (about a third of the server's time per token).
-    Only for a plain (not TLS) stream that tornado is sending chunked and is not writing
+    buffer and a callback per write. Only for a plain (not TLS) stream that tornado is sending chunked and is not writing
     to; anything else, and whatever the socket does not take at once, goes through
     tornado as before, in order."""
     stream = getattr(connection, "stream", None)
