@@ -574,7 +574,7 @@ class EndpointHandler(StreamHandlerBase):
                     or self.pending_write is not None):
                 return False
             try:
-                written = write_chunk_now(self.request.connection, data)
+                written = write_chunk(self.request.connection, data)
             except Exception:  # noqa: BLE001 - not written: the loop sends it, and meets the error itself
                 return False
             sent(data)
@@ -701,13 +701,10 @@ class EndpointHandler(StreamHandlerBase):
             self.sse_write(data.tobytes())
             await self.sse_flush()
             return
-        if self._headers_written:
-            if data.nbytes >= LARGE_CHUNK:
-                await write_chunk_uncopied(self.request.connection, data)
-            else:  # straight to the connection: no copy into the handler's buffer
-                written = write_chunk_now(self.request.connection, data)
-                if written is not None:
-                    await written
+        if self._headers_written:  # straight to the connection: no copy into the handler's buffer
+            written = write_chunk(self.request.connection, data)
+            if written is not None:
+                await written
         else:
             self.write(data.tobytes())
             await self.flush()
@@ -1414,16 +1411,28 @@ class SharesHandler(StreamHandlerBase):
 LARGE_CHUNK = 64 * 1024
 
 
-def write_chunk_now(connection: Any, data: memoryview) -> Any:
-    """Write one small chunk of a chunked response: straight to the client's socket when
-    nothing else waits to be written there (None: it is all sent), else through tornado
-    (its future). A token then costs one ``send`` instead of tornado's two futures, a
-    buffer and a callback per write. Only for a plain (not TLS) stream that tornado is sending chunked and is not writing
-    to; anything else, and whatever the socket does not take at once, goes through
-    tornado as before, in order."""
+def write_chunk(connection: Any, data: memoryview) -> Any:
+    """Write one chunk of a response tornado is sending chunked (``size CRLF chunk CRLF``);
+    returns None when it is all sent, else the future of the write (what tornado's own
+    `finish` waits for, too). Anything else goes through `HTTP1Connection.write`.
+
+    - A small chunk (a token) goes to the client's socket with one ``send`` when nothing
+      else waits to be written there: no two futures, buffer and callback per write. What
+      the socket does not take, a TLS stream or a stream already writing go through tornado,
+      in order.
+    - A large one is not copied: tornado would frame it with two copies of a megabyte per
+      megabyte; here the size line, the chunk (a view of the frame the worker's message
+      came in) and the CRLF go to the stream as they are."""
     stream = getattr(connection, "stream", None)
-    if (type(stream) is not IOStream or not getattr(connection, "_chunking_output", False)
-            or not hasattr(connection, "_pending_write") or stream.closed() or stream.writing()):
+    if (stream is None or not getattr(connection, "_chunking_output", False) or not hasattr(connection, "_pending_write")
+            or stream.closed()):
+        return connection.write(data)
+    if data.nbytes >= LARGE_CHUNK:
+        stream.write(b"%x\r\n" % data.nbytes)
+        stream.write(data)
+        connection._pending_write = stream.write(b"\r\n")
+        return connection._pending_write
+    if type(stream) is not IOStream or stream.writing():
         return connection.write(data)
     frame = b"%x\r\n%b\r\n" % (data.nbytes, data)
     try:
@@ -1434,25 +1443,8 @@ def write_chunk_now(connection: Any, data: memoryview) -> Any:
         return connection.write(data)
     if count == len(frame):
         return None
-    connection._pending_write = stream.write(memoryview(frame)[count:])  # what its finish() waits for
+    connection._pending_write = stream.write(memoryview(frame)[count:])
     return connection._pending_write
-
-
-async def write_chunk_uncopied(connection: Any, data: memoryview) -> None:
-    """Write one chunk of a chunked response without copying it: tornado's
-    `HTTP1Connection.write` frames a chunk as ``size + CRLF + chunk + CRLF``, two copies of
-    a megabyte per megabyte sent; here the size line, the chunk (a view of the frame the
-    worker's message came in) and the CRLF go to the stream as they are. Only for a
-    response tornado is sending chunked; anything else takes the ordinary path."""
-    stream = getattr(connection, "stream", None)
-    if not getattr(connection, "_chunking_output", False) or stream is None or not hasattr(connection, "_pending_write") \
-            or stream.closed():
-        await connection.write(data)
-        return
-    stream.write(b"%x\r\n" % data.nbytes)
-    stream.write(data)
-    connection._pending_write = stream.write(b"\r\n")  # what its finish() waits for, as after a write()
-    await connection._pending_write
 
 
 def default_handlers() -> list[tuple[str, type]]:

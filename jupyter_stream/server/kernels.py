@@ -189,8 +189,13 @@ class OutputQueue:
             self.ended = True
             self.error = data.get("error")
             self.finish = data.get("finish")
-        if self.chunks or self.ended or self.start_unread:  # (a chunk the sink wrote needs no reader)
+        if self.ready:  # (a chunk the sink wrote needs no reader)
             self.wake()
+
+    @property
+    def ready(self) -> bool:
+        """Whether its reader has something to handle: chunks, the start, or the end."""
+        return bool(self.chunks) or self.ended or self.start_unread
 
     def wake(self) -> None:
         """Let the reader look again (new output, or its client left)."""
@@ -199,7 +204,7 @@ class OutputQueue:
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until there is output (its start, chunks) or the call ended; False on timeout."""
-        if self.chunks or self.ended or self.start_unread:
+        if self.ready:
             return True
         loop = asyncio.get_running_loop()
         self._wakeup = wakeup = loop.create_future()
