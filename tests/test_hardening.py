@@ -293,7 +293,9 @@ def test_a_token_is_judged_by_itself_not_by_a_login_cookie_beside_it(server):
     request = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
     with httpx.Client(base_url=server.url, timeout=30) as client:
         first = client.post("stream/chat/v1/chat/completions", json=request, headers={"Authorization": f"Bearer {server.token}"})
-        assert first.status_code == 200 and any(c.startswith("username-") for c in client.cookies)
+        assert first.status_code == 200
+        assert client.get("api/stream/workers", params={"token": server.token}).status_code == 200  # sets the login cookie
+        assert any(c.startswith("username-") for c in client.cookies)
         shared = client.post("stream/chat/v1/chat/completions", json=request, headers={"Authorization": f"Bearer {share.token}"})
         assert shared.status_code == 200 and shared.json()["choices"][0]["message"]["content"] == "hello", shared.text
         # (refused before its body is read, so tornado closes the connection: say so, that it is not reused)
@@ -301,6 +303,25 @@ def test_a_token_is_judged_by_itself_not_by_a_login_cookie_beside_it(server):
                             headers={"Authorization": "Bearer wrong", "Connection": "close"})
         assert wrong.status_code == 401, wrong.text  # not the cookie's user (OpenAI's route answers a wrong key with 401)
         assert client.get("api/stream/workers", headers={"Authorization": "token wrong"}).status_code == 403
+
+
+def test_a_token_in_the_authorization_header_gets_no_login_cookie(server):
+    """A client that sends its token in a header sends it every time: signing it a login
+    cookie is work for nothing. A token in the URL (a link opened in a browser) still
+    gets one, and the cookie alone then opens what it opened before."""
+    register_endpoint(trivial, connection=server.connection)
+    for header in (f"token {server.token}", f"Bearer {server.token}"):
+        r = httpx.get(server.url + "stream/trivial", headers={"Authorization": header}, timeout=30)
+        assert r.text == "data: ok\n\n" and "set-cookie" not in r.headers, (header, r.headers)
+    r = httpx.get(server.url + "api/stream/workers", headers={"Authorization": f"token {server.token}"}, timeout=30)
+    assert r.status_code == 200 and "set-cookie" not in r.headers, r.headers
+    with httpx.Client(base_url=server.url, timeout=30) as browser:
+        r = browser.get("stream/trivial", params={"token": server.token}, headers={"Sec-Fetch-Site": "none"})
+        assert r.text == "data: ok\n\n" and any(c.startswith("username-") for c in browser.cookies), r.headers
+        assert browser.get("api/stream/workers").status_code == 200  # the cookie alone
+    with httpx.Client(base_url=server.url, timeout=30) as client:  # a wrong header token gets nothing either
+        r = client.get("api/stream/workers", headers={"Authorization": "token wrong"})
+        assert r.status_code == 403 and not client.cookies, r.headers
 
 
 # -- 15: CORS headers on errors --------------------------------------------------------
