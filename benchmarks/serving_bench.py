@@ -350,6 +350,44 @@ async def read_stream(target: Target, query: dict, timeout: float) -> StreamResu
     return res
 
 
+async def read_status(url: str, headers: Dict[str, str], timeout: float) -> float:
+    """GET `url` on a fresh connection and read the whole response: seconds it took."""
+    start = time.perf_counter()
+    parts = urlsplit(url)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port), timeout)
+    try:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{extra}Connection: close\r\n\r\n".encode("latin-1"))
+        status, _ = await read_head(reader, timeout)
+        await asyncio.wait_for(reader.read(), timeout)  # to the end (Connection: close)
+        if status != 200:
+            raise RuntimeError(f"GET {parts.path}: HTTP {status}")
+        return time.perf_counter() - start
+    finally:
+        writer.close()
+
+
+def measure_floor_burst(url: str, headers: Dict[str, str], clients: int, timeout: float, runs: int = 3) -> dict:
+    """The burst's floor on our server: `clients` requests at once to jupyter-server's own
+    ``/api/status`` (authenticated the same way), each read to its end. What any request
+    to a jupyter-server costs before its handler does anything of ours; the median of
+    `runs` bursts (a warm-up burst first)."""
+    async def burst() -> List[float]:
+        return list(await asyncio.gather(*(read_status(url, headers, timeout) for _ in range(clients))))
+
+    asyncio.run(burst())
+    p50s, p99s = [], []
+    for _ in range(runs):
+        times = [t * 1e3 for t in asyncio.run(burst())]
+        p50s.append(_percentile(times, 50))
+        p99s.append(_percentile(times, 99))
+        time.sleep(0.2)
+    return {"clients": clients, "p50_ms": sorted(p50s)[len(p50s) // 2], "p99_ms": sorted(p99s)[len(p99s) // 2]}
+
+
 async def loop_lag(lags: List[float], period: float = 0.05) -> None:
     """How late this event loop wakes up: client-side delay in every timestamp."""
     while True:
@@ -472,6 +510,12 @@ def report(results: dict, targets: List[Target], args) -> None:
         for name, m in r.items():
             if m["errors"]:
                 print(f"  {name}: failed streams: {m['errors']}")
+        floor = results.get("burst_floor")
+        if floor:
+            print(f"  floor: {floor['clients']} clients at once on our jupyter-server's own /api/status (same token), "
+                  f"whole response p50 / p99 {floor['p50_ms']:.1f} / {floor['p99_ms']:.1f} ms (median of 3 bursts); "
+                  f"plus one gap, a TTFT no jupyter-server handler can beat here: {floor['p50_ms'] + args.gap * 1e3:.1f} / "
+                  f"{floor['p99_ms'] + args.gap * 1e3:.1f} ms")
         if OURS_SERIAL in r:
             m = r[OURS_SERIAL]
             projected = m["last_done_s"] * args.clients / m["clients"]
@@ -579,6 +623,9 @@ def main(argv=None) -> int:
                       file=sys.stderr)
             if ours:
                 results["pools"] = pools_snapshot(ours)
+                results["burst_floor"] = measure_floor_burst(ours["base"] + "api/status", ours["headers"],
+                                                             args.clients, args.timeout)
+                print("[bench] burst   floor (/api/status) done", file=sys.stderr)
 
         if "latency" in args.only:
             results["latency"] = {}
