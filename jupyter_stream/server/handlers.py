@@ -62,6 +62,10 @@ CROSS_SITE = ("a request authenticated only by the login cookie runs an endpoint
 WORKER_TOKEN_REFUSED = "the workers' token opens the calls socket only; use the server's token"
 
 
+#: A token in an ``Authorization`` header, as jupyter-server accepts it (and OpenAI's clients send it)
+HEADER_TOKEN = re.compile(r"(?:token|bearer)\s+(\S+)", re.IGNORECASE)
+
+
 def presented_token(handler: web.RequestHandler) -> str | None:
     """The token a request presents, if any: ``?share=``, ``?token=``, or an
     ``Authorization: token|Bearer`` header (not the login cookie)."""
@@ -71,10 +75,6 @@ def presented_token(handler: web.RequestHandler) -> str | None:
             return value
     match = HEADER_TOKEN.match(handler.request.headers.get("Authorization", ""))
     return match.group(1) if match else None
-
-
-#: A token in an ``Authorization`` header, as jupyter-server accepts it (and OpenAI's clients send it)
-HEADER_TOKEN = re.compile(r"(?:token|bearer)\s+(\S+)", re.IGNORECASE)
 
 
 def is_worker_token(state: Any, token: str | None) -> bool:
