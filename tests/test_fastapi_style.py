@@ -135,3 +135,38 @@ def test_request_access_and_resuming_from_last_event_id(jstream_server):
                     "query": {"x": ["1"]}, "secrets": []}
     assert s.get("api/stream/endpoints/echo").json()["parameters"][0] == {"name": "request", "type": "request", "required": True}
     assert "no parameters" not in s.get("stream/echo?y=1").json()["message"]  # the signature names x, not the request
+
+
+def test_async_endpoints_answer_the_same_once_loaded(jstream_server):
+    """An async endpoint's first call on a worker loads it (in a pooled thread); later calls
+    start on the worker's event loop itself. Both answer alike: a body model and `Request`,
+    prints to the log and the card, an error before the first chunk, a coroutine's value."""
+    from jupyter_stream import Request
+
+    async def agreet(greeting: Greeting, request: Request, fail: bool = False):
+        print(f"greeting {greeting.name} by {request.method}")
+        if fail:
+            raise ValueError(f"no greeting for {greeting.name}")
+        for _ in range(greeting.times):
+            yield {"hello": greeting.name}
+
+    async def avalue(x: int = 1):
+        import asyncio
+
+        await asyncio.sleep(0)
+        return {"x": x}
+
+    s = jstream_server
+    s.register(agreet, media_type="application/x-ndjson")
+    s.register(avalue)
+    post = lambda name, **kw: httpx.post(s.url + f"stream/{name}", headers=s.headers, timeout=30, **kw)  # noqa: E731
+    for _ in range(2):  # loaded by the first round
+        r = post("agreet", json={"name": "ada", "times": 2})
+        assert r.status_code == 200 and [json.loads(line) for line in r.text.splitlines()] == [{"hello": "ada"}] * 2
+        failed = post("agreet?fail=yes", json={"name": "bob"})
+        assert failed.status_code == 500 and "ValueError: no greeting for bob" in failed.text, failed.text
+        assert s.get("stream/avalue?x=3").json() == {"x": 3}
+        bad = post("agreet", json={"nom": "x"})
+        assert bad.status_code == 422 and "does not fit Greeting" in bad.json()["error"]["message"]
+    output = [o["line"] for o in s.get("api/stream/endpoints/agreet").json()["output"]]
+    assert output == ["greeting ada by POST", "greeting bob by POST"] * 2, output

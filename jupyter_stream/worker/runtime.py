@@ -261,7 +261,10 @@ class Worker:
                 if data.get("send_fn"):
                     self.pickled[key] = bytes(buffers[0])
                 fn = self.pickled.get(key)
-            self.threads.submit(self.execute, run, data, buffers, fn)
+            if data.get("mode", "http") == "http" and starts_on_loop(fn):
+                self.event_loop().call_soon_threadsafe(self.start_on_loop, run, data, buffers, fn)
+            else:
+                self.threads.submit(self.execute, run, data, buffers, fn)
         except BaseException as exc:  # noqa: BLE001 - say so to the caller rather than leave it waiting
             error = error_payload(exc, pickled=data.get("mode") != "http")
             for each in (*run.items, run):
@@ -360,21 +363,10 @@ class Worker:
             fn = self.function(data["fn"], fn_or_pickle)
             if mode == "load":  # the server only checks that the pickle loads here
                 return
-            args, kwargs = (), dict(data.get("kwargs") or {})
-            if data.get("json_kwargs"):
-                kwargs = json.loads(bytes(buffers[-1]))
-            if data.get("pickled_args"):
-                args, more = cloudpickle.loads(buffers[-1])
-                kwargs.update(more)
+            args, kwargs = self.arguments(run, fn, data, buffers, mode)
             if mode == "map":
                 self.run_lane(run, fn, kwargs, data.get("timeout"))
                 return
-            if mode == "http":
-                kwargs = arguments.prepare(fn, kwargs, data.get("request"))
-                run.reads_finish = bool(data.get("finish"))
-            if data.get("timeout"):
-                run.deadline = time.monotonic() + data["timeout"]
-                self.watch(run)
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):  # an async def function
                 pending = self.await_then_emit(run, result, mode, data.get("media_type"))
@@ -398,6 +390,44 @@ class Worker:
             if not on_loop:
                 run.running_code = False
                 run.finish(error)
+
+    def arguments(self, run: Run, fn: Any, data: dict[str, Any], buffers: list, mode: str) -> tuple[tuple, dict[str, Any]]:
+        """The call's arguments as the function takes them (and its deadline, if it has one)."""
+        args, kwargs = (), dict(data.get("kwargs") or {})
+        if data.get("json_kwargs"):
+            kwargs = json.loads(bytes(buffers[-1]))
+        if data.get("pickled_args"):
+            args, more = cloudpickle.loads(buffers[-1])
+            kwargs.update(more)
+        if mode == "http":
+            kwargs = arguments.prepare(fn, kwargs, data.get("request"))
+            run.reads_finish = bool(data.get("finish"))
+        if data.get("timeout") and mode != "map":  # (a lane's items each have their own)
+            run.deadline = time.monotonic() + data["timeout"]
+            self.watch(run)
+        return args, kwargs
+
+    def start_on_loop(self, run: Run, data: dict[str, Any], buffers: list, fn: Any) -> None:
+        """An HTTP call of an async function already loaded here starts on the event loop
+        itself (calling the function only makes its generator or coroutine: no code of the
+        user's runs yet), one thread hand-off less than `execute` then `run_async`."""
+        run.running_code = True
+        try:
+            args, kwargs = self.arguments(run, fn, data, buffers, "http")
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                pending = self.await_then_emit(run, result, "http", data.get("media_type"))
+            else:
+                pending = self.emit(run, result, "http", data.get("media_type"))
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
+            run.running_code = False
+            run.finish(error_payload(exc, pickled=False))
+            return
+        if pending is None:
+            run.running_code = False
+            run.finish(None)
+        else:
+            run.task = self.loop.create_task(self.run_async(run, pending, "http"))
 
     def event_loop(self) -> asyncio.AbstractEventLoop:
         """The worker's event loop (its own thread, started on first use): every running
@@ -770,6 +800,11 @@ class Worker:
         except (TypeError, ValueError):
             content["data"] = jsonable(data)
             self.session.send(self.kernel.iopub_socket, "comm_msg", content, ident=self.topic, buffers=buffers)
+
+
+def starts_on_loop(fn: Any) -> bool:
+    """Whether a call of `fn` (a loaded function, or its pickle) can start on the event loop."""
+    return inspect.isasyncgenfunction(fn) or inspect.iscoroutinefunction(fn)
 
 
 def counted(run: Run, result: Any) -> Any:
