@@ -258,3 +258,36 @@ def test_a_runtime_directory_too_deep_for_a_socket_path_still_gets_a_channel(tmp
         chan.listener.close()
         chan.remove()
         os.rmdir(shallow)
+
+
+def test_a_token_sent_directly_never_overtakes_one_the_sender_holds(server):
+    """A run sends a token itself when it comes a while after its previous one, and leaves
+    tokens that come close together to the sender thread. If the sender has taken a token
+    but not yet written it (here: token 1, held up 0.3 s before writing, as a busy sender
+    can be), the run's next token waits its turn instead of overtaking it."""
+
+    def ordered(n: int = 12):
+        import threading
+        import time
+
+        import jupyter_stream.worker.runtime as runtime
+
+        direct = runtime._worker.direct
+        send_parts = type(direct).send_parts
+
+        def held_up(parts):
+            if threading.current_thread().name == "jupyter-stream-sender" and b"data: 1\n" in b"".join(map(bytes, parts)):
+                time.sleep(0.3)
+            send_parts(direct, parts)
+
+        direct.send_parts = held_up
+        try:
+            for i in range(n):
+                yield f"data: {i}\n\n"
+                time.sleep(0.0002 if i % 2 == 0 else 0.005)  # close together, then spaced
+        finally:
+            del direct.send_parts  # (the class's again)
+
+    register_endpoint(ordered, connection=server.connection, max_workers=1, env={"POOL": "ordered"})
+    body = httpx.get(server.url + "stream/ordered", headers=server.headers, timeout=60).text
+    assert body == "".join(f"data: {i}\n\n" for i in range(12)), body

@@ -164,8 +164,7 @@ class Run:
                 return
             self.sent_directly = True
             self.sent_at = now
-            message = worker.take_output(self)
-        worker.send(*message)
+        worker.send_now(self)
 
     async def aput(self, data: bytes) -> None:
         """`put` for a run on the worker's event loop: wait for credit without blocking the
@@ -204,8 +203,7 @@ class Run:
             if self.dirty:
                 return
             self.dirty = True
-            message = worker.take_output(self)
-        worker.send(*message)
+        worker.send_now(self)
 
     def finish(self, error: dict[str, Any] | None = None) -> None:
         """Mark the call as ended; the sender ships the end (and error) with the last bytes."""

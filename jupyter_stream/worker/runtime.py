@@ -120,6 +120,9 @@ class Worker:
         self.runs: dict[str, Run] = {}
         self.lock = threading.Lock()
         self.has_output = threading.Condition(self.lock)
+        #: held from taking runs' output to writing it (the sender's batch, or one run's
+        #: output sent by its own thread: `send_now`), so messages go out in the order taken
+        self.sending = threading.Lock()
         self.dirty: list[Run] = []
         self.seq = 0  # messages the sender thread has sent, and the server has acknowledged
         self.acked_seq = 0
@@ -693,20 +696,40 @@ class Worker:
             with self.lock:
                 while not self.pongs and (not self.dirty or self.seq - self.acked_seq >= wire.MAX_UNACKED_MESSAGES):
                     self.has_output.wait()
-                pongs, self.pongs = self.pongs, []
-                messages = []
-                if self.dirty and self.seq - self.acked_seq < wire.MAX_UNACKED_MESSAGES:
-                    batch, self.dirty = self.dirty, []
-                    messages = [self.take_output(run) for run in batch]
-                first, self.seq = self.seq + 1, self.seq + len(messages)
-            for n in pongs:
-                self.send({"op": "pong", "n": n})
-            for seq, (out, _) in enumerate(messages, first):
-                out["seq"] = seq
-            if len(messages) > 1 and self.ship_together(messages):
-                continue
-            for out, buffers in messages:
-                self.ship(out, buffers)
+            with self.sending:  # what is taken here is written before anybody's later output
+                with self.lock:
+                    pongs, self.pongs = self.pongs, []
+                    messages = []
+                    if self.dirty and self.seq - self.acked_seq < wire.MAX_UNACKED_MESSAGES:
+                        batch, self.dirty = self.dirty, []
+                        messages = [self.take_output(run) for run in batch]
+                    first, self.seq = self.seq + 1, self.seq + len(messages)
+                for n in pongs:
+                    self.send({"op": "pong", "n": n})
+                for seq, (out, _) in enumerate(messages, first):
+                    out["seq"] = seq
+                if len(messages) > 1 and self.ship_together(messages):
+                    continue
+                for out, buffers in messages:
+                    self.ship(out, buffers)
+
+    def send_now(self, run: Run) -> None:
+        """Send `run`'s output from the calling thread (its first output, a spaced token, its
+        start), which marked it dirty without queueing it for the sender. While the sender
+        is writing what it took, the output is queued for it instead: it goes out after
+        those messages, never before one of the run's earlier chunks, and the calling
+        thread (perhaps the event loop) does not wait."""
+        if not self.sending.acquire(blocking=False):
+            with self.lock:
+                self.dirty.append(run)
+                self.has_output.notify()
+            return
+        try:
+            with self.lock:
+                message = self.take_output(run)
+            self.send(*message)
+        finally:
+            self.sending.release()
 
     def ship_together(self, messages: list[tuple[dict[str, Any], list]]) -> bool:
         """Several runs' messages in one write on the direct channel (tokens of concurrent
