@@ -137,10 +137,21 @@ def test_request_access_and_resuming_from_last_event_id(jstream_server):
     assert "no parameters" not in s.get("stream/echo?y=1").json()["message"]  # the signature names x, not the request
 
 
+class Checked(pydantic.BaseModel):
+    name: str
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def says_so(cls, value: str) -> str:
+        print(f"checking {value}")
+        return value
+
+
 def test_async_endpoints_answer_the_same_once_loaded(jstream_server):
     """An async endpoint's first call on a worker loads it (in a pooled thread); later calls
     start on the worker's event loop itself. Both answer alike: a body model and `Request`,
-    prints to the log and the card, an error before the first chunk, a coroutine's value."""
+    prints to the log and the card (a model validator's too), an error before the first
+    chunk, a coroutine's value."""
     from jupyter_stream import Request
 
     async def agreet(greeting: Greeting, request: Request, fail: bool = False):
@@ -156,9 +167,13 @@ def test_async_endpoints_answer_the_same_once_loaded(jstream_server):
         await asyncio.sleep(0)
         return {"x": x}
 
+    async def achecked(checked: Checked):
+        yield checked.name
+
     s = jstream_server
     s.register(agreet, media_type="application/x-ndjson")
     s.register(avalue)
+    s.register(achecked, media_type="text/plain")
     post = lambda name, **kw: httpx.post(s.url + f"stream/{name}", headers=s.headers, timeout=30, **kw)  # noqa: E731
     for _ in range(2):  # loaded by the first round
         r = post("agreet", json={"name": "ada", "times": 2})
@@ -168,5 +183,8 @@ def test_async_endpoints_answer_the_same_once_loaded(jstream_server):
         assert s.get("stream/avalue?x=3").json() == {"x": 3}
         bad = post("agreet", json={"nom": "x"})
         assert bad.status_code == 422 and "does not fit Greeting" in bad.json()["error"]["message"]
+        assert post("achecked", json={"name": "eve"}).text == "eve"
     output = [o["line"] for o in s.get("api/stream/endpoints/agreet").json()["output"]]
     assert output == ["greeting ada by POST", "greeting bob by POST"] * 2, output
+    output = [o["line"] for o in s.get("api/stream/endpoints/achecked").json()["output"]]
+    assert output == ["checking eve"] * 2, output  # what the model's validator printed, on the loop too

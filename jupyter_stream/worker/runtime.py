@@ -415,6 +415,7 @@ class Worker:
         itself (calling the function only makes its generator or coroutine: no code of the
         user's runs yet), one thread hand-off less than `execute` then `run_async`."""
         run.running_code = True
+        token = _current_run.set(run)  # (a body model's validator that prints: to its caller)
         try:
             args, kwargs = self.arguments(run, fn, data, buffers, "http")
             result = fn(*args, **kwargs)
@@ -426,6 +427,8 @@ class Worker:
             run.running_code = False
             run.finish(error_payload(exc, pickled=False))
             return
+        finally:
+            _current_run.reset(token)
         if pending is None:
             run.running_code = False
             run.finish(None)
