@@ -264,7 +264,7 @@ class Worker:
                 if data.get("send_fn"):
                     self.pickled[key] = bytes(buffers[0])
                 fn = self.pickled.get(key)
-            if data.get("mode", "http") == "http" and starts_on_loop(fn):
+            if data.get("mode", "http") == "http" and not data.get("timeout") and starts_on_loop(fn):
                 self.event_loop().call_soon_threadsafe(self.start_on_loop, run, data, buffers, fn)
             else:
                 self.threads.submit(self.execute, run, data, buffers, fn)
@@ -366,10 +366,21 @@ class Worker:
             fn = self.function(data["fn"], fn_or_pickle)
             if mode == "load":  # the server only checks that the pickle loads here
                 return
-            args, kwargs = self.arguments(run, fn, data, buffers, mode)
+            args, kwargs = (), dict(data.get("kwargs") or {})
+            if data.get("json_kwargs"):
+                kwargs = json.loads(bytes(buffers[-1]))
+            if data.get("pickled_args"):
+                args, more = cloudpickle.loads(buffers[-1])
+                kwargs.update(more)
             if mode == "map":
                 self.run_lane(run, fn, kwargs, data.get("timeout"))
                 return
+            if mode == "http":
+                kwargs = arguments.prepare(fn, kwargs, data.get("request"))
+                run.reads_finish = bool(data.get("finish"))
+            if data.get("timeout"):
+                run.deadline = time.monotonic() + data["timeout"]
+                self.watch(run)
             result = fn(*args, **kwargs)
             if inspect.isawaitable(result):  # an async def function
                 pending = self.await_then_emit(run, result, mode, data.get("media_type"))
@@ -394,31 +405,24 @@ class Worker:
                 run.running_code = False
                 run.finish(error)
 
-    def arguments(self, run: Run, fn: Any, data: dict[str, Any], buffers: list, mode: str) -> tuple[tuple, dict[str, Any]]:
-        """The call's arguments as the function takes them (and its deadline, if it has one)."""
-        args, kwargs = (), dict(data.get("kwargs") or {})
-        if data.get("json_kwargs"):
-            kwargs = json.loads(bytes(buffers[-1]))
-        if data.get("pickled_args"):
-            args, more = cloudpickle.loads(buffers[-1])
-            kwargs.update(more)
-        if mode == "http":
-            kwargs = arguments.prepare(fn, kwargs, data.get("request"))
-            run.reads_finish = bool(data.get("finish"))
-        if data.get("timeout") and mode != "map":  # (a lane's items each have their own)
-            run.deadline = time.monotonic() + data["timeout"]
-            self.watch(run)
-        return args, kwargs
-
     def start_on_loop(self, run: Run, data: dict[str, Any], buffers: list, fn: Any) -> None:
         """An HTTP call of an async function already loaded here starts on the event loop
-        itself (calling the function only makes its generator or coroutine: no code of the
-        user's runs yet), one thread hand-off less than `execute` then `run_async`."""
-        run.running_code = True
-        token = _current_run.set(run)  # (a body model's validator that prints: to its caller)
+        itself, one thread hand-off less than `execute` then `run_async`: calling the
+        function only makes its generator or coroutine, so none of the user's code runs
+        here. A JSON body that becomes a dataclass or pydantic model (whose validators are
+        the user's code) is handed to `execute` in a thread instead."""
+        if run.cancelled:  # cancelled before it started
+            run.finish(None)
+            return
         try:
-            args, kwargs = self.arguments(run, fn, data, buffers, "http")
-            result = fn(*args, **kwargs)
+            kwargs = json.loads(bytes(buffers[-1])) if data.get("json_kwargs") else dict(data.get("kwargs") or {})
+            if any(isinstance(value, dict) for value in kwargs.values()):
+                self.threads.submit(self.execute, run, data, buffers, fn)
+                return
+            run.running_code = True
+            kwargs = arguments.prepare(fn, kwargs, data.get("request"))  # (only a `Request` to make)
+            run.reads_finish = bool(data.get("finish"))
+            result = fn(**kwargs)
             if inspect.isawaitable(result):
                 pending = self.await_then_emit(run, result, "http", data.get("media_type"))
             else:
@@ -427,12 +431,11 @@ class Worker:
             run.running_code = False
             run.finish(error_payload(exc, pickled=False))
             return
-        finally:
-            _current_run.reset(token)
         if pending is None:
             run.running_code = False
             run.finish(None)
         else:
+            # (`run.loop` and `run.task` are set by its first step, which sees a cancel that came before)
             run.task = self.loop.create_task(self.run_async(run, pending, "http"))
 
     def event_loop(self) -> asyncio.AbstractEventLoop:
@@ -589,6 +592,11 @@ class Worker:
     async def await_then_emit(self, run: Run, awaitable: Any, mode: str, media_type: str | None) -> None:
         run.loop = asyncio.get_running_loop()
         run.task = asyncio.current_task()
+        if run.cancelled:  # before its task could be cancelled
+            close = getattr(awaitable, "close", None)
+            if close is not None:
+                close()
+            raise RunCancelled()
         try:
             result = await awaitable
         except asyncio.CancelledError:
@@ -721,18 +729,35 @@ class Worker:
         start), which marked it dirty without queueing it for the sender. While the sender
         is writing what it took, the output is queued for it instead: it goes out after
         those messages, never before one of the run's earlier chunks, and the calling
-        thread (perhaps the event loop) does not wait."""
-        if not self.sending.acquire(blocking=False):
-            with self.lock:
-                self.dirty.append(run)
-                self.has_output.notify()
-            return
+        thread (perhaps the event loop) does not wait. The run's own thread is not
+        interrupted meanwhile (`interrupt`): holding `sending`, or a message taken and not
+        yet written, it would stop the worker's output; a cancel raises once it is done."""
+        me = threading.get_ident()
+        with self.lock:
+            mine = run.thread == me
+            if mine:
+                run.thread = None  # no interrupt is raised in this thread from now on...
+        if mine:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(me), None)  # ...and one on its way is withdrawn
         try:
-            with self.lock:
-                message = self.take_output(run)
-            self.send(*message)
+            if not self.sending.acquire(blocking=False):
+                with self.lock:
+                    self.dirty.append(run)
+                    self.has_output.notify()
+                return
+            try:
+                with self.lock:
+                    out, buffers = self.take_output(run)
+                self.ship(out, buffers)
+            finally:
+                self.sending.release()
         finally:
-            self.sending.release()
+            if mine:
+                with self.lock:
+                    run.thread = me
+                    cancelled = run.cancelled
+                if cancelled:  # what an interrupt would have raised
+                    raise RunCancelled()
 
     def ship_together(self, messages: list[tuple[dict[str, Any], list]]) -> bool:
         """Several runs' messages in one write on the direct channel (tokens of concurrent
@@ -765,8 +790,10 @@ class Worker:
                     run.wake()
             reason = f"the worker could not send this call's output: {type(exc).__name__}: {exc}"
             log_line(f"call {out['id']}: {reason}")
-            self.send({"op": "out", "id": out["id"], "seq": out["seq"], "end": True,
-                       "error": error_info("WorkerError", text_safe(reason))})
+            end = {"op": "out", "id": out["id"], "end": True, "error": error_info("WorkerError", text_safe(reason))}
+            if "seq" in out:  # (what a run sends itself is not numbered: `send_now`)
+                end["seq"] = out["seq"]
+            self.send(end)
 
     def take_output(self, run: Run) -> tuple[dict[str, Any], list[bytes]]:
         """The next message for `call`: its pending bytes joined, and its start/end. Holds the lock."""
